@@ -1,0 +1,60 @@
+# One-command set-up, demo, tests and shards. `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= ../shared/blood-cells
+OUT    ?= shards
+RUN    ?= runs/default
+RECIPE ?= launch/recipes/default.yaml
+DEMO   ?= demo
+
+.PHONY: help setup demo test test-fast shards verify train bench clean
+
+help:
+	@echo "make setup                 create $(VENV) and install the package with its dev extra"
+	@echo "make demo                  synthetic data -> shards -> train -> evaluate, all on CPU"
+	@echo "make test                  the whole test suite (what CI runs)"
+	@echo "make test-fast             the tests not marked slow"
+	@echo "make shards DATA=ROOT [OUT=shards]   pack a dataset root into verified shards"
+	@echo "make train [OUT=shards] [RUN=runs/default]   train the default recipe on shards"
+	@echo "make bench                 packing and training throughput benchmarks"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+# The stamp reinstalls when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[dev,export]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	rm -rf $(DEMO)/data
+	$(PY) -m bloodcells_dist.synthetic --out $(DEMO)/data --per-class 200
+	$(PY) -m bloodcells_dist.shards pack --src $(DEMO)/data --out $(DEMO)/shards --overwrite
+	$(PY) -m bloodcells_dist.shards verify $(DEMO)/shards
+	$(PY) -m bloodcells_dist.train --shards $(DEMO)/shards --output-dir $(DEMO)/run --config launch/recipes/demo.yaml
+	$(PY) -m bloodcells_dist.evaluate --model $(DEMO)/run --shards $(DEMO)/shards --split test
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+shards: setup
+	$(PY) -m bloodcells_dist.shards pack --src $(DATA) --out $(OUT) --overwrite
+	$(PY) -m bloodcells_dist.shards verify $(OUT)
+
+train: setup
+	$(VENV)/bin/accelerate launch --config_file launch/cpu_1proc.yaml -m bloodcells_dist.train \
+		--shards $(OUT) --output-dir $(RUN) --config $(RECIPE)
+
+bench: setup
+	$(PY) benchmarks/bench_pack.py
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(DEMO) runs .pytest_cache

@@ -1,0 +1,99 @@
+"""Atomic checkpoints for exact resume, and the best model as safetensors with what a predictor needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .cli import UserError
+from .model import BloodCellCNN
+from .transforms import MEAN, STD
+
+STATE_NAME = "trainer_state.json"  # written last inside a checkpoint: its presence marks it complete
+BEST_NAME = "best.safetensors"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run keeps its checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> Path:
+    """Save model, optimizer, scaler and RNG states of every rank; visible only once complete. Collective."""
+    folder = checkpoint_dir(run_dir)
+    final = folder / f"step-{state['step']:08d}"
+    tmp = folder / f".tmp-step-{state['step']:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # main writes the weights, every rank its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(tmp / STATE_NAME, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a kill before this line leaves only a .tmp folder, which resume ignores
+        for old in sorted(folder.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A complete checkpoint folder, or the newest complete one of a run folder."""
+    path = Path(path)
+    if (path / STATE_NAME).is_file():
+        return path
+    done = sorted(p for p in checkpoint_dir(path).glob("step-*") if (p / STATE_NAME).is_file())
+    if not done:
+        raise UserError(f"no complete checkpoint in {path} (looked for {checkpoint_dir(path)}/step-*/{STATE_NAME})")
+    return done[-1]
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict:
+    """Restore everything save_checkpoint saved; return the trainer state (step, best metrics...)."""
+    accelerator.load_state(str(checkpoint))
+    return json.loads((checkpoint / STATE_NAME).read_text())
+
+
+def save_model(model: torch.nn.Module, path: Path, *, classes: list[str], config: dict) -> None:
+    """Weights plus class names, image size, normalisation and model shape, atomically."""
+    metadata = {
+        "classes": json.dumps(classes),
+        "image_size": json.dumps(list(config["image_size"])),
+        "mean": json.dumps(MEAN),
+        "std": json.dumps(STD),
+        "model": json.dumps({k: config[k] for k in ("widths", "hidden", "dropout")}),
+        "config": json.dumps(config),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_model(path: Path) -> tuple[BloodCellCNN, dict]:
+    """A model saved by save_model (or a run folder holding best.safetensors) and its metadata, in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BEST_NAME
+    if not path.is_file():
+        raise UserError(f"no model at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        model = BloodCellCNN(num_classes=len(meta["classes"]), image_size=meta["image_size"], **meta["model"])
+        model.load_state_dict(load_file(str(path)))
+    except (KeyError, ValueError, RuntimeError, OSError) as err:
+        raise UserError(f"{path} is not a bloodcells_dist model ({type(err).__name__}: {err})") from None
+    return model.eval(), meta

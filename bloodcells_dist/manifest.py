@@ -1,0 +1,84 @@
+"""The shard manifest: what a shard folder holds, written last by the packer and read by every reader."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .cli import UserError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "bloodcells-shards/1"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar file of a split."""
+
+    file: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split (train, val, test, test_simple) and its shards."""
+
+    samples: int
+    samples_per_class: dict[str, int]
+    groups_per_class: dict[str, int]
+    samples_per_fold: dict[str, int]  # fold index (as text, for JSON) -> samples, for grouped k-fold CV
+    shards: list[ShardInfo]
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """Everything `verify`, the trainer and the evaluator need to know about a shard folder."""
+
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    folds: int = 5
+    args: dict = field(default_factory=dict)
+    tool_version: str = ""
+    format: str = FORMAT
+
+    def split(self, name: str) -> SplitInfo:
+        """The named split, or a UserError listing the splits there are."""
+        if name not in self.splits:
+            raise UserError(f"split {name!r} is not in the shards (have: {', '.join(self.splits) or 'none'})")
+        return self.splits[name]
+
+    def to_json(self) -> str:
+        """Stable JSON text (sorted keys) so two identical packs give identical bytes."""
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    def save(self, folder: Path) -> None:
+        """Write atomically: a reader sees the old manifest, or none, or the complete new one."""
+        tmp = folder / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+        tmp.write_text(self.to_json())
+        os.replace(tmp, folder / MANIFEST_NAME)
+
+    @classmethod
+    def load(cls, folder: Path | str) -> ShardManifest:
+        """Read `folder/manifest.json`; a missing or unreadable one is a UserError."""
+        path = Path(folder) / MANIFEST_NAME
+        try:
+            raw = json.loads(path.read_text())
+            splits = {
+                name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
+                for name, s in raw.pop("splits").items()
+            }
+            return cls(splits=splits, **raw)
+        except FileNotFoundError:
+            raise UserError(f"{path} not found: is {folder} a shard folder written by `bloodcells_dist.shards pack`?") from None
+        except (ValueError, TypeError, KeyError) as err:
+            raise UserError(f"{path} is not a valid shard manifest ({err})") from None
+
+    def shard_urls(self, folder: Path | str, split: str) -> list[str]:
+        """The split's shard locations under `folder` (a local path or any URL webdataset can open)."""
+        base = str(folder).rstrip("/")
+        return [f"{base}/{s.file}" for s in self.split(split).shards]

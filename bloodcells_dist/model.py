@@ -1,0 +1,53 @@
+"""The reference design: 4 x (Conv -> BatchNorm -> ReLU -> MaxPool), flatten, FC1 -> FC2 -> FC3."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """3x3 conv (no bias: BatchNorm has one) -> BN -> ReLU -> 2x2 max-pool, halving height and width."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class BloodCellCNN(nn.Module):
+    """Feature extractor of 4 conv blocks, then three fully connected layers to the class logits."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 4,
+        image_size: Sequence[int] = (240, 320),
+        widths: Sequence[int] = (32, 64, 128, 256),
+        hidden: Sequence[int] = (256, 128),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        channels = [3, *widths]
+        self.features = nn.Sequential(*(conv_block(a, b) for a, b in zip(channels, channels[1:])))
+        height, width = image_size
+        for _ in widths:  # each max-pool floors the size by 2
+            height, width = height // 2, width // 2
+        flat = widths[-1] * height * width
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, hidden[0]),  # FC1
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden[0], hidden[1]),  # FC2
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden[1], num_classes),  # FC3: logits
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W), normalised -> logits (N, num_classes)."""
+        return self.classifier(self.features(images))

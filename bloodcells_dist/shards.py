@@ -1,0 +1,302 @@
+"""Pack the blood-cell JPEG folders into verified WebDataset tar shards, and verify a shard folder.
+
+    python -m bloodcells_dist.shards pack --src ROOT --out DIR [--seed S] [--val-fraction F] ...
+    python -m bloodcells_dist.shards verify DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from . import __version__
+from .cli import UserError, run_main
+from .manifest import MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
+from .sources import Skipped, SourceImage, check_jpeg, scan_images
+
+MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
+MIN_SHARD_SAMPLES = 16  # ...unless that would make shards smaller than this
+MAX_SHARD_SAMPLES = 2000  # big splits get more shards rather than bigger ones
+FOLDS = 5  # every group gets a fold index for grouped k-fold cross-validation
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A checked image with its final split, label and fold."""
+
+    image: SourceImage
+    split: str
+    label: int
+    fold: int
+    width: int
+    height: int
+
+
+def default_shard_count(n: int) -> int:
+    """Shards for a split of n samples: at least 16 where each keeps >= 16 samples, more past 2,000 per shard."""
+    return max(1, math.ceil(n / MAX_SHARD_SAMPLES), min(MIN_SHARDS, n // MIN_SHARD_SAMPLES))
+
+
+def check_image(img: SourceImage) -> tuple[SourceImage, int, int] | Skipped:
+    """Read and decode-check one image: (image, width, height), or why it is skipped."""
+    try:
+        width, height = check_jpeg(img.path.read_bytes())
+    except (ValueError, OSError) as err:
+        return Skipped(img.rel_path, str(err))
+    return img, width, height
+
+
+def assign_splits(
+    checked: list[tuple[SourceImage, int, int]], classes: list[str], *, seed: int, val_fraction: float, val_split: str
+) -> list[Sample]:
+    """Split TRAIN into train/val by whole groups (or by image with val_split='random'); give each group a fold."""
+    by_class: dict[str, list[tuple[SourceImage, int, int]]] = {}
+    for item in checked:
+        by_class.setdefault(item[0].class_name, []).append(item)
+    samples = []
+    for class_name, items in sorted(by_class.items()):
+        groups = sorted({img.group for img, _, _ in items})
+        random.Random(f"{seed}:folds:{class_name}").shuffle(groups)
+        fold = {g: i % FOLDS for i, g in enumerate(groups)}
+        train_groups = sorted({img.group for img, _, _ in items if img.split == "train"})
+        random.Random(f"{seed}:val:{class_name}").shuffle(train_groups)
+        val_groups = set(train_groups[: round(val_fraction * len(train_groups))])
+        train_items = [it for it in items if it[0].split == "train"]
+        val_images = set()
+        if val_split == "random":  # image-level split: leaks copies of one cell into both sides
+            order = list(range(len(train_items)))
+            random.Random(f"{seed}:val:{class_name}").shuffle(order)
+            val_images = {train_items[i][0].path for i in order[: round(val_fraction * len(train_items))]}
+        for img, w, h in items:
+            split = img.split
+            if split == "train" and (img.group in val_groups if val_split == "group" else img.path in val_images):
+                split = "val"
+            samples.append(Sample(img, split, classes.index(class_name), fold[img.group], w, h))
+    return samples
+
+
+def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardInfo:
+    """Write one tar under a temporary name, fsync it and rename it into place; return its manifest entry."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as stream:
+        # Fixed owner, mode and mtime: same input -> byte-identical tar.
+        with wds.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
+            for s in samples:
+                meta = {
+                    "class_name": classes[s.label],
+                    "split": s.split,
+                    "group": s.image.group,
+                    "fold": s.fold,
+                    "path": s.image.rel_path,
+                    "width": s.width,
+                    "height": s.height,
+                }
+                tar.write({
+                    "__key__": s.image.key,
+                    "jpg": s.image.path.read_bytes(),  # the original bytes, never re-encoded
+                    "cls": str(s.label).encode(),
+                    "json": json.dumps(meta, sort_keys=True).encode(),
+                })
+        stream.flush()
+        os.fsync(stream.fileno())
+    with open(tmp, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    os.replace(tmp, path)
+    return ShardInfo(file=path.name, samples=len(samples), bytes=path.stat().st_size, sha256=digest)
+
+
+def clear_old_pack(out: Path, overwrite: bool) -> None:
+    """Refuse to mix with an earlier pack unless asked; with --overwrite drop its manifest first, then its shards."""
+    old = sorted(out.glob("*.tar")) + ([out / MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else [])
+    if old and not overwrite:
+        raise UserError(f"{out} already holds shards or a manifest; pass --overwrite to replace them")
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, verify rejects the folder until we finish
+    for path in old + sorted(out.glob(".*.tmp-*")):  # and leftovers of an interrupted pack
+        path.unlink(missing_ok=True)
+
+
+def plan_shards(samples: list[Sample], out: Path, *, seed: int, shard_size: int | None) -> dict[str, list[tuple[Path, list[Sample]]]]:
+    """Split name -> [(shard path, its samples)]: seeded order so every shard mixes classes, sizes within one."""
+    plan = {}
+    for split in ("train", "val", "test", "test_simple"):
+        members = sorted((s for s in samples if s.split == split), key=lambda s: s.image.key)
+        if not members:
+            continue
+        random.Random(f"{seed}:order:{split}").shuffle(members)
+        n = math.ceil(len(members) / shard_size) if shard_size else default_shard_count(len(members))
+        plan[split] = [
+            (out / f"{split}-{i:05d}.tar", members[i * len(members) // n : (i + 1) * len(members) // n]) for i in range(n)
+        ]
+    return plan
+
+
+def pack_shards(
+    src: Path,
+    out: Path,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    val_split: str = "group",
+    shard_size: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    workers: int = 2,
+) -> ShardManifest:
+    """Pack the JPEG folders under `src` into shards and a manifest in `out`; return the manifest."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shard_size is not None and shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    images, skipped = scan_images(src)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        # Checking (PIL) and tar writing are Python-bound: processes, not threads, use both cores.
+        results = list(tqdm(pool.map(check_image, images, chunksize=64), total=len(images), desc="checking",
+                            unit="img", disable=None))
+        checked = [r for r in results if not isinstance(r, Skipped)]
+        skipped = sorted(skipped + [r for r in results if isinstance(r, Skipped)], key=lambda s: s.path)
+        if strict and skipped:
+            raise UserError(f"--strict: {len(skipped)} bad input(s), nothing written; "
+                            f"first: {skipped[0].path}: {skipped[0].reason}")
+        if not checked:
+            raise UserError(f"no readable JPEG images under {src} ({len(skipped)} skipped)")
+        for s in skipped:
+            print(f"warning: skipped {s.path}: {s.reason}", file=sys.stderr)
+
+        classes = sorted({img.class_name for img, _, _ in checked})
+        samples = assign_splits(checked, classes, seed=seed, val_fraction=val_fraction, val_split=val_split)
+        plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
+        out.mkdir(parents=True, exist_ok=True)
+        clear_old_pack(out, overwrite)
+        with tqdm(total=len(samples), desc="packing", unit="img", disable=None) as bar:
+            futures = {split: [pool.submit(write_shard, path, chunk, classes) for path, chunk in jobs]
+                       for split, jobs in plan.items()}
+            for split, jobs in plan.items():
+                for future, (_, chunk) in zip(futures[split], jobs):
+                    future.result()
+                    bar.update(len(chunk))
+
+    splits = {}
+    for split, jobs in plan.items():
+        members = [s for _, chunk in jobs for s in chunk]
+        splits[split] = SplitInfo(
+            samples=len(members),
+            samples_per_class={c: sum(1 for s in members if s.label == k) for k, c in enumerate(classes)},
+            groups_per_class={c: len({s.image.group for s in members if s.label == k}) for k, c in enumerate(classes)},
+            samples_per_fold={str(f): sum(1 for s in members if s.fold == f) for f in range(FOLDS)},
+            shards=[f.result() for f in futures[split]],
+        )
+    manifest = ShardManifest(
+        classes=classes,
+        splits=splits,
+        skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
+        folds=FOLDS,
+        args={"src": str(src.resolve()), "seed": seed, "val_fraction": val_fraction, "val_split": val_split,
+              "shard_size": shard_size, "strict": strict},
+        tool_version=__version__,
+    )
+    manifest.save(out)  # last: its presence means every shard above is complete
+    return manifest
+
+
+def verify_shards(folder: Path) -> ShardManifest:
+    """Re-read every shard: checksum, sample counts, JPEG decoding, labels; raise UserError at the first bad shard."""
+    manifest = ShardManifest.load(folder)
+    for split_name, split in manifest.splits.items():
+        per_class: Counter[str] = Counter()
+        for shard in split.shards:
+            path = Path(folder) / shard.file
+
+            def bad(reason: str) -> UserError:
+                return UserError(f"bad shard {path}: {reason}")
+
+            if not path.is_file():
+                raise bad("missing")
+            if path.stat().st_size != shard.bytes:
+                raise bad(f"{path.stat().st_size} bytes, manifest says {shard.bytes} (truncated or replaced?)")
+            with open(path, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != shard.sha256:
+                    raise bad("sha256 does not match the manifest (corrupted)")
+            count = 0
+            try:
+                for sample in wds.tarfile_samples([{"url": str(path)}]):
+                    if not {"jpg", "cls", "json"} <= sample.keys():
+                        raise bad(f"sample {sample['__key__']} lacks jpg/cls/json")
+                    meta, label = json.loads(sample["json"]), int(sample["cls"])
+                    if not 0 <= label < len(manifest.classes) or manifest.classes[label] != meta["class_name"]:
+                        raise bad(f"sample {sample['__key__']}: label {label} does not match class {meta['class_name']}")
+                    check_jpeg(sample["jpg"])
+                    per_class[meta["class_name"]] += 1
+                    count += 1
+            except UserError:
+                raise
+            except Exception as err:  # tarfile, JSON and JPEG errors alike mean a bad shard
+                raise bad(f"{type(err).__name__}: {err}") from None
+            if count != shard.samples:
+                raise bad(f"{count} samples, manifest says {shard.samples}")
+        if dict(per_class) != {c: n for c, n in split.samples_per_class.items() if n}:
+            raise UserError(f"split {split_name}: samples per class {dict(per_class)} differ from the manifest")
+    return manifest
+
+
+def print_summary(manifest: ShardManifest, seconds: float) -> None:
+    """Images per split and class, groups, skipped count and throughput."""
+    total = sum(s.samples for s in manifest.splits.values())
+    width = max(len(c) for c in manifest.classes)
+    print(f"{'split':<12} {'class':<{width}} {'images':>7} {'groups':>7}")
+    for name, split in manifest.splits.items():
+        for c in manifest.classes:
+            print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.groups_per_class[c]:>7}")
+        print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.groups_per_class.values()):>7}  in {len(split.shards)} shards")
+    print(f"packed {total} images, skipped {len(manifest.skipped)}, in {seconds:.1f} s ({total / seconds:,.0f} images/s)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: `pack` or `verify`."""
+    parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.shards", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    pack = sub.add_parser("pack", help="pack JPEG folders into shards")
+    pack.add_argument("--src", type=Path, required=True, help="dataset root, or a folder holding TRAIN/TEST folders")
+    pack.add_argument("--out", type=Path, required=True, help="output folder for shards and manifest.json")
+    pack.add_argument("--seed", type=int, default=0, help="seed of the val split, folds and shard order")
+    pack.add_argument("--val-fraction", type=float, default=0.2, help="fraction of TRAIN groups (per class) for val")
+    pack.add_argument("--val-split", choices=["group", "random"], default="group",
+                      help="group: whole cells go to val (honest); random: images (leaks copies of a cell)")
+    pack.add_argument("--shard-size", type=int, help="samples per shard (default: at least 16 shards per big split)")
+    pack.add_argument("--strict", action="store_true", help="any bad input is an error and nothing is written")
+    pack.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    pack.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes for checking and writing")
+    verify = sub.add_parser("verify", help="re-read and check every shard of a folder")
+    verify.add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    if args.command == "pack":
+        manifest = pack_shards(args.src, args.out, seed=args.seed, val_fraction=args.val_fraction,
+                               val_split=args.val_split, shard_size=args.shard_size, strict=args.strict,
+                               overwrite=args.overwrite, workers=args.workers)
+        print_summary(manifest, time.perf_counter() - start)
+    else:
+        manifest = verify_shards(args.dir)
+        n = sum(s.samples for s in manifest.splits.values())
+        shards = sum(len(s.shards) for s in manifest.splits.values())
+        print(f"ok: {shards} shards, {n} samples verified in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

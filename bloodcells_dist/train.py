@@ -1,0 +1,248 @@
+"""Train the blood-cell CNN from WebDataset shards with Accelerate: CPU, one GPU, many GPUs or machines.
+
+    accelerate launch [--config_file launch/X.yaml] -m bloodcells_dist.train --shards DIR --output-dir RUN \
+        [--config RECIPE.yaml] [--key value ...] [--resume RUN_OR_CHECKPOINT]
+
+Writes RUN/config.yaml, RUN/metrics.jsonl, RUN/checkpoints/, RUN/best.safetensors and RUN/final.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast, set_seed
+from tqdm import tqdm
+
+from .checkpoint import BEST_NAME, find_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .cli import UserError, run_main
+from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
+from .loader import EvalStream, TrainStream, eval_loader, in_fold, train_loader
+from .manifest import ShardManifest
+from .metrics import classification_metrics, confusion_matrix, format_metrics
+from .model import BloodCellCNN
+from .tracking import MetricsLog, Tracker
+from .transforms import build_transform
+
+
+def lr_at(step: int, total: int, warmup: int, config: TrainConfig) -> float:
+    """Learning rate at an optimizer step: linear warm-up, then cosine to zero (or constant / one-cycle)."""
+    if config.schedule == "onecycle":  # 30% linear ramp from lr/25, then cosine down to ~0
+        ramp = max(1, int(0.3 * total))
+        if step < ramp:
+            return config.lr * (0.04 + 0.96 * step / ramp)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(1, total - ramp)))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def split_size(manifest: ShardManifest, splits: Sequence[str], fold: int, keep: bool) -> int:
+    """Samples in the splits; with fold >= 0, only those in the fold (keep) or outside it (not keep)."""
+    total = 0
+    for name in splits:
+        split = manifest.split(name)
+        in_k = split.samples_per_fold.get(str(fold), 0) if fold >= 0 else 0
+        total += (in_k if keep else split.samples - in_k) if fold >= 0 else split.samples
+    return total
+
+
+def micro_batches_per_epoch(n_train: int, config: TrainConfig, world_size: int) -> int:
+    """Micro-batches each rank runs per epoch: the same on every rank, a whole number of optimizer steps."""
+    per_step = config.batch_size * world_size * config.grad_accum
+    if n_train < per_step:
+        raise UserError(f"{n_train} training samples are fewer than one optimizer step needs "
+                        f"(batch_size {config.batch_size} x {world_size} process(es) x grad_accum {config.grad_accum})")
+    return n_train // per_step * config.grad_accum
+
+
+def sync_batchnorm_stats(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm running statistics (DDP ranks drift after the last step)."""
+    for buffer in model.buffers():
+        buffer.copy_(broadcast(buffer.clone(), from_process=0))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, classes: list[str]) -> dict:
+    """Metrics over every sample of the loaders of all ranks, each counted once. Collective: one all-reduce."""
+    model.eval()
+    cm = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    for images, labels, _keys in loader:
+        with accelerator.autocast():
+            logits = model(images.to(accelerator.device))
+        cm += confusion_matrix(labels, logits.argmax(1), len(classes))
+    cm = accelerator.reduce(cm.to(accelerator.device), reduction="sum").cpu()
+    return classification_metrics(cm, classes)
+
+
+def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, *, config: TrainConfig, state: dict,
+                    schedule: tuple[int, int], run_dir: Path, log: MetricsLog, tracker: Tracker) -> None:
+    """Run the loader's micro-batches; state['step'] counts optimizer steps (and is checkpointed with them)."""
+    total_steps, warmup = schedule
+    model.train()
+    window_loss, window_batches, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
+               disable=not accelerator.is_main_process, leave=False)
+    for images, labels in bar:
+        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:  # the last micro-batch of an optimizer step
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(state["step"], total_steps, warmup, config)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        window_loss += loss.detach()
+        window_batches += 1
+        if not accelerator.sync_gradients:
+            continue
+        state["step"] += 1
+        if state["step"] % config.log_every == 0:
+            # A collective every log_every steps, on every rank alike: the mean loss over all ranks.
+            mean_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
+            seconds = time.perf_counter() - window_start
+            rate = window_batches * config.batch_size * accelerator.num_processes / seconds
+            record = {"step": state["step"], "epoch": state["epoch"], "train/loss": mean_loss,
+                      "train/lr": optimizer.param_groups[0]["lr"], "train/images_per_s": rate}
+            log.write(record)
+            tracker.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
+            bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}")
+            window_loss.zero_()
+            window_batches, window_start = 0, time.perf_counter()
+        if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+            save_checkpoint(accelerator, run_dir, state, config.keep_checkpoints)
+    bar.close()
+
+
+def train(config: TrainConfig, resume: Path | None = None) -> dict:
+    """Train as configured (continuing from a checkpoint if given); return the contents of final.json."""
+    try:
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                                  log_with=None if config.tracker == "none" else config.tracker,
+                                  dynamo_backend="inductor" if config.compile else "no")
+    except ValueError as err:  # e.g. fp16 without a GPU
+        raise UserError(f"cannot set up Accelerate: {err}") from None
+    run_dir = Path(config.output_dir)
+    manifest = ShardManifest.load(config.shards)
+    classes = manifest.classes
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # Data: which samples train and which validate; the same step count on every rank.
+    fold = config.val_fold
+    train_filter = (lambda s: in_fold(s, fold, keep=False)) if fold >= 0 else None
+    val_filter = (lambda s: in_fold(s, fold, keep=True)) if fold >= 0 else None
+    val_splits = list(config.train_splits) if fold >= 0 else ([config.val_split] if config.val_split else [])
+    train_urls = [u for s in config.train_splits for u in manifest.shard_urls(config.shards, s)]
+    val_urls = [u for s in val_splits for u in manifest.shard_urls(config.shards, s)]
+    n_train = split_size(manifest, config.train_splits, fold, keep=False)
+    micro_per_epoch = micro_batches_per_epoch(n_train, config, world)
+    steps_per_epoch = micro_per_epoch // config.grad_accum
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    train_tf = build_transform(config.image_size, flip=config.aug_flip, rot90=config.aug_rot90,
+                               affine=config.aug_affine, color=config.aug_color)
+    eval_tf = build_transform(config.image_size)
+
+    # Model and optimizer: identical initial weights on every rank from the seed.
+    set_seed(config.seed)
+    model = BloodCellCNN(num_classes=len(classes), image_size=config.image_size, widths=config.widths,
+                         hidden=config.hidden, dropout=config.dropout)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = {"step": 0, "epoch": 0, "best_macro_f1": -1.0, "best": None, "final": None, "train_seconds": 0.0}
+    if resume is not None:
+        checkpoint = find_checkpoint(resume)
+        state = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml())
+    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, state["step"] if resume else None)
+    tracker = Tracker(accelerator, kind=config.tracker, project=config.wandb_project, config=to_dict(config),
+                      run_dir=run_dir)
+    accelerator.print(f"{n_train} training samples, {world} process(es) x batch {config.batch_size} x accum "
+                      f"{config.grad_accum}: {steps_per_epoch} steps/epoch, {total_steps} steps")
+    pin = accelerator.device.type == "cuda"
+
+    for epoch in range(state["step"] // steps_per_epoch, config.epochs):
+        state["epoch"] = epoch
+        start = (state["step"] - epoch * steps_per_epoch) * config.grad_accum  # micro-batches already done
+        stream = TrainStream(train_urls, transform=train_tf, batch_size=config.batch_size, steps=micro_per_epoch,
+                             epoch=epoch, seed=config.seed, rank=rank, world_size=world, shuffle=config.shuffle,
+                             shuffle_buffer=config.shuffle_buffer, start=start, sample_filter=train_filter)
+        epoch_start = time.perf_counter()
+        train_one_epoch(model, optimizer, train_loader(stream, config.workers, pin), accelerator, config=config,
+                        state=state, schedule=(total_steps, warmup), run_dir=run_dir, log=log, tracker=tracker)
+        state["train_seconds"] += time.perf_counter() - epoch_start
+        last = epoch + 1 == config.epochs
+        if val_urls and ((epoch + 1) % config.eval_every == 0 or last):
+            sync_batchnorm_stats(model)
+            stream = EvalStream(val_urls, transform=eval_tf, batch_size=config.batch_size, rank=rank,
+                                world_size=world, sample_filter=val_filter)
+            metrics = evaluate(accelerator.unwrap_model(model), eval_loader(stream, config.workers, pin),
+                               accelerator, classes)
+            state["final"] = metrics
+            log.write({"step": state["step"], "epoch": epoch, "epoch_seconds": time.perf_counter() - epoch_start,
+                       **{f"val/{k}": metrics[k] for k in ("accuracy", "macro_f1", "samples")}, "val": metrics})
+            tracker.log({"val/accuracy": metrics["accuracy"], "val/macro_f1": metrics["macro_f1"],
+                         **{f"val/f1_{c}": m["f1"] for c, m in metrics["per_class"].items()}}, step=state["step"])
+            tracker.log_confusion(metrics["confusion_matrix"], classes, step=state["step"])
+            accelerator.print(f"epoch {epoch + 1}: " + format_metrics(metrics, classes))
+            if metrics["macro_f1"] > state["best_macro_f1"]:
+                state.update(best_macro_f1=metrics["macro_f1"], best={**metrics, "epoch": epoch + 1})
+                if accelerator.is_main_process:
+                    save_model(accelerator.unwrap_model(model), run_dir / BEST_NAME, classes=classes,
+                               config=to_dict(config))
+        elif last and not val_urls and accelerator.is_main_process:  # final mode: no validation, keep the last
+            sync_batchnorm_stats(model)
+            save_model(accelerator.unwrap_model(model), run_dir / BEST_NAME, classes=classes, config=to_dict(config))
+        save_checkpoint(accelerator, run_dir, state, config.keep_checkpoints)
+
+    tracker.finish()
+    final = {"final": state["final"], "best": state["best"], "steps": state["step"], "epochs": config.epochs,
+             "processes": world, "train_seconds": state["train_seconds"], "train_samples": n_train}
+    if accelerator.is_main_process:
+        (run_dir / "final.json").write_text(json.dumps(final, indent=1) + "\n")
+    return final
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: fixed flags plus `--key value` overrides of any TrainConfig field."""
+    parser = argparse.ArgumentParser(prog="bloodcells_dist.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, help="recipe YAML (keys of TrainConfig)")
+    parser.add_argument("--resume", type=Path, help="run folder or checkpoint folder to continue from")
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(rest)
+    base = None
+    if args.resume is not None:
+        checkpoint = find_checkpoint(args.resume)
+        base = read_yaml(checkpoint.parent.parent / "config.yaml")
+        overrides.setdefault("output_dir", str(checkpoint.parent.parent))
+    config = build_config(args.config, overrides, base=base)
+    final = train(config, resume=args.resume)
+    if final["best"]:
+        print(f"best val macro F1 {final['best']['macro_f1']:.4f} (accuracy {final['best']['accuracy']:.4f}) "
+              f"at epoch {final['best']['epoch']}; run folder {config.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

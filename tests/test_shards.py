@@ -1,0 +1,279 @@
+"""The sharding tool on real tar files: round trip, leak-free split, determinism, verify, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from bloodcells_dist.manifest import ShardManifest
+from bloodcells_dist.shards import pack_shards, verify_shards
+from bloodcells_dist.cli import UserError
+
+from .conftest import REAL_TRAIN, REPO, run_cli
+
+
+def read_all(folder: Path) -> dict[str, list[dict]]:
+    """Every sample of every split, read back with webdataset."""
+    manifest = ShardManifest.load(folder)
+    return {
+        split: list(wds.WebDataset(manifest.shard_urls(folder, split), shardshuffle=False, empty_check=False))
+        for split in manifest.splits
+    }
+
+
+def source_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.jpeg"))
+
+
+def test_round_trip_every_image_once_bytes_and_labels(synthetic_root, synthetic_shards):
+    samples = read_all(synthetic_shards)
+    manifest = ShardManifest.load(synthetic_shards)
+    seen = Counter()
+    for split, items in samples.items():
+        for s in items:
+            meta = json.loads(s["json"])
+            path = synthetic_root / meta["path"]
+            assert s["jpg"] == path.read_bytes(), f"{meta['path']} bytes changed"
+            assert manifest.classes[int(s["cls"])] == meta["class_name"] == path.parent.name
+            assert meta["split"] == split
+            assert (meta["width"], meta["height"]) == (320, 240)
+            seen[meta["path"]] += 1
+    files = {p.relative_to(synthetic_root).as_posix() for p in source_files(synthetic_root)}
+    assert set(seen) == files
+    assert set(seen.values()) == {1}
+    assert manifest.classes == ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+
+
+def test_train_val_split_is_by_cell_group(synthetic_shards):
+    samples = read_all(synthetic_shards)
+    groups = {split: {json.loads(s["json"])["group"] for s in items} for split, items in samples.items()}
+    assert groups["train"] and groups["val"]
+    assert not groups["train"] & groups["val"], "a cell has copies on both sides of train/val"
+    manifest = ShardManifest.load(synthetic_shards)
+    for c in manifest.classes:  # stratified: every class has val groups, about 20% of them
+        n_val, n_train = manifest.splits["val"].groups_per_class[c], manifest.splits["train"].groups_per_class[c]
+        assert n_val >= 1 and 0.1 <= n_val / (n_val + n_train) <= 0.35
+
+
+def test_random_split_leaks_groups(synthetic_root, tmp_path):
+    pack_shards(synthetic_root, tmp_path, seed=0, val_split="random")
+    samples = read_all(tmp_path)
+    groups = {split: {json.loads(s["json"])["group"] for s in items} for split, items in samples.items()}
+    assert groups["train"] & groups["val"], "random split should put copies of a cell on both sides"
+
+
+def test_manifest_counts(synthetic_root, synthetic_shards):
+    manifest = ShardManifest.load(synthetic_shards)
+    samples = read_all(synthetic_shards)
+    assert sum(s.samples for s in manifest.splits.values()) == len(source_files(synthetic_root)) == 500
+    for split, info in manifest.splits.items():
+        assert info.samples == len(samples[split]) == sum(sh.samples for sh in info.shards)
+        assert info.samples == sum(info.samples_per_class.values()) == sum(info.samples_per_fold.values())
+        for shard in info.shards:
+            data = (synthetic_shards / shard.file).read_bytes()
+            assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
+    assert manifest.splits["test"].samples == 100
+    assert manifest.skipped == []
+
+
+def test_default_shard_counts(synthetic_root, tmp_path):
+    """Splits over a few hundred samples get >= 16 shards (8 ranks x 2 workers); small ones keep >= 16 per shard."""
+    manifest = pack_shards(synthetic_root, tmp_path, seed=0, val_fraction=0.1)
+    assert manifest.splits["train"].samples > 256 and len(manifest.splits["train"].shards) == 16
+    assert len(manifest.splits["test"].shards) == 100 // 16
+    sizes = [s.samples for s in manifest.splits["train"].shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_pack_is_deterministic(synthetic_root, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pack_shards(synthetic_root, a, seed=3, shard_size=40)
+    pack_shards(synthetic_root, b, seed=3, shard_size=40, workers=1)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir()) and "manifest.json" in files
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between two packs"
+    c = tmp_path / "c"
+    pack_shards(synthetic_root, c, seed=4, shard_size=40)
+    assert (a / "manifest.json").read_bytes() != (c / "manifest.json").read_bytes()
+
+
+def test_verify_accepts_good_and_catches_flipped_byte_and_truncation(synthetic_root, tmp_path):
+    pack_shards(synthetic_root, tmp_path, seed=0)
+    verify_shards(tmp_path)
+    shard = sorted(tmp_path.glob("train-*.tar"))[1]
+    original = shard.read_bytes()
+
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    proc = run_cli("-m", "bloodcells_dist.shards", "verify", str(tmp_path))
+    assert proc.returncode != 0
+    assert shard.name in proc.stderr and "sha256" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+    shard.write_bytes(original[: len(original) // 2])
+    with pytest.raises(UserError, match=f"{shard.name}.*truncated"):
+        verify_shards(tmp_path)
+
+    shard.write_bytes(original)
+    verify_shards(tmp_path)
+
+
+def test_verify_catches_bad_content_with_matching_checksum(synthetic_root, tmp_path):
+    """A shard rewritten with a wrong label and its checksum updated still fails: labels are checked."""
+    manifest = pack_shards(synthetic_root, tmp_path, seed=0, shard_size=50)
+    shard = tmp_path / manifest.splits["test"].shards[0].file
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
+    with wds.TarWriter(str(shard), encoder=False) as tar:
+        for i, s in enumerate(samples):
+            tar.write({"__key__": s["__key__"], "jpg": s["jpg"], "json": s["json"],
+                       "cls": str((int(s["cls"]) + (i == 0)) % 4).encode()})
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    entry = data["splits"]["test"]["shards"][0]
+    entry["bytes"], entry["sha256"] = shard.stat().st_size, hashlib.sha256(shard.read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="label"):
+        verify_shards(tmp_path)
+
+
+def make_bad_inputs(root: Path) -> dict[str, str]:
+    """Add one of each kind of bad input to a copy of the dataset; returns relative path -> expected reason."""
+    train = root / "dataset2-master" / "dataset2-master" / "images" / "TRAIN"
+    good = next((train / "MONOCYTE").glob("*.jpeg")).read_bytes()
+    bad = {
+        "MONOCYTE/_90_1.jpeg": (good[: len(good) // 2], "truncated"),
+        "MONOCYTE/_91_1.jpeg": (good[:600] + bytes(range(256)) * 8 + good[2648:], "corrupt"),
+        "MONOCYTE/_92_1.jpeg": (b"", "zero-byte"),
+        "MONOCYTE/_93_1.jpeg": (b"hello, not an image\n", "not JPEG"),
+        "NEUTROPHIL/_94_1.jpeg": (None, "PNG"),
+        "NEUTROPHIL/_95_1.jpeg": (None, "L image"),
+        "NEUTROPHIL/notes.txt": (b"stray", "not a .jpeg"),
+    }
+    image = Image.open(io.BytesIO(good))
+    for rel, (data, _) in bad.items():
+        path = train / rel
+        if rel.endswith("_94_1.jpeg"):
+            image.save(path, format="PNG")
+        elif rel.endswith("_95_1.jpeg"):
+            image.convert("L").save(path, format="JPEG")
+        else:
+            path.write_bytes(data)
+    (train / "LYMPHOCYTE" / "extra").mkdir()
+    (train / "LYMPHOCYTE" / "extra" / "_0_1.jpeg").write_bytes(good)
+    expected = {f"dataset2-master/dataset2-master/images/TRAIN/{rel}": reason for rel, (_, reason) in bad.items()}
+    expected["dataset2-master/dataset2-master/images/TRAIN/LYMPHOCYTE/extra"] = "unexpected folder"
+    return expected
+
+
+@pytest.fixture
+def bad_root(synthetic_root, tmp_path) -> tuple[Path, dict[str, str]]:
+    root = tmp_path / "bad"
+    shutil.copytree(synthetic_root, root)
+    return root, make_bad_inputs(root)
+
+
+def test_bad_inputs_are_skipped_counted_and_listed(bad_root, tmp_path):
+    root, expected = bad_root
+    out = tmp_path / "out"
+    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out), check=True)
+    manifest = ShardManifest.load(out)
+    skipped = {s["path"]: s["reason"] for s in manifest.skipped}
+    assert set(skipped) == set(expected)
+    for path, reason in expected.items():
+        assert reason in skipped[path], f"{path}: {skipped[path]!r} should mention {reason!r}"
+        assert path in proc.stderr  # a warning per skipped file
+    assert f"skipped {len(expected)}" in proc.stdout
+    assert sum(s.samples for s in manifest.splits.values()) == 500  # every good image is still there
+    verify_shards(out)
+
+
+def test_strict_turns_bad_input_into_an_error_and_writes_nothing(bad_root, tmp_path):
+    root, _ = bad_root
+    out = tmp_path / "out"
+    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out), "--strict")
+    assert proc.returncode != 0
+    assert "--strict" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_images"])
+def test_unusable_root_is_one_clear_error(case, tmp_path):
+    root = tmp_path / "root"
+    if case != "missing":
+        root.mkdir()
+    if case == "no_images":
+        (root / "TRAIN" / "MONOCYTE").mkdir(parents=True)
+    out = tmp_path / "out"
+    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert not out.exists()
+
+
+def test_existing_shards_need_overwrite(synthetic_root, tmp_path):
+    pack_shards(synthetic_root, tmp_path, seed=0)
+    with pytest.raises(UserError, match="--overwrite"):
+        pack_shards(synthetic_root, tmp_path, seed=0)
+    pack_shards(synthetic_root, tmp_path, seed=1, shard_size=100, overwrite=True)
+    verify_shards(tmp_path)
+    manifest = ShardManifest.load(tmp_path)
+    listed = {s.file for split in manifest.splits.values() for s in split.shards}
+    assert {p.name for p in tmp_path.glob("*.tar")} == listed  # no stale shards of the first pack
+
+
+def test_interrupted_pack_leaves_nothing_verify_accepts(synthetic_root, tmp_path):
+    """SIGKILL an overwriting pack as soon as it starts writing: the old manifest is gone, verify refuses."""
+    out = tmp_path / "out"
+    pack_shards(synthetic_root, out, seed=0)
+    before = {p.name for p in out.iterdir()}
+    proc = subprocess.Popen([sys.executable, "-m", "bloodcells_dist.shards", "pack", "--src", str(synthetic_root),
+                             "--out", str(out), "--overwrite", "--shard-size", "5", "--workers", "1"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        names = {p.name for p in out.iterdir()}
+        if "manifest.json" not in names and names - before:  # writing has begun
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the pack finished before it could be interrupted"
+    with pytest.raises(UserError, match="manifest.json not found"):
+        verify_shards(out)
+    pack_shards(synthetic_root, out, seed=0, overwrite=True)  # a rerun cleans up and completes
+    assert not list(out.glob(".*tmp*"))
+    verify_shards(out)
+
+
+@pytest.mark.skipif(not REAL_TRAIN.is_dir(), reason=f"real dataset not found at {REAL_TRAIN}")
+def test_real_subset_packs_and_verifies(tmp_path):
+    """200 real TRAIN images (50 per class, whole cells), linked into a temporary root."""
+    root = tmp_path / "real" / "TRAIN"
+    for class_dir in sorted(REAL_TRAIN.iterdir()):
+        (root / class_dir.name).mkdir(parents=True)
+        for path in sorted(class_dir.glob("*.jpeg"))[:50]:
+            os.symlink(path, root / class_dir.name / path.name)
+    out = tmp_path / "out"
+    manifest = pack_shards(root.parent, out, seed=0, val_fraction=0.3)
+    verify_shards(out)
+    assert sum(s.samples for s in manifest.splits.values()) == 200 and not manifest.skipped
+    samples = read_all(out)
+    groups = {split: {json.loads(s["json"])["group"] for s in items} for split, items in samples.items()}
+    assert not groups["train"] & groups["val"]
+    first = samples["train"][0]
+    assert first["jpg"] == (root.parent / json.loads(first["json"])["path"]).read_bytes()
