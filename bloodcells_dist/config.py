@@ -49,7 +49,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_epochs: float = 0.5  # linear warm-up from 0 (cosine and constant schedules)
     label_smoothing: float = 0.0
-    mixed_precision: str = "no"  # no | fp16 | bf16, handed to Accelerate
+    mixed_precision: str = "auto"  # auto (what `accelerate launch` / its config says) | no | fp16 | bf16
     seed: int = 0
     # bookkeeping
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
@@ -61,7 +61,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Reject values that cannot work, with a message naming the key."""
-        choices = {"schedule": ("cosine", "onecycle", "constant"), "mixed_precision": ("no", "fp16", "bf16"),
+        choices = {"schedule": ("cosine", "onecycle", "constant"), "mixed_precision": ("auto", "no", "fp16", "bf16"),
                    "tracker": ("wandb", "none")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

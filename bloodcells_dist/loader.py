@@ -122,6 +122,8 @@ class EvalStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         worker, workers = worker_slot()
+        if not self.urls[worker::workers]:  # more ranks than shards: this one has nothing to count
+            return iter(())
         stages = [
             wds.SimpleShardList(self.urls[worker::workers]),  # this worker's shards, read once
             wds.tarfile_to_samples(),  # dicts: __key__, jpg, cls, json (bytes)

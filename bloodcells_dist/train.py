@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +28,8 @@ from .cli import UserError, run_main
 from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
 from .loader import EvalStream, TrainStream, eval_loader, in_fold, train_loader
 from .manifest import ShardManifest
-from .metrics import classification_metrics, confusion_matrix, format_metrics
+from .evaluate import evaluate
+from .metrics import format_metrics
 from .model import BloodCellCNN
 from .tracking import MetricsLog, Tracker
 from .transforms import build_transform
@@ -70,19 +72,6 @@ def sync_batchnorm_stats(model: torch.nn.Module) -> None:
     """Give every rank rank 0's BatchNorm running statistics (DDP ranks drift after the last step)."""
     for buffer in model.buffers():
         buffer.copy_(broadcast(buffer.clone(), from_process=0))
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, classes: list[str]) -> dict:
-    """Metrics over every sample of the loaders of all ranks, each counted once. Collective: one all-reduce."""
-    model.eval()
-    cm = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    for images, labels, _keys in loader:
-        with accelerator.autocast():
-            logits = model(images.to(accelerator.device))
-        cm += confusion_matrix(labels, logits.argmax(1), len(classes))
-    cm = accelerator.reduce(cm.to(accelerator.device), reduction="sum").cpu()
-    return classification_metrics(cm, classes)
 
 
 def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, *, config: TrainConfig, state: dict,
@@ -128,14 +117,27 @@ def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, *, confi
     bar.close()
 
 
-def train(config: TrainConfig, resume: Path | None = None) -> dict:
-    """Train as configured (continuing from a checkpoint if given); return the contents of final.json."""
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The one Accelerator: device, precision, process group and gradient accumulation live here."""
+    env = os.environ
+    if env.get("MASTER_ADDR") and not any(env.get(v) for v in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        raise UserError("this is a single process of a multi-process launch: `accelerate launch --cpu "
+                        "--num_processes N` starts only one process without mpirun. For N CPU processes use "
+                        "`accelerate launch --config_file launch/cpu_2proc.yaml` (torchrun + gloo)")
+    # With no GPU, torchrun-launched processes must be told they are CPU processes to form a gloo group.
+    no_gpu = not torch.cuda.is_available()
     try:
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
-                                  log_with=None if config.tracker == "none" else config.tracker,
-                                  dynamo_backend="inductor" if config.compile else "no")
+        return Accelerator(cpu=no_gpu, mixed_precision=None if config.mixed_precision == "auto" else config.mixed_precision,
+                           gradient_accumulation_steps=config.grad_accum,
+                           log_with=None if config.tracker == "none" else config.tracker,
+                           dynamo_backend="inductor" if config.compile else "no")
     except ValueError as err:  # e.g. fp16 without a GPU
         raise UserError(f"cannot set up Accelerate: {err}") from None
+
+
+def train(config: TrainConfig, resume: Path | None = None) -> dict:
+    """Train as configured (continuing from a checkpoint if given); return the contents of final.json."""
+    accelerator = make_accelerator(config)
     run_dir = Path(config.output_dir)
     manifest = ShardManifest.load(config.shards)
     classes = manifest.classes
@@ -211,9 +213,11 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
                 if accelerator.is_main_process:
                     save_model(accelerator.unwrap_model(model), run_dir / BEST_NAME, classes=classes,
                                config=to_dict(config))
-        elif last and not val_urls and accelerator.is_main_process:  # final mode: no validation, keep the last
-            sync_batchnorm_stats(model)
-            save_model(accelerator.unwrap_model(model), run_dir / BEST_NAME, classes=classes, config=to_dict(config))
+        elif last and not val_urls:  # final mode: no validation, keep the last weights
+            sync_batchnorm_stats(model)  # collective: every rank
+            if accelerator.is_main_process:
+                save_model(accelerator.unwrap_model(model), run_dir / BEST_NAME, classes=classes,
+                           config=to_dict(config))
         save_checkpoint(accelerator, run_dir, state, config.keep_checkpoints)
 
     tracker.finish()

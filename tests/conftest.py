@@ -29,9 +29,11 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: f
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """400 TRAIN images (4 classes x 100, 8 copies per original) and 100 TEST images."""
+    """400 TRAIN images (4 classes x 100, 8 copies per original) and 99 TEST images (an odd count)."""
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(root, per_class=100, seed=0, copies=8, test_per_class=25)
+    test = root / "dataset2-master" / "dataset2-master" / "images" / "TEST"
+    sorted((test / "NEUTROPHIL").glob("*.jpeg"))[0].unlink()
     return root
 
 

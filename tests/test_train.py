@@ -1,0 +1,236 @@
+"""The trainer with real processes: plain python, `accelerate launch` over gloo, kill -9 and resume, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from bloodcells_dist.checkpoint import load_model
+from bloodcells_dist.cli import UserError
+from bloodcells_dist.config import build_config, parse_overrides
+from bloodcells_dist.manifest import ShardManifest
+from bloodcells_dist.shards import pack_shards
+from bloodcells_dist.synthetic import generate_dataset
+
+from .conftest import REPO, run_cli
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+# A narrow model on 48x64 images: seconds per epoch on two CPU cores.
+TINY = ["--image-size", "48,64", "--widths", "8,16,32,32", "--hidden", "64,32", "--batch-size", "8",
+        "--tracker", "none", "--log-every", "5"]
+
+
+def train_args(shards: Path, run: Path, *extra: str) -> list[str]:
+    return ["-m", "bloodcells_dist.train", "--shards", str(shards), "--output-dir", str(run), *TINY, *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str, env: dict | None = None, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGS` as a user types it."""
+    proc = subprocess.run([ACCELERATE, "launch", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"accelerate launch exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def final(run: Path) -> dict:
+    return json.loads((run / "final.json").read_text())
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """Learned parameters only (BatchNorm running statistics excluded)."""
+    return {k: v for k, v in load_file(str(path)).items() if "running_" not in k and "num_batches" not in k}
+
+
+# The reference run: one process, two data workers, mid-epoch checkpoints every 7 steps.
+REF_EXTRA = ["--epochs", "8", "--workers", "2", "--checkpoint-every", "7", "--lr", "0.02", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(synthetic_shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    run_cli(*train_args(synthetic_shards, run, *REF_EXTRA), check=True)
+    return run
+
+
+def test_one_process_learns_and_writes_the_run_folder(reference_run, synthetic_shards):
+    result = final(reference_run)
+    manifest = ShardManifest.load(synthetic_shards)
+    assert result["best"]["accuracy"] > 0.42, f"no better than chance: {result['best']}"  # 4 classes: chance 0.25
+    assert result["final"]["samples"] == manifest.splits["val"].samples
+    records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses[-1] < losses[0] and all(r["train/images_per_s"] > 0 for r in records if "train/loss" in r)
+    assert len([r for r in records if "val/accuracy" in r]) == 8
+    saved = yaml.safe_load((reference_run / "config.yaml").read_text())
+    assert saved["widths"] == [8, 16, 32, 32] and saved["epochs"] == 8 and saved["tracker"] == "none"
+    model, meta = load_model(reference_run)
+    assert meta["classes"] == manifest.classes and meta["image_size"] == [48, 64]
+    assert model(torch.zeros(2, 3, 48, 64)).shape == (2, 4)
+    checkpoints = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
+    assert len(checkpoints) == 2 and checkpoints[-1] == f"step-{result['steps']:08d}"
+
+
+def test_kill_9_mid_epoch_then_resume_matches_uninterrupted_run(reference_run, synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    steps_per_epoch = final(reference_run)["steps"] // 8
+    step = 7 * (2 * steps_per_epoch // 7 + 2)  # the second mid-epoch checkpoint of epoch 3
+    assert step % steps_per_epoch and step // steps_per_epoch == 2
+    target = run / "checkpoints" / f"step-{step:08d}"
+    proc = subprocess.Popen([sys.executable, *train_args(synthetic_shards, run, *REF_EXTRA)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "final.json").exists(), "run ended before the kill"
+
+    resumed = run_cli("-m", "bloodcells_dist.train", "--resume", str(run), check=True)
+    assert "resumed from" in resumed.stdout
+    ref, got = final(reference_run), final(run)
+    assert got["final"] == ref["final"] and got["best"] == ref["best"] and got["steps"] == ref["steps"]
+    a, b = weights(reference_run / "best.safetensors"), weights(run / "best.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    vals = lambda r: [json.loads(x)["val/accuracy"] for x in (r / "metrics.jsonl").read_text().splitlines()
+                      if "val/accuracy" in x]
+    assert vals(run) == vals(reference_run)  # no duplicated or missing epochs in the resumed log
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_val_sample_once(synthetic_shards, tmp_path):
+    """An odd number of samples (99) in 6 uneven shards, 3 per rank: each counted exactly once."""
+    manifest = ShardManifest.load(synthetic_shards)
+    test = manifest.splits["test"]
+    assert test.samples % 2 == 1 and len({s.samples for s in test.shards}) > 1
+    run = tmp_path / "run"
+    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+           *train_args(synthetic_shards, run, "--epochs", "1", "--workers", "2", "--val-split", "test"))
+    result = final(run)
+    assert result["processes"] == 2
+    assert result["final"]["samples"] == test.samples
+    assert sum(map(sum, result["final"]["confusion_matrix"])) == test.samples
+    for c, n in test.samples_per_class.items():
+        assert result["final"]["per_class"][c]["support"] == n
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """DDP averages gradients: 2 processes x batch B == 1 process x 2B, given the same BatchNorm batches.
+
+    BatchNorm normalises each process's micro-batch of B on its own, so the one-process run takes its 2B
+    images as two accumulated micro-batches of B (Accelerate's gradient accumulation). Fixed data: no
+    shuffle, no augmentation, 8 samples per shard so rank r's batch at step k is shard 2k + r.
+    """
+    generate_dataset(tmp_path / "data", per_class=20, copies=4, test_per_class=0)  # 80 images: 5 steps of 16
+    shards = tmp_path / "shards"
+    pack_shards(tmp_path / "data", shards, seed=0, val_fraction=0.0, shard_size=8)
+    fixed = ["--epochs", "1", "--shuffle", "false", "--aug-flip", "false", "--aug-rot90", "false",
+             "--aug-affine", "false", "--aug-color", "false", "--val-split", "", "--workers", "0"]
+    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+           *train_args(shards, tmp_path / "two", *fixed))
+    run_cli(*train_args(shards, tmp_path / "one", *fixed, "--grad-accum", "2"), check=True)
+    assert final(tmp_path / "two")["steps"] == final(tmp_path / "one")["steps"] == 80 // 16
+    a, b = weights(tmp_path / "two" / "best.safetensors"), weights(tmp_path / "one" / "best.safetensors")
+    assert a.keys() == b.keys() and len(a) == 18  # 4 x (conv, BN weight, BN bias) + 3 x (FC weight, bias)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{k} differs")
+
+
+@pytest.mark.slow
+def test_bf16_on_cpu_runs_end_to_end(synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--mixed-precision", "bf16"),
+            check=True)
+    result = final(run)
+    assert result["final"]["samples"] == ShardManifest.load(synthetic_shards).splits["val"].samples
+    losses = [json.loads(x)["train/loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert losses and all(l == l and l < 10 for l in losses)  # finite
+
+
+@pytest.mark.slow
+def test_fewer_shards_than_ranks_times_workers_reuses_shards(synthetic_root, tmp_path):
+    shards = tmp_path / "shards"
+    pack_shards(synthetic_root, shards, seed=0, shard_size=10_000)  # one shard per split
+    run = tmp_path / "run"
+    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+                  *train_args(shards, run, "--epochs", "1", "--workers", "2"), timeout=300)
+    assert "shards are reused" in proc.stderr and "pack at least 4 shards" in proc.stderr
+    manifest = ShardManifest.load(shards)
+    assert final(run)["steps"] == manifest.splits["train"].samples // 16
+    assert final(run)["final"]["samples"] == manifest.splits["val"].samples
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback(synthetic_shards, tmp_path):
+    """Machine ranks 0 and 1 on 127.0.0.1, one process each, as on two hosts sharing a file system."""
+    port, run = free_port(), tmp_path / "run"
+    common = ["--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+              "--main_process_port", str(port), "--rdzv_backend", "static", "--same_network"]
+    args = train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1")
+    procs = [subprocess.Popen([ACCELERATE, "launch", *common, "--machine_rank", str(r), *args], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert final(run)["processes"] == 2
+    assert final(run)["final"]["samples"] == ShardManifest.load(synthetic_shards).splits["val"].samples
+
+
+@pytest.mark.slow
+def test_wandb_offline_by_default_and_a_broken_tracker_does_not_stop_training(synthetic_shards, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc login: the default must be offline
+    run = tmp_path / "run"
+    args = train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--tracker", "wandb")
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, f"no offline W&B run in {run}"
+    data = logs[0].read_bytes()
+    assert b"val/accuracy" in data and b"train/loss" in data and b"confusion_matrix" in data
+
+    broken = tmp_path / "broken"
+    args = train_args(synthetic_shards, broken, "--epochs", "1", "--workers", "1", "--tracker", "wandb")
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**env, "WANDB_MODE": "no-such-mode"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "tracker disabled" in proc.stderr
+    assert final(broken)["final"]["samples"] > 0
+
+
+def test_cpu_flag_with_several_processes_is_a_clear_error(synthetic_shards, tmp_path):
+    """Accelerate's `--cpu --num_processes 2` starts one process without mpirun: say so instead of training alone."""
+    proc = launch("--cpu", "--num_processes", "2", *train_args(synthetic_shards, tmp_path / "run"), check=False)
+    assert proc.returncode != 0
+    assert "launch/cpu_2proc.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_layers_and_unknown_keys(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 3\nlr: 0.2\nwidths: [4, 8, 8, 8]\n")
+    config = build_config(recipe, parse_overrides(["--lr", "0.01", "--image-size", "60,80"]))
+    assert (config.epochs, config.lr, config.widths, config.image_size) == (3, 0.01, (4, 8, 8, 8), (60, 80))
+    recipe.write_text("epochs: 3\nlearning_rate: 0.2\n")
+    with pytest.raises(UserError, match="learning_rate"):
+        build_config(recipe)
+    proc = run_cli("-m", "bloodcells_dist.train", "--shards", "x", "--bogus-key", "1")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown config key(s) in command-line flags: bogus_key"
+    with pytest.raises(UserError, match="schedule"):
+        build_config(overrides={"schedule": "linear"})
