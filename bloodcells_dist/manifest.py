@@ -13,6 +13,21 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "bloodcells-shards/1"
 
 
+def is_url(location: Path | str) -> bool:
+    """Whether shards live behind a URL (https://, gs://, ...) that webdataset opens, not in a local folder."""
+    return "://" in str(location)
+
+
+def read_text(location: Path | str) -> str:
+    """A local file, or a URL through webdataset's gopen (curl for http(s), gsutil for gs, ...)."""
+    if not is_url(location):
+        return Path(location).read_text()
+    import webdataset  # imports torch: only when shards are remote
+
+    with webdataset.gopen(str(location), "rb") as stream:
+        return stream.read().decode()
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """One tar file of a split."""
@@ -65,17 +80,21 @@ class ShardManifest:
     @classmethod
     def load(cls, folder: Path | str) -> ShardManifest:
         """Read `folder/manifest.json`; a missing or unreadable one is a UserError."""
-        path = Path(folder) / MANIFEST_NAME
+        path = f"{str(folder).rstrip('/')}/{MANIFEST_NAME}" if is_url(folder) else Path(folder) / MANIFEST_NAME
         try:
-            raw = json.loads(path.read_text())
+            text = read_text(path)
+        except FileNotFoundError:
+            raise UserError(f"{path} not found: is {folder} a shard folder written by `bloodcells_dist.shards pack`?") from None
+        except Exception as err:  # unreadable file, network or storage error
+            raise UserError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+        try:
+            raw = json.loads(text)
             splits = {
                 name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
                 for name, s in raw.pop("splits").items()
             }
             return cls(splits=splits, **raw)
-        except FileNotFoundError:
-            raise UserError(f"{path} not found: is {folder} a shard folder written by `bloodcells_dist.shards pack`?") from None
-        except (ValueError, TypeError, KeyError) as err:
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise UserError(f"{path} is not a valid shard manifest ({err})") from None
 
     def shard_urls(self, folder: Path | str, split: str) -> list[str]:

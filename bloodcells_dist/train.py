@@ -225,6 +225,9 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
              "processes": world, "train_seconds": state["train_seconds"], "train_samples": n_train}
     if accelerator.is_main_process:
         (run_dir / "final.json").write_text(json.dumps(final, indent=1) + "\n")
+    if state["best"]:
+        accelerator.print(f"best val macro F1 {state['best']['macro_f1']:.4f} (accuracy {state['best']['accuracy']:.4f}) "
+                          f"at epoch {state['best']['epoch']}; run folder {run_dir}")
     return final
 
 
@@ -241,10 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = read_yaml(checkpoint.parent.parent / "config.yaml")
         overrides.setdefault("output_dir", str(checkpoint.parent.parent))
     config = build_config(args.config, overrides, base=base)
-    final = train(config, resume=args.resume)
-    if final["best"]:
-        print(f"best val macro F1 {final['best']['macro_f1']:.4f} (accuracy {final['best']['accuracy']:.4f}) "
-              f"at epoch {final['best']['epoch']}; run folder {config.output_dir}")
+    train(config, resume=args.resume)
     return 0
 
 

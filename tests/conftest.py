@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,26 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: f
     return proc
 
 
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for a launcher rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str, env: dict | None = None, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGS` as a user types it."""
+    proc = subprocess.run([ACCELERATE, "launch", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"accelerate launch exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """400 TRAIN images (4 classes x 100, 8 copies per original) and 99 TEST images (an odd count)."""
@@ -43,3 +64,23 @@ def synthetic_shards(synthetic_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     pack_shards(synthetic_root, out, seed=0)
     return out
+
+
+# A narrow model on 48x64 images: seconds per epoch on two CPU cores.
+TINY = ["--image-size", "48,64", "--widths", "8,16,32,32", "--hidden", "64,32", "--batch-size", "8",
+        "--tracker", "none", "--log-every", "5"]
+# The reference run: one process, two data workers, mid-epoch checkpoints every 7 steps.
+REF_EXTRA = ["--epochs", "8", "--workers", "2", "--checkpoint-every", "7", "--lr", "0.02", "--batch-size", "16"]
+
+
+def train_args(shards: Path, run: Path, *extra: str) -> list[str]:
+    """`-m bloodcells_dist.train` arguments for a tiny model."""
+    return ["-m", "bloodcells_dist.train", "--shards", str(shards), "--output-dir", str(run), *TINY, *extra]
+
+
+@pytest.fixture(scope="session")
+def reference_run(synthetic_shards, tmp_path_factory) -> Path:
+    """A trained tiny model (8 epochs, ~20 s), shared by the trainer and evaluation tests."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    run_cli(*train_args(synthetic_shards, run, *REF_EXTRA), check=True)
+    return run

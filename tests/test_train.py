@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,32 +22,7 @@ from bloodcells_dist.manifest import ShardManifest
 from bloodcells_dist.shards import pack_shards
 from bloodcells_dist.synthetic import generate_dataset
 
-from .conftest import REPO, run_cli
-
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-# A narrow model on 48x64 images: seconds per epoch on two CPU cores.
-TINY = ["--image-size", "48,64", "--widths", "8,16,32,32", "--hidden", "64,32", "--batch-size", "8",
-        "--tracker", "none", "--log-every", "5"]
-
-
-def train_args(shards: Path, run: Path, *extra: str) -> list[str]:
-    return ["-m", "bloodcells_dist.train", "--shards", str(shards), "--output-dir", str(run), *TINY, *extra]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(*args: str, env: dict | None = None, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`accelerate launch ARGS` as a user types it."""
-    proc = subprocess.run([ACCELERATE, "launch", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"accelerate launch exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
+from .conftest import ACCELERATE, REF_EXTRA, REPO, free_port, launch, run_cli, train_args
 
 def final(run: Path) -> dict:
     return json.loads((run / "final.json").read_text())
@@ -57,17 +31,6 @@ def final(run: Path) -> dict:
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """Learned parameters only (BatchNorm running statistics excluded)."""
     return {k: v for k, v in load_file(str(path)).items() if "running_" not in k and "num_batches" not in k}
-
-
-# The reference run: one process, two data workers, mid-epoch checkpoints every 7 steps.
-REF_EXTRA = ["--epochs", "8", "--workers", "2", "--checkpoint-every", "7", "--lr", "0.02", "--batch-size", "16"]
-
-
-@pytest.fixture(scope="module")
-def reference_run(synthetic_shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("ref") / "run"
-    run_cli(*train_args(synthetic_shards, run, *REF_EXTRA), check=True)
-    return run
 
 
 def test_one_process_learns_and_writes_the_run_folder(reference_run, synthetic_shards):

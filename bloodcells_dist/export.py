@@ -1,0 +1,112 @@
+"""Export a trained model to TorchScript or ONNX, with class names, image size and normalisation inside.
+
+    python -m bloodcells_dist.export --model RUN_OR_FILE --format torchscript|onnx --out FILE
+
+The exported model maps normalised float images (N, 3, H, W) to logits (N, classes); any batch size.
+`python -m bloodcells_dist.predict --model FILE` reads it back (the suffix, .pt or .onnx, says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model
+from .cli import UserError, run_main
+
+META_KEY = "meta.json"  # TorchScript extra file / ONNX metadata_props key holding what predict needs
+SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
+
+
+class OnnxModel:
+    """An ONNX Runtime session called like a module: float images (N, 3, H, W) -> logits, on the CPU."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.meta = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for one batch (flipped TTA views are strided: ONNX Runtime wants contiguous memory)."""
+        return torch.from_numpy(self.session.run(None, {self.input: images.cpu().contiguous().numpy()})[0])
+
+
+def load_exported(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+    """A file written by this module, as a callable model and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no model at {path}")
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream, but still what we load here
+            warnings.simplefilter("ignore", FutureWarning)
+            if path.suffix == SUFFIXES["onnx"]:
+                model = OnnxModel(path)
+                raw = model.meta
+            else:
+                extra = {META_KEY: ""}
+                model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+                raw = extra[META_KEY] or None
+    except Exception as err:  # torch and ONNX Runtime raise many types for a file that is not a model
+        raise UserError(f"{path} is not a readable model ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if raw is None:
+        raise UserError(f"{path} has no {META_KEY}: not written by bloodcells_dist.export")
+    return model, json.loads(raw)
+
+
+def export(model: torch.nn.Module, meta: dict, fmt: str, out: Path) -> None:
+    """Write the eval-mode model as `fmt`, atomically, with classes, image size, mean and std embedded."""
+    info = json.dumps({k: meta[k] for k in ("classes", "image_size", "mean", "std")})
+    example = torch.zeros(2, 3, *meta["image_size"])
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with torch.no_grad(), warnings.catch_warnings():  # deprecation notices for the tracer and legacy exporter
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(model, example), str(tmp), _extra_files={META_KEY: info})
+        else:
+            import onnx
+
+            # The TorchScript-based exporter runs offline with no extra packages; the batch axis stays free.
+            torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=17, input_names=["images"],
+                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, {META_KEY: info})
+            onnx.save(proto, str(tmp))
+    os.replace(tmp, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line."""
+    parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="run folder (uses best.safetensors) or model file")
+    parser.add_argument("--format", choices=sorted(SUFFIXES), required=True)
+    parser.add_argument("--out", type=Path, required=True, help="file to write: .pt for torchscript, .onnx for onnx")
+    args = parser.parse_args(argv)
+    if args.out.suffix != SUFFIXES[args.format]:
+        raise UserError(f"--out {args.out}: {args.format} files end in {SUFFIXES[args.format]} "
+                        "(predict tells the format from the suffix)")
+
+    model, meta = load_model(args.model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    export(model, meta, args.format, args.out)
+    # Read the file back and compare with PyTorch on an odd batch size, which also proves the batch axis is free.
+    exported, _ = load_exported(args.out)
+    images = torch.randn(3, 3, *meta["image_size"])
+    with torch.no_grad():
+        diff = (exported(images) - model(images)).abs().max().item()
+    print(f"wrote {args.out} ({args.format}, {args.out.stat().st_size / 1e6:.2f} MB); "
+          f"max |logit difference| from PyTorch {diff:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,124 @@
+"""Predict the class of every image in files and folders: one CSV row per image, unreadable ones included.
+
+    python -m bloodcells_dist.predict --model RUN_OR_FILE PATH... [--out preds.csv] [--batch-size N] [--tta]
+
+The model is a run folder or .safetensors file, or a file written by bloodcells_dist.export (.pt or .onnx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from .checkpoint import load_model
+from .cli import UserError, run_main
+from .evaluate import tta_logits
+from .export import SUFFIXES, load_exported
+from .transforms import build_transform
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+def find_images(paths: Sequence[Path]) -> list[Path]:
+    """Files as given, and every .jpeg/.jpg/.png under each folder (recursive, sorted)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"no such file or folder: {path}")
+    if not found:
+        raise UserError(f"no .jpeg/.jpg/.png images in {', '.join(map(str, paths))}")
+    return found
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """Any image file -> uint8 (3, H, W) RGB, grayscale and alpha included."""
+    data = path.read_bytes()
+    try:  # torchvision first: for JPEG it is the decoder the model was trained with
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):  # BMP, TIFF... or a broken file, which PIL names in plainer words
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert("RGB"))
+
+
+def load_predictor(path: Path) -> tuple[Model, dict]:
+    """A model by suffix: a run folder or .safetensors file, or an exported TorchScript (.pt) or ONNX (.onnx) file."""
+    if path.suffix in SUFFIXES.values():
+        return load_exported(path)
+    if path.is_file() and path.suffix != ".safetensors":
+        raise UserError(f"--model {path}: expected a run folder or a .safetensors, .pt or .onnx file")
+    return load_model(path)
+
+
+@torch.no_grad()
+def predict_rows(model: Model, meta: dict, files: Sequence[Path], *, batch_size: int, tta: bool,
+                 device: torch.device) -> Iterator[list[str]]:
+    """CSV rows in file order: path, predicted class, one probability per class, error text ('' if read)."""
+    classes, transform = meta["classes"], build_transform(meta["image_size"])
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images, errors = [], {}
+        for i, path in enumerate(chunk):
+            try:
+                images.append(transform(read_rgb(path)))
+            except Exception as err:  # whatever a decoder raises is this file's problem, not the run's
+                errors[i] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+        batch = torch.stack(images).to(device) if images else None
+        probs = iter(tta_logits(model, batch, tta).float().softmax(1).cpu().tolist() if images else [])
+        for i, path in enumerate(chunk):
+            if i in errors:
+                yield [str(path), "", *[""] * len(classes), errors[i]]
+            else:
+                p = next(probs)
+                yield [str(path), classes[p.index(max(p))], *(f"{x:.6f}" for x in p), ""]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line."""
+    parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True,
+                        help="run folder, .safetensors model, or an exported .pt (TorchScript) / .onnx file")
+    parser.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders of images")
+    parser.add_argument("--out", type=Path, help="CSV file to write (default: standard output)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--tta", action="store_true", help="average logits over flips and 180-degree rotation")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+
+    model, meta = load_predictor(args.model)
+    files = find_images(args.paths)
+    on_gpu = torch.cuda.is_available() and isinstance(model, torch.nn.Module)  # ONNX runs on its CPU provider
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if on_gpu:
+        model = model.to(device)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    unreadable = 0
+    with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "predicted_class", *(f"prob_{c}" for c in meta["classes"]), "error"])
+        for row in predict_rows(model, meta, files, batch_size=args.batch_size, tta=args.tta, device=device):
+            writer.writerow(row)
+            unreadable += bool(row[-1])
+    print(f"{len(files)} images, {unreadable} unreadable" + (f"; wrote {args.out}" if args.out else ""),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

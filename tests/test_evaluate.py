@@ -1,0 +1,79 @@
+"""Evaluation of a trained model (shards or JPEG folders, 1 or 2 processes) and grouped k-fold folds."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+import webdataset as wds
+
+from bloodcells_dist.manifest import ShardManifest
+
+from .conftest import free_port, launch, run_cli, train_args
+
+
+def evaluation(folder, name="eval-test") -> dict:
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+def test_evaluate_counts_every_test_sample_once_with_one_and_two_processes(reference_run, synthetic_shards, tmp_path):
+    expected = ShardManifest.load(synthetic_shards).splits["test"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
+                   "--split", "test", "--out", str(one), check=True)
+    assert "macro F1" in proc.stdout and "confusion matrix" in proc.stdout
+    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+           "-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
+           "--split", "test", "--out", str(two))
+    a, b = evaluation(one), evaluation(two)
+    assert a["samples"] == b["samples"] == expected.samples == 99
+    assert a["confusion_matrix"] == b["confusion_matrix"]  # same predictions, each sample once
+    for c, n in expected.samples_per_class.items():
+        assert a["per_class"][c]["support"] == n
+    assert (one / "eval-test-confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_from_jpeg_folders_matches_shards(reference_run, synthetic_root, synthetic_shards, tmp_path):
+    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
+            "--out", str(tmp_path / "shards"), check=True)
+    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--images", str(synthetic_root),
+            "--split", "test", "--out", str(tmp_path / "images"), check=True)
+    assert evaluation(tmp_path / "shards")["confusion_matrix"] == evaluation(tmp_path / "images")["confusion_matrix"]
+    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
+                   "--tta", "--out", str(tmp_path / "tta"), check=True)
+    assert evaluation(tmp_path / "tta", "eval-test-tta")["samples"] == 99 and "accuracy" in proc.stdout
+
+
+def test_evaluate_bad_model_path_is_one_line(synthetic_shards, tmp_path):
+    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(tmp_path / "nope"), "--shards",
+                   str(synthetic_shards))
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no model at")
+
+
+def test_every_group_has_exactly_one_fold(synthetic_shards):
+    manifest = ShardManifest.load(synthetic_shards)
+    folds_of = defaultdict(set)
+    per_class_folds = defaultdict(set)
+    for split in ("train", "val"):
+        for sample in wds.WebDataset(manifest.shard_urls(synthetic_shards, split), shardshuffle=False,
+                                     empty_check=False):
+            meta = json.loads(sample["json"])
+            folds_of[meta["group"]].add(meta["fold"])
+            per_class_folds[meta["class_name"]].add(meta["fold"])
+    assert all(len(f) == 1 for f in folds_of.values()), "a group is in two folds"
+    assert {f for fs in folds_of.values() for f in fs} == set(range(manifest.folds))
+    assert all(fs == set(range(5)) for fs in per_class_folds.values())  # stratified: every class in every fold
+
+
+@pytest.mark.slow
+def test_val_fold_trains_on_the_other_folds(synthetic_shards, tmp_path):
+    manifest = ShardManifest.load(synthetic_shards)
+    in_fold = sum(manifest.splits[s].samples_per_fold["2"] for s in ("train", "val"))
+    run = tmp_path / "run"
+    proc = run_cli(*train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--val-fold", "2",
+                               "--train-splits", "train,val"), check=True)
+    result = json.loads((run / "final.json").read_text())
+    assert result["final"]["samples"] == in_fold
+    assert result["train_samples"] == manifest.splits["train"].samples + manifest.splits["val"].samples - in_fold
+    assert f"{result['train_samples']} training samples" in proc.stdout

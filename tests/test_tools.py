@@ -1,0 +1,134 @@
+"""predict, export and report on a real tiny model: corrupt and grayscale images, exported round trips, plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bloodcells_dist import export, predict, report
+from bloodcells_dist.cli import run_main
+
+from .conftest import run_cli
+
+CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+PROBS = [f"prob_{c}" for c in CLASSES]
+# A narrow model on 48x64 images, one epoch: about ten seconds on two CPU cores.
+TINY = ["--image-size", "48,64", "--widths", "8,16,32,32", "--hidden", "64,32", "--batch-size", "16",
+        "--tracker", "none", "--epochs", "1", "--workers", "1", "--log-every", "5"]
+
+
+def read_csv(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("tools") / "run"
+    run_cli("-m", "bloodcells_dist.train", "--shards", str(synthetic_shards), "--output-dir", str(run), *TINY,
+            check=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def image_folder(synthetic_root, tmp_path_factory) -> Path:
+    """Two real test JPEGs per class in class sub-folders, one corrupt .jpeg and a file that is not an image."""
+    folder = tmp_path_factory.mktemp("images")
+    test = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TEST"
+    for c in CLASSES:
+        (folder / c).mkdir()
+        for path in sorted((test / c).glob("*.jpeg"))[:2]:
+            shutil.copy(path, folder / c / path.name)
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run, image_folder, tmp_path_factory):
+    """predict with the run folder (best.safetensors) on the image folder: the process and its CSV rows."""
+    out = tmp_path_factory.mktemp("preds") / "preds.csv"
+    proc = run_cli("-m", "bloodcells_dist.predict", "--model", str(tiny_run), str(image_folder), "--out", str(out),
+                   "--batch-size", "3", check=True)
+    return proc, out.read_text()
+
+
+def test_predict_folder_reports_the_corrupt_file_and_goes_on(reference, image_folder):
+    proc, text = reference
+    assert proc.returncode == 0 and "9 images, 1 unreadable" in proc.stderr
+    assert text.splitlines()[0] == ",".join(["path", "predicted_class", *PROBS, "error"])
+    rows = read_csv(text)
+    paths = [r["path"] for r in rows]
+    assert len(rows) == 9 and paths == sorted(paths) and not any(p.endswith(".txt") for p in paths)
+    broken = [r for r in rows if r["path"].endswith("broken.jpeg")]
+    assert len(broken) == 1 and broken[0]["error"] and broken[0]["predicted_class"] == ""
+    assert all(broken[0][p] == "" for p in PROBS)
+    for row in rows:
+        if row is not broken[0]:
+            assert row["error"] == "" and row["predicted_class"] in CLASSES
+            assert sum(float(row[p]) for p in PROBS) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_grayscale_jpeg_and_rgba_png_to_stdout(tiny_run, image_folder, tmp_path):
+    jpeg = next(image_folder.glob("*/*.jpeg"))
+    Image.open(jpeg).convert("L").save(tmp_path / "gray.jpg")
+    Image.open(jpeg).convert("RGBA").save(tmp_path / "alpha.png")
+    proc = run_cli("-m", "bloodcells_dist.predict", "--model", str(tiny_run), str(tmp_path / "gray.jpg"),
+                   str(tmp_path / "alpha.png"), check=True)
+    rows = read_csv(proc.stdout)
+    assert [Path(r["path"]).name for r in rows] == ["gray.jpg", "alpha.png"]
+    assert all(r["error"] == "" and r["predicted_class"] in CLASSES for r in rows), rows
+    assert "2 images, 0 unreadable" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".pt"), ("onnx", ".onnx")])
+def test_exported_model_predicts_like_the_pytorch_model(fmt, suffix, tiny_run, image_folder, reference, tmp_path):
+    model = tmp_path / f"model{suffix}"
+    proc = run_cli("-m", "bloodcells_dist.export", "--model", str(tiny_run), "--format", fmt, "--out", str(model),
+                   check=True)
+    assert str(model) in proc.stdout and " MB" in proc.stdout and model.stat().st_size > 10_000
+    proc = run_cli("-m", "bloodcells_dist.predict", "--model", str(model), str(image_folder), check=True)
+    got, want = read_csv(proc.stdout), read_csv(reference[1])
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    for g, w in zip(got, want):
+        assert g["predicted_class"] == w["predicted_class"] and bool(g["error"]) == bool(w["error"])
+        for p in PROBS:
+            if w[p]:
+                assert abs(float(g[p]) - float(w[p])) <= 1e-4, (fmt, g, w)
+
+
+def test_report_writes_curves_and_confusion_pngs_and_logs_them_offline(tiny_run):
+    proc = run_cli("-m", "bloodcells_dist.report", str(tiny_run), "--wandb", check=True)
+    assert "warning" not in proc.stderr, proc.stderr
+    for name in ("curves.png", "confusion.png"):
+        path = tiny_run / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+        with Image.open(path) as image:
+            assert min(image.size) >= 300
+    logs = list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1 and b"confusion" in logs[0].read_bytes()
+
+
+def test_bad_model_path_is_one_line_and_exit_2(image_folder, tmp_path):
+    proc = run_cli("-m", "bloodcells_dist.predict", "--model", str(tmp_path / "missing"), str(image_folder))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: no model at {tmp_path / 'missing'}"]
+
+
+def test_other_user_errors_are_one_line(tiny_run, image_folder, tmp_path, capsys):
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    calls = [(predict.main, ["--model", str(tmp_path / "junk.onnx"), str(image_folder)], "is not a readable model"),
+             (predict.main, ["--model", str(tiny_run), str(tmp_path / "nowhere")], "no such file or folder"),
+             (predict.main, ["--model", str(tiny_run / "config.yaml"), str(image_folder)], "expected a run folder"),
+             (export.main, ["--model", str(tmp_path / "x"), "--format", "onnx", "--out", str(tmp_path / "y.onnx")],
+              "no model at"),
+             (export.main, ["--model", str(tiny_run), "--format", "onnx", "--out", str(tmp_path / "m.pt")],
+              "end in .onnx"),
+             (report.main, [str(tmp_path)], "no metrics in")]
+    for main, argv, message in calls:
+        assert run_main(main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
