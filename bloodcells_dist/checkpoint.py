@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from .cli import UserError
 from .model import BloodCellCNN
@@ -94,6 +94,6 @@ def load_model(path: Path) -> tuple[BloodCellCNN, dict]:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         model = BloodCellCNN(num_classes=len(meta["classes"]), image_size=meta["image_size"], **meta["model"])
         model.load_state_dict(load_file(str(path)))
-    except (KeyError, ValueError, RuntimeError, OSError) as err:
+    except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as err:
         raise UserError(f"{path} is not a bloodcells_dist model ({type(err).__name__}: {err})") from None
     return model.eval(), meta

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, meta = load_model(args.model)
     model = model.to(accelerator.device)
-    classes, transform = meta["classes"], build_transform(meta["image_size"])
+    classes, transform = meta["classes"], build_transform(meta["image_size"], mean=meta["mean"], std=meta["std"])
     rank, world = accelerator.process_index, accelerator.num_processes
     unreadable: list[str] = []
     if args.shards:

@@ -87,13 +87,16 @@ def export(model: torch.nn.Module, meta: dict, fmt: str, out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="run folder (uses best.safetensors) or model file")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="run folder (uses best.safetensors) or .safetensors file")
     parser.add_argument("--format", choices=sorted(SUFFIXES), required=True)
     parser.add_argument("--out", type=Path, required=True, help="file to write: .pt for torchscript, .onnx for onnx")
     args = parser.parse_args(argv)
     if args.out.suffix != SUFFIXES[args.format]:
         raise UserError(f"--out {args.out}: {args.format} files end in {SUFFIXES[args.format]} "
                         "(predict tells the format from the suffix)")
+    if args.model.suffix in SUFFIXES.values():
+        raise UserError(f"--model {args.model} is already exported: give the run folder or its .safetensors file")
 
     model, meta = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,11 +64,15 @@ def load_predictor(path: Path) -> tuple[Model, dict]:
     return load_model(path)
 
 
+def eval_transform(meta: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The evaluation transform with the image size and normalisation recorded in the model."""
+    return build_transform(meta["image_size"], mean=meta["mean"], std=meta["std"])
+
+
 @torch.no_grad()
-def predict_rows(model: Model, meta: dict, files: Sequence[Path], *, batch_size: int, tta: bool,
-                 device: torch.device) -> Iterator[list[str]]:
+def predict_rows(model: Model, classes: Sequence[str], transform: Callable, files: Sequence[Path], *,
+                 batch_size: int, tta: bool, device: torch.device) -> Iterator[list[str]]:
     """CSV rows in file order: path, predicted class, one probability per class, error text ('' if read)."""
-    classes, transform = meta["classes"], build_transform(meta["image_size"])
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         images, errors = [], {}
@@ -76,9 +80,9 @@ def predict_rows(model: Model, meta: dict, files: Sequence[Path], *, batch_size:
             try:
                 images.append(transform(read_rgb(path)))
             except Exception as err:  # whatever a decoder raises is this file's problem, not the run's
-                errors[i] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
-        batch = torch.stack(images).to(device) if images else None
-        probs = iter(tta_logits(model, batch, tta).float().softmax(1).cpu().tolist() if images else [])
+                errors[i] = f"{type(err).__name__}: {' '.join(str(err).split())}"  # one line for the CSV cell
+        logits = tta_logits(model, torch.stack(images).to(device), tta) if images else torch.empty(0, len(classes))
+        probs = iter(logits.float().softmax(1).cpu().tolist())
         for i, path in enumerate(chunk):
             if i in errors:
                 yield [str(path), "", *[""] * len(classes), errors[i]]
@@ -101,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
 
     model, meta = load_predictor(args.model)
-    files = find_images(args.paths)
+    transform, files = eval_transform(meta), find_images(args.paths)
     on_gpu = torch.cuda.is_available() and isinstance(model, torch.nn.Module)  # ONNX runs on its CPU provider
     device = torch.device("cuda" if on_gpu else "cpu")
     if on_gpu:
@@ -112,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["path", "predicted_class", *(f"prob_{c}" for c in meta["classes"]), "error"])
-        for row in predict_rows(model, meta, files, batch_size=args.batch_size, tta=args.tta, device=device):
+        rows = predict_rows(model, meta["classes"], transform, files, batch_size=args.batch_size, tta=args.tta,
+                            device=device)
+        for row in rows:
             writer.writerow(row)
             unreadable += bool(row[-1])
     print(f"{len(files)} images, {unreadable} unreadable" + (f"; wrote {args.out}" if args.out else ""),

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .checkpoint import BEST_NAME
 from .cli import UserError, run_main
@@ -28,7 +28,7 @@ def read_metrics(path: Path) -> list[dict]:
     if not text.strip():
         raise UserError(f"no metrics in {path}: is this a run folder of bloodcells_dist.train?")
     records, torn = [], 0
-    for line in text.splitlines():
+    for line in filter(str.strip, text.splitlines()):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -43,7 +43,7 @@ def class_names(run: Path, last_val: dict) -> list[str]:
     try:
         with safe_open(str(run / BEST_NAME), framework="pt") as f:
             return json.loads(f.metadata()["classes"])
-    except (OSError, KeyError, TypeError, ValueError):  # e.g. metrics copied without the model
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError):  # e.g. metrics copied without the model
         return list(last_val["per_class"])
 
 

@@ -54,8 +54,11 @@ def split_size(manifest: ShardManifest, splits: Sequence[str], fold: int, keep: 
     total = 0
     for name in splits:
         split = manifest.split(name)
-        in_k = split.samples_per_fold.get(str(fold), 0) if fold >= 0 else 0
-        total += (in_k if keep else split.samples - in_k) if fold >= 0 else split.samples
+        if fold < 0:
+            total += split.samples
+        else:
+            in_fold = split.samples_per_fold.get(str(fold), 0)
+            total += in_fold if keep else split.samples - in_fold
     return total
 
 

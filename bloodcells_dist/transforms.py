@@ -38,6 +38,8 @@ def build_transform(
     rot90: bool = False,
     affine: bool = False,
     color: bool = False,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
 ) -> v2.Compose:
     """uint8 (3, H, W) decoded JPEG -> normalised float (3, *image_size); the switches add augmentation."""
     steps: list = [v2.Resize(list(image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
@@ -46,9 +48,9 @@ def build_transform(
     if rot90:
         steps.append(RandomRot90())
     if affine:
-        steps.append(v2.RandomAffine(degrees=15, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=list(MEAN)))
+        steps.append(v2.RandomAffine(degrees=15, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=list(mean)))
     if color:
         # No hue jitter: stain hue carries class information, and RGB<->HSV costs 10x the rest together.
         steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
-    steps.append(v2.Normalize(MEAN, STD))
+    steps.append(v2.Normalize(list(mean), list(std)))
     return v2.Compose(steps)
