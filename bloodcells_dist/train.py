@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -148,8 +149,9 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
 
     # Data: which samples train and which validate; the same step count on every rank.
     fold = config.val_fold
-    train_filter = (lambda s: in_fold(s, fold, keep=False)) if fold >= 0 else None
-    val_filter = (lambda s: in_fold(s, fold, keep=True)) if fold >= 0 else None
+    # partial, not lambda: data workers started with "spawn" (macOS) must pickle the filter.
+    train_filter = partial(in_fold, fold=fold, keep=False) if fold >= 0 else None
+    val_filter = partial(in_fold, fold=fold, keep=True) if fold >= 0 else None
     val_splits = list(config.train_splits) if fold >= 0 else ([config.val_split] if config.val_split else [])
     train_urls = [u for s in config.train_splits for u in manifest.shard_urls(config.shards, s)]
     val_urls = [u for s in val_splits for u in manifest.shard_urls(config.shards, s)]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
 from collections import defaultdict
 
 import pytest
@@ -77,3 +81,24 @@ def test_val_fold_trains_on_the_other_folds(synthetic_shards, tmp_path):
     assert result["final"]["samples"] == in_fold
     assert result["train_samples"] == manifest.splits["train"].samples + manifest.splits["val"].samples - in_fold
     assert f"{result['train_samples']} training samples" in proc.stdout
+
+
+def test_shards_stream_from_a_url(reference_run, synthetic_shards, tmp_path):
+    """Manifest and shards read over HTTP (a stand-in for object storage), not from a file system."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(synthetic_shards)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # wait for the server to listen
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", url, "--split", "test",
+                "--out", str(tmp_path), check=True)
+    finally:
+        server.terminate()
+        server.wait()
+    assert evaluation(tmp_path)["samples"] == 99
