@@ -102,3 +102,18 @@ def test_shards_stream_from_a_url(reference_run, synthetic_shards, tmp_path):
         server.terminate()
         server.wait()
     assert evaluation(tmp_path)["samples"] == 99
+
+
+@pytest.mark.slow
+def test_cross_validation_runs_folds_and_summarises(synthetic_shards, tmp_path):
+    runs = tmp_path / "cv"
+    args = ["-m", "bloodcells_dist.cv", "--shards", str(synthetic_shards), "--output-dir", str(runs),
+            "--folds", "0,3", *train_args(synthetic_shards, runs, "--epochs", "1", "--workers", "1")[6:]]
+    proc = run_cli(*args, check=True)
+    summary = json.loads((runs / "cv.json").read_text())
+    assert set(summary["folds"]) == {"0", "3"}
+    accs = [summary["folds"][k]["accuracy"] for k in ("0", "3")]
+    assert summary["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert "2 folds: accuracy" in proc.stdout
+    again = run_cli(*args, check=True)  # finished folds are not trained again
+    assert "training in" not in again.stdout and json.loads((runs / "cv.json").read_text()) == summary

@@ -1,0 +1,82 @@
+"""Grouped k-fold cross-validation of a recipe: one training run per fold, then the mean and spread.
+
+    python -m bloodcells_dist.cv --shards DIR --output-dir RUNS [--config RECIPE.yaml] [--folds 0,1,2,3,4]
+        [--launcher "accelerate launch --config_file launch/cpu_2proc.yaml"] [--key value ...]
+
+Fold k trains on the other folds of train + val and validates on fold k (whole cells only, see the
+sharder). Each fold runs in RUNS/fold-k; a fold whose final.json exists is not run again, and an
+interrupted fold resumes from its last checkpoint, so a long cross-validation can span several sittings.
+Writes RUNS/cv.json with every fold's metrics and the mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .checkpoint import checkpoint_dir
+from .cli import UserError, run_main
+from .manifest import ShardManifest
+
+
+def fold_command(launcher: str, shards: str, run: Path, fold: int, config: Path | None, extra: Sequence[str]) -> list[str]:
+    """The training command of one fold (resuming it when it has a checkpoint)."""
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    if any(checkpoint_dir(run).glob("step-*/trainer_state.json")):
+        return [*prefix, "-m", "bloodcells_dist.train", "--resume", str(run), *extra]
+    recipe = ["--config", str(config)] if config else []
+    return [*prefix, "-m", "bloodcells_dist.train", "--shards", shards, "--output-dir", str(run), *recipe,
+            "--train-splits", "train,val", "--val-fold", str(fold), *extra]
+
+
+def summarize(results: dict[int, dict]) -> dict:
+    """Per-fold accuracy and macro F1 of the last epoch, with mean and (sample) standard deviation."""
+    summary = {"folds": {k: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "samples": r["samples"]}
+                         for k, r in sorted(results.items())}}
+    for metric in ("accuracy", "macro_f1"):
+        values = [r[metric] for r in results.values()]
+        summary[metric] = {"mean": statistics.fmean(values),
+                           "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: run the missing folds, then write and print the summary."""
+    parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.cv", description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--config", type=Path, help="recipe YAML")
+    parser.add_argument("--folds", default="", help="comma-separated fold indices (default: all)")
+    parser.add_argument("--launcher", default="", help="command prefix, e.g. 'accelerate launch --config_file ...'")
+    args, extra = parser.parse_known_args(argv)
+    manifest = ShardManifest.load(args.shards)
+    folds = [int(f) for f in args.folds.split(",") if f] or list(range(manifest.folds))
+    if not all(0 <= f < manifest.folds for f in folds):
+        raise UserError(f"--folds {args.folds}: the shards have folds 0..{manifest.folds - 1}")
+
+    results = {}
+    for fold in folds:
+        run = args.output_dir / f"fold-{fold}"
+        if not (run / "final.json").exists():
+            print(f"fold {fold}: training in {run}", flush=True)
+            command = fold_command(args.launcher, args.shards, run, fold, args.config, extra)
+            if subprocess.run(command).returncode != 0:
+                raise UserError(f"fold {fold} failed (command: {shlex.join(command)}); rerun to resume it")
+        results[fold] = json.loads((run / "final.json").read_text())["final"]
+    summary = summarize(results)
+    (args.output_dir / "cv.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for k, r in summary["folds"].items():
+        print(f"fold {k}: accuracy {r['accuracy']:.4f}  macro F1 {r['macro_f1']:.4f}  ({r['samples']} samples)")
+    acc, f1 = summary["accuracy"], summary["macro_f1"]
+    print(f"{len(folds)} folds: accuracy {acc['mean']:.4f} +- {acc['std']:.4f}, macro F1 {f1['mean']:.4f} +- {f1['std']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
