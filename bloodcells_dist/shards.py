@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections import Counter
@@ -50,6 +52,12 @@ class Sample:
 def default_shard_count(n: int) -> int:
     """Shards for a split of n samples: at least 16 where each keeps >= 16 samples, more past 2,000 per shard."""
     return max(1, math.ceil(n / MAX_SHARD_SAMPLES), min(MIN_SHARDS, n // MIN_SHARD_SAMPLES))
+
+
+def die_with_parent() -> None:
+    """Pool initializer: on Linux, a worker gets SIGKILL when the packer dies, even by SIGKILL (no orphans)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def check_image(img: SourceImage) -> tuple[SourceImage, int, int] | Skipped:
@@ -163,7 +171,9 @@ def pack_shards(
     if shard_size is not None and shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     images, skipped = scan_images(src)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=die_with_parent)
+    with pool:
         # Checking (PIL) and tar writing are Python-bound: processes, not threads, use both cores.
         results = list(tqdm(pool.map(check_image, images, chunksize=64), total=len(images), desc="checking",
                             unit="img", disable=None))

@@ -236,6 +236,18 @@ def test_existing_shards_need_overwrite(synthetic_root, tmp_path):
     assert {p.name for p in tmp_path.glob("*.tar")} == listed  # no stale shards of the first pack
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes (Linux /proc) that contain `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(cmdline.read_bytes().decode(errors="replace"))
+        except OSError:  # the process ended while we looked
+            pass
+    return found
+
+
 def test_interrupted_pack_leaves_nothing_verify_accepts(synthetic_root, tmp_path):
     """SIGKILL an overwriting pack as soon as it starts writing: the old manifest is gone, verify refuses."""
     out = tmp_path / "out"
@@ -253,6 +265,8 @@ def test_interrupted_pack_leaves_nothing_verify_accepts(synthetic_root, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "the pack finished before it could be interrupted"
+    time.sleep(0.5)
+    assert not processes_mentioning(str(out)), "the packer's worker processes outlived it"
     with pytest.raises(UserError, match="manifest.json not found"):
         verify_shards(out)
     pack_shards(synthetic_root, out, seed=0, overwrite=True)  # a rerun cleans up and completes
