@@ -40,7 +40,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator
     cm = torch.zeros(len(classes), len(classes), dtype=torch.long)
     for images, labels, *_ in batches:
         with accelerator.autocast():
-            logits = tta_logits(model, images.to(accelerator.device), tta)
+            logits = tta_logits(model, images.to(accelerator.device, non_blocking=True), tta)
         cm += confusion_matrix(labels, logits.argmax(1), len(classes))
     cm = accelerator.reduce(cm.to(accelerator.device), reduction="sum").cpu()
     return classification_metrics(cm, classes)

@@ -87,7 +87,9 @@ def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, *, confi
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                disable=not accelerator.is_main_process, leave=False)
     for images, labels in bar:
-        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+        # non_blocking: with pinned batches the copy to a GPU overlaps the previous step.
+        images = images.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
