@@ -223,6 +223,34 @@ def pack_shards(
     return manifest
 
 
+def check_shard(path: Path, shard: ShardInfo, classes: list[str]) -> Counter[str]:
+    """Samples per class of one shard, after checking size, checksum, JPEGs and labels; ValueError if bad."""
+    if not path.is_file():
+        raise ValueError("missing")
+    if path.stat().st_size != shard.bytes:
+        raise ValueError(f"{path.stat().st_size} bytes, manifest says {shard.bytes} (truncated or replaced?)")
+    with open(path, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != shard.sha256:
+            raise ValueError("sha256 does not match the manifest (corrupted)")
+    per_class: Counter[str] = Counter()
+    try:
+        for sample in wds.tarfile_samples([{"url": str(path)}]):
+            if not {"jpg", "cls", "json"} <= sample.keys():
+                raise ValueError(f"sample {sample['__key__']} lacks jpg/cls/json")
+            meta, label = json.loads(sample["json"]), int(sample["cls"])
+            if not 0 <= label < len(classes) or classes[label] != meta["class_name"]:
+                raise ValueError(f"sample {sample['__key__']}: label {label} does not match class {meta['class_name']}")
+            check_jpeg(sample["jpg"])
+            per_class[meta["class_name"]] += 1
+    except ValueError:
+        raise
+    except Exception as err:  # tarfile and JSON errors alike mean a bad shard
+        raise ValueError(f"{type(err).__name__}: {err}") from None
+    if sum(per_class.values()) != shard.samples:
+        raise ValueError(f"{sum(per_class.values())} samples, manifest says {shard.samples}")
+    return per_class
+
+
 def verify_shards(folder: Path) -> ShardManifest:
     """Re-read every shard: checksum, sample counts, JPEG decoding, labels; raise UserError at the first bad shard."""
     manifest = ShardManifest.load(folder)
@@ -230,34 +258,10 @@ def verify_shards(folder: Path) -> ShardManifest:
         per_class: Counter[str] = Counter()
         for shard in split.shards:
             path = Path(folder) / shard.file
-
-            def bad(reason: str) -> UserError:
-                return UserError(f"bad shard {path}: {reason}")
-
-            if not path.is_file():
-                raise bad("missing")
-            if path.stat().st_size != shard.bytes:
-                raise bad(f"{path.stat().st_size} bytes, manifest says {shard.bytes} (truncated or replaced?)")
-            with open(path, "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() != shard.sha256:
-                    raise bad("sha256 does not match the manifest (corrupted)")
-            count = 0
             try:
-                for sample in wds.tarfile_samples([{"url": str(path)}]):
-                    if not {"jpg", "cls", "json"} <= sample.keys():
-                        raise bad(f"sample {sample['__key__']} lacks jpg/cls/json")
-                    meta, label = json.loads(sample["json"]), int(sample["cls"])
-                    if not 0 <= label < len(manifest.classes) or manifest.classes[label] != meta["class_name"]:
-                        raise bad(f"sample {sample['__key__']}: label {label} does not match class {meta['class_name']}")
-                    check_jpeg(sample["jpg"])
-                    per_class[meta["class_name"]] += 1
-                    count += 1
-            except UserError:
-                raise
-            except Exception as err:  # tarfile, JSON and JPEG errors alike mean a bad shard
-                raise bad(f"{type(err).__name__}: {err}") from None
-            if count != shard.samples:
-                raise bad(f"{count} samples, manifest says {shard.samples}")
+                per_class += check_shard(path, shard, manifest.classes)
+            except ValueError as err:
+                raise UserError(f"bad shard {path}: {err}") from None
         if dict(per_class) != {c: n for c, n in split.samples_per_class.items() if n}:
             raise UserError(f"split {split_name}: samples per class {dict(per_class)} differ from the manifest")
     return manifest
