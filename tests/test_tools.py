@@ -13,13 +13,10 @@ from PIL import Image
 from bloodcells_dist import export, predict, report
 from bloodcells_dist.cli import run_main
 
-from .conftest import run_cli
+from .conftest import run_cli, train_args
 
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 PROBS = [f"prob_{c}" for c in CLASSES]
-# A narrow model on 48x64 images, one epoch: about ten seconds on two CPU cores.
-TINY = ["--image-size", "48,64", "--widths", "8,16,32,32", "--hidden", "64,32", "--batch-size", "16",
-        "--tracker", "none", "--epochs", "1", "--workers", "1", "--log-every", "5"]
 
 
 def read_csv(text: str) -> list[dict]:
@@ -29,8 +26,8 @@ def read_csv(text: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_run(synthetic_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tools") / "run"
-    run_cli("-m", "bloodcells_dist.train", "--shards", str(synthetic_shards), "--output-dir", str(run), *TINY,
-            check=True)
+    # The shared tiny model for one epoch: about ten seconds on two CPU cores.
+    run_cli(*train_args(synthetic_shards, run, "--batch-size", "16", "--epochs", "1", "--workers", "1"), check=True)
     return run
 
 
