@@ -33,6 +33,12 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if "running_" not in k and "num_batches" not in k}
 
 
+@pytest.mark.parametrize("recipe", sorted((REPO / "launch" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_a_valid_config(recipe):
+    config = build_config(recipe)
+    assert config.epochs > 0 and len(config.widths) == 4 and len(config.hidden) == 2  # the reference design
+
+
 def test_one_process_learns_and_writes_the_run_folder(reference_run, synthetic_shards):
     result = final(reference_run)
     manifest = ShardManifest.load(synthetic_shards)
@@ -118,10 +124,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_on_cpu_runs_end_to_end(synthetic_shards, tmp_path):
+def test_bf16_channels_last_on_cpu_runs_end_to_end(synthetic_shards, tmp_path):
+    # What launch/recipes/best.yaml uses on CPU.
     run = tmp_path / "run"
-    run_cli(*train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--mixed-precision", "bf16"),
-            check=True)
+    run_cli(*train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--mixed-precision", "bf16",
+                        "--channels-last", "true"), check=True)
     result = final(run)
     assert result["final"]["samples"] == ShardManifest.load(synthetic_shards).splits["val"].samples
     losses = [json.loads(x)["train/loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
