@@ -18,6 +18,7 @@ from .transforms import MEAN, STD
 
 STATE_NAME = "trainer_state.json"  # written last inside a checkpoint: its presence marks it complete
 BEST_NAME = "best.safetensors"
+LAST_NAME = "last.safetensors"  # the weights at the end of training
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -1,12 +1,13 @@
 """Grouped k-fold cross-validation of a recipe: one training run per fold, then the mean and spread.
 
     python -m bloodcells_dist.cv --shards DIR --output-dir RUNS [--config RECIPE.yaml] [--folds 0,1,2,3,4]
-        [--launcher "accelerate launch --config_file launch/cpu_2proc.yaml"] [--key value ...]
+        [--launcher "accelerate launch --config_file launch/cpu_2proc.yaml"] [--tta] [--key value ...]
 
 Fold k trains on the other folds of train + val and validates on fold k (whole cells only, see the
 sharder). Each fold runs in RUNS/fold-k; a fold whose final.json exists is not run again, and an
 interrupted fold resumes from its last checkpoint, so a long cross-validation can span several sittings.
-Writes RUNS/cv.json with every fold's metrics and the mean and standard deviation.
+Writes RUNS/cv.json with every fold's metrics and the mean and standard deviation. --tta also scores each
+fold's last weights (RUNS/fold-k/last.safetensors) with test-time augmentation, reported beside them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .checkpoint import checkpoint_dir
+from .checkpoint import LAST_NAME, checkpoint_dir
 from .cli import UserError, run_main
 from .manifest import ShardManifest
 
@@ -33,6 +34,17 @@ def fold_command(launcher: str, shards: str, run: Path, fold: int, config: Path 
     recipe = ["--config", str(config)] if config else []
     return [*prefix, "-m", "bloodcells_dist.train", "--shards", shards, "--output-dir", str(run), *recipe,
             "--train-splits", "train,val", "--val-fold", str(fold), *extra]
+
+
+def tta_metrics(shards: str, run: Path, fold: int) -> dict:
+    """The fold's last weights scored on its held-out cells with test-time augmentation (cached in the run)."""
+    out = run / f"eval-train+val-fold{fold}-tta.json"
+    if not out.exists():
+        command = [sys.executable, "-m", "bloodcells_dist.evaluate", "--model", str(run / LAST_NAME), "--shards",
+                   shards, "--split", "train,val", "--fold", str(fold), "--tta", "--out", str(run)]
+        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+            raise UserError(f"fold {fold}: evaluation with TTA failed (command: {shlex.join(command)})")
+    return json.loads(out.read_text())
 
 
 def summarize(results: dict[int, dict]) -> dict:
@@ -54,13 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="recipe YAML")
     parser.add_argument("--folds", default="", help="comma-separated fold indices (default: all)")
     parser.add_argument("--launcher", default="", help="command prefix, e.g. 'accelerate launch --config_file ...'")
+    parser.add_argument("--tta", action="store_true", help="also score each fold's last weights with TTA")
     args, extra = parser.parse_known_args(argv)
     manifest = ShardManifest.load(args.shards)
     folds = [int(f) for f in args.folds.split(",") if f] or list(range(manifest.folds))
     if not all(0 <= f < manifest.folds for f in folds):
         raise UserError(f"--folds {args.folds}: the shards have folds 0..{manifest.folds - 1}")
 
-    results = {}
+    results, tta = {}, {}
     for fold in folds:
         run = args.output_dir / f"fold-{fold}"
         if not (run / "final.json").exists():
@@ -69,12 +82,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if subprocess.run(command).returncode != 0:
                 raise UserError(f"fold {fold} failed (command: {shlex.join(command)}); rerun to resume it")
         results[fold] = json.loads((run / "final.json").read_text())["final"]
+        if args.tta:
+            tta[fold] = tta_metrics(args.shards, run, fold)
     summary = summarize(results)
+    if args.tta:
+        summary["tta"] = summarize(tta)
     (args.output_dir / "cv.json").write_text(json.dumps(summary, indent=1) + "\n")
     for k, r in summary["folds"].items():
         print(f"fold {k}: accuracy {r['accuracy']:.4f}  macro F1 {r['macro_f1']:.4f}  ({r['samples']} samples)")
     acc, f1 = summary["accuracy"], summary["macro_f1"]
     print(f"{len(folds)} folds: accuracy {acc['mean']:.4f} +- {acc['std']:.4f}, macro F1 {f1['mean']:.4f} +- {f1['std']:.4f}")
+    if args.tta:
+        acc, f1 = summary["tta"]["accuracy"], summary["tta"]["macro_f1"]
+        print(f"with TTA: accuracy {acc['mean']:.4f} +- {acc['std']:.4f}, macro F1 {f1['mean']:.4f} +- {f1['std']:.4f}")
     return 0
 
 

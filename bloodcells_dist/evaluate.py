@@ -2,6 +2,10 @@
 
     [accelerate launch ...] python -m bloodcells_dist.evaluate --model RUN_OR_FILE --shards DIR --split test [--tta]
     python -m bloodcells_dist.evaluate --model RUN_OR_FILE --images ROOT_OR_FOLDER [--split test] [--tta]
+    python -m bloodcells_dist.evaluate --model CV/fold-K --shards DIR --split train,val --fold K [--tta]
+
+--split takes several splits, comma-separated; --fold keeps only the cells of one cross-validation fold,
+which scores a `bloodcells_dist.cv` fold's model on the cells it never saw.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,7 +22,7 @@ from accelerate import Accelerator
 
 from .checkpoint import load_model
 from .cli import UserError, run_main
-from .loader import EvalStream, decode_image, eval_loader
+from .loader import EvalStream, decode_image, eval_loader, in_fold
 from .manifest import ShardManifest
 from .metrics import classification_metrics, confusion_matrix, format_metrics
 from .sources import find_split_folders
@@ -99,6 +104,11 @@ def save_confusion_png(matrix: list[list[int]], classes: list[str], path: Path, 
     plt.close(fig)
 
 
+def eval_stem(split: str, fold: int, tta: bool) -> str:
+    """File name stem of an evaluation's outputs, e.g. eval-test-tta or eval-train+val-fold2."""
+    return f"eval-{split.replace(',', '+')}{f'-fold{fold}' if fold >= 0 else ''}{'-tta' if tta else ''}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.evaluate", description=__doc__.split("\n")[0])
@@ -106,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", help="shard folder or URL prefix holding manifest.json")
     source.add_argument("--images", type=Path, help="dataset root or a folder of class folders of JPEGs")
-    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--split", default="test", help="split(s) to evaluate, comma-separated (default: test)")
+    parser.add_argument("--fold", type=int, default=-1, help="only the samples of this cross-validation fold")
     parser.add_argument("--tta", action="store_true", help="average logits over flips and 180-degree rotation")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -123,18 +134,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = ShardManifest.load(args.shards)
         if manifest.classes != classes:
             raise UserError(f"shards hold classes {manifest.classes}, the model was trained on {classes}")
-        stream = EvalStream(manifest.shard_urls(args.shards, args.split), transform=transform,
-                            batch_size=args.batch_size, rank=rank, world_size=world)
+        if args.fold >= manifest.folds:
+            raise UserError(f"--fold {args.fold}: the shards have folds 0..{manifest.folds - 1}")
+        urls = [u for s in args.split.split(",") for u in manifest.shard_urls(args.shards, s)]
+        keep = partial(in_fold, fold=args.fold, keep=True) if args.fold >= 0 else None
+        stream = EvalStream(urls, transform=transform, batch_size=args.batch_size, rank=rank, world_size=world,
+                            sample_filter=keep)
         batches = eval_loader(stream, args.workers, accelerator.device.type == "cuda")
+    elif args.fold >= 0:
+        raise UserError("--fold needs --shards: JPEG folders carry no fold index")
     else:
         batches, unreadable = folder_batches(args.images, args.split, classes, transform, args.batch_size, rank, world)
     metrics = evaluate(model, batches, accelerator, classes, tta=args.tta)
     skipped = accelerator.reduce(torch.tensor(len(unreadable), device=accelerator.device), "sum").item()
-    metrics.update(split=args.split, tta=args.tta, model=str(args.model), unreadable=int(skipped))
+    metrics.update(split=args.split, fold=args.fold if args.fold >= 0 else None, tta=args.tta, model=str(args.model),
+                   unreadable=int(skipped))
     if accelerator.is_main_process:
         out = args.out or (args.model if args.model.is_dir() else args.model.parent)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"eval-{args.split}{'-tta' if args.tta else ''}"
+        stem = eval_stem(args.split, args.fold, args.tta)
         (out / f"{stem}.json").write_text(json.dumps(metrics, indent=1) + "\n")
         save_confusion_png(metrics["confusion_matrix"], classes, out / f"{stem}-confusion.png",
                            f"{args.split}: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}")

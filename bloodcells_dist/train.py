@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm import tqdm
 
-from .checkpoint import BEST_NAME, find_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .checkpoint import BEST_NAME, LAST_NAME, find_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .cli import UserError, run_main
 from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
 from .loader import EvalStream, TrainStream, eval_loader, in_fold, train_loader
@@ -227,6 +227,8 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
                            config=to_dict(config))
         save_checkpoint(accelerator, run_dir, state, config.keep_checkpoints)
 
+    if accelerator.is_main_process:  # the last epoch's weights, whatever validation said (cv --tta scores them)
+        save_model(accelerator.unwrap_model(model), run_dir / LAST_NAME, classes=classes, config=to_dict(config))
     tracker.finish()
     final = {"final": state["final"], "best": state["best"], "steps": state["step"], "epochs": config.epochs,
              "processes": world, "train_seconds": state["train_seconds"], "train_samples": n_train}

@@ -55,6 +55,15 @@ def test_evaluate_bad_model_path_is_one_line(synthetic_shards, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no model at")
 
 
+def test_evaluate_bad_fold_is_one_line(reference_run, synthetic_root, synthetic_shards):
+    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards",
+                   str(synthetic_shards), "--split", "train,val", "--fold", "5")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --fold 5: the shards have folds 0..4"
+    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--images",
+                   str(synthetic_root), "--fold", "0")
+    assert proc.returncode == 2 and "--fold needs --shards" in proc.stderr
+
+
 def test_every_group_has_exactly_one_fold(synthetic_shards):
     manifest = ShardManifest.load(synthetic_shards)
     folds_of = defaultdict(set)
@@ -108,12 +117,16 @@ def test_shards_stream_from_a_url(reference_run, synthetic_shards, tmp_path):
 def test_cross_validation_runs_folds_and_summarises(synthetic_shards, tmp_path):
     runs = tmp_path / "cv"
     args = ["-m", "bloodcells_dist.cv", "--shards", str(synthetic_shards), "--output-dir", str(runs),
-            "--folds", "0,3", *train_args(synthetic_shards, runs, "--epochs", "1", "--workers", "1")[6:]]
+            "--folds", "0,3", "--tta", *train_args(synthetic_shards, runs, "--epochs", "1", "--workers", "1")[6:]]
     proc = run_cli(*args, check=True)
     summary = json.loads((runs / "cv.json").read_text())
     assert set(summary["folds"]) == {"0", "3"}
     accs = [summary["folds"][k]["accuracy"] for k in ("0", "3")]
     assert summary["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
-    assert "2 folds: accuracy" in proc.stdout
+    assert "2 folds: accuracy" in proc.stdout and "with TTA: accuracy" in proc.stdout
+    manifest = ShardManifest.load(synthetic_shards)
+    for k in ("0", "3"):  # TTA scores the same held-out cells: every sample of fold k in train + val, once
+        in_fold = sum(manifest.splits[s].samples_per_fold[k] for s in ("train", "val"))
+        assert summary["folds"][k]["samples"] == summary["tta"]["folds"][k]["samples"] == in_fold
     again = run_cli(*args, check=True)  # finished folds are not trained again
     assert "training in" not in again.stdout and json.loads((runs / "cv.json").read_text()) == summary

@@ -53,6 +53,8 @@ def test_one_process_learns_and_writes_the_run_folder(reference_run, synthetic_s
     model, meta = load_model(reference_run)
     assert meta["classes"] == manifest.classes and meta["image_size"] == [48, 64]
     assert model(torch.zeros(2, 3, 48, 64)).shape == (2, 4)
+    last = load_file(str(reference_run / "last.safetensors"))  # the last epoch's weights, beside the best ones
+    assert last.keys() == load_file(str(reference_run / "best.safetensors")).keys()
     checkpoints = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
     assert len(checkpoints) == 2 and checkpoints[-1] == f"step-{result['steps']:08d}"
 
