@@ -5,10 +5,12 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/blood-cells
 OUT    ?= shards
 RUN    ?= runs/default
-RECIPE ?= launch/recipes/default.yaml
+RECIPE ?= launch/recipes/best.yaml
+CV     ?= runs/cv-best
+FINAL  ?= runs/best-final
 DEMO   ?= demo
 
-.PHONY: help setup demo test test-fast shards verify train bench clean
+.PHONY: help setup demo test test-fast shards verify train cv final bench clean
 
 help:
 	@echo "make setup                 create $(VENV) and install the package with its dev extra"
@@ -16,7 +18,9 @@ help:
 	@echo "make test                  the whole test suite (what CI runs)"
 	@echo "make test-fast             the tests not marked slow"
 	@echo "make shards DATA=ROOT [OUT=shards]   pack a dataset root into verified shards"
-	@echo "make train [OUT=shards] [RUN=runs/default]   train the default recipe on shards"
+	@echo "make train [OUT=shards] [RUN=runs/default] [RECIPE=...]   train a recipe (best.yaml) on shards"
+	@echo "make cv [RECIPE=...] [CV=runs/cv-best]   grouped 5-fold cross-validation of a recipe, with TTA"
+	@echo "make final [FINAL=runs/best-final]   best.yaml on train + val, then evaluate on the test split"
 	@echo "make bench                 packing and training throughput benchmarks"
 
 $(PY):
@@ -51,6 +55,14 @@ shards: setup
 train: setup
 	$(VENV)/bin/accelerate launch --config_file launch/cpu_1proc.yaml -m bloodcells_dist.train \
 		--shards $(OUT) --output-dir $(RUN) --config $(RECIPE)
+
+cv: setup
+	$(PY) -m bloodcells_dist.cv --shards $(OUT) --output-dir $(CV) --config $(RECIPE) --tta
+
+final: setup
+	$(PY) -m bloodcells_dist.train --shards $(OUT) --output-dir $(FINAL) --config launch/recipes/best.yaml \
+		--train-splits train,val --val-split ''
+	$(PY) -m bloodcells_dist.evaluate --model $(FINAL) --shards $(OUT) --split test --tta
 
 bench: setup
 	$(PY) benchmarks/bench_pack.py

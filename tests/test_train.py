@@ -125,6 +125,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{k} differs")
 
 
+def test_final_mode_trains_on_train_and_val_without_validation(synthetic_shards, tmp_path):
+    # The final mode of launch/recipes/best.yaml: every TRAIN cell trains, the last weights are kept.
+    run = tmp_path / "final"
+    run_cli(*train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--train-splits", "train,val",
+                        "--val-split", ""), check=True)
+    splits = ShardManifest.load(synthetic_shards).splits
+    result = final(run)
+    assert result["train_samples"] == splits["train"].samples + splits["val"].samples
+    assert result["final"] is None and result["best"] is None  # nothing validated
+    best, last = load_file(str(run / "best.safetensors")), load_file(str(run / "last.safetensors"))
+    assert all(torch.equal(best[k], last[k]) for k in last)
+
+
 @pytest.mark.slow
 def test_bf16_channels_last_on_cpu_runs_end_to_end(synthetic_shards, tmp_path):
     # What launch/recipes/best.yaml uses on CPU.
