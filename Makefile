@@ -67,6 +67,7 @@ final: setup
 bench: setup
 	$(PY) benchmarks/bench_pack.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_precision.py
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache

@@ -2,9 +2,8 @@
 
 Both feed the same model (the reference design), batch size, optimizer and loop; only the data path
 differs: ours reads WebDataset shards, decodes with libjpeg-turbo and augments tensors with transforms v2;
-the baseline reads JPEG files through torchvision ImageFolder with PIL-based transforms. A third column runs
-our pipeline with the trainer's `mixed_precision: bf16` + `channels_last: true` (CPU autocast; fast where the
-CPU has AVX512-BF16 or AMX). Prints images/s for each at 120x160 and 240x320, and the ratios.
+the baseline reads JPEG files through torchvision ImageFolder with PIL-based transforms. Prints images/s
+for each at 120x160 and 240x320, and the ratio.
 
     python benchmarks/bench_train.py [--shards shards] [--images ROOT/TRAIN] [--steps 30] [--workers 2]
 """
@@ -43,24 +42,17 @@ def shard_loader(shards: str, size: tuple[int, int], batch: int, workers: int, s
     return train_loader(stream, workers, pin_memory=False)
 
 
-def images_per_second(loader, size: tuple[int, int], batch: int, steps: int, warmup: int = 3,
-                      fast: bool = False) -> float:
-    """Train the reference model for `steps` batches after `warmup`; return images/s over the timed part.
-    fast: bf16 autocast + channels_last, as the trainer does with those two config keys."""
+def images_per_second(loader, size: tuple[int, int], batch: int, steps: int, warmup: int = 3) -> float:
+    """Train the reference model for `steps` batches after `warmup`; return images/s over the timed part."""
     torch.manual_seed(0)
     model = BloodCellCNN(image_size=size)
-    if fast:
-        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     start, seen = None, 0
     for i, (images, labels) in enumerate(loader):
         if i == warmup:
             start, seen = time.perf_counter(), 0
-        if fast:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
-            loss = F.cross_entropy(model(images).float(), labels)
+        loss = F.cross_entropy(model(images), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -82,16 +74,13 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{args.workers} data workers, {args.steps} timed steps")
-    print(f"{'size':>9} {'baseline img/s':>15} {'shards img/s':>13} {'ratio':>6} {'shards bf16+CL':>15} {'ratio':>6}")
+    print(f"{'size':>9} {'baseline img/s':>15} {'shards img/s':>13} {'ratio':>6}")
     for size in ((120, 160), (240, 320)):
         base = images_per_second(baseline_loader(args.images, size, args.batch_size, args.workers), size,
                                  args.batch_size, args.steps)
         ours = images_per_second(shard_loader(args.shards, size, args.batch_size, args.workers, args.steps + 3),
                                  size, args.batch_size, args.steps)
-        fast = images_per_second(shard_loader(args.shards, size, args.batch_size, args.workers, args.steps + 3),
-                                 size, args.batch_size, args.steps, fast=True)
-        print(f"{size[0]:>4}x{size[1]:<4} {base:>15.1f} {ours:>13.1f} {ours / base:>6.2f} {fast:>15.1f} {fast / base:>6.2f}",
-              flush=True)
+        print(f"{size[0]:>4}x{size[1]:<4} {base:>15.1f} {ours:>13.1f} {ours / base:>6.2f}")
 
 
 if __name__ == "__main__":
