@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .checkpoint import LAST_NAME, checkpoint_dir
 from .cli import UserError, run_main
+from .evaluate import eval_stem
 from .manifest import ShardManifest
 
 
@@ -38,7 +39,7 @@ def fold_command(launcher: str, shards: str, run: Path, fold: int, config: Path 
 
 def tta_metrics(shards: str, run: Path, fold: int) -> dict:
     """The fold's last weights scored on its held-out cells with test-time augmentation (cached in the run)."""
-    out = run / f"eval-train+val-fold{fold}-tta.json"
+    out = run / f"{eval_stem('train,val', fold, tta=True)}.json"  # where evaluate writes it
     if not out.exists():
         command = [sys.executable, "-m", "bloodcells_dist.evaluate", "--model", str(run / LAST_NAME), "--shards",
                    shards, "--split", "train,val", "--fold", str(fold), "--tta", "--out", str(run)]
