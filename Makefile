@@ -39,7 +39,7 @@ demo: setup
 	$(PY) -m bloodcells_dist.synthetic --out $(DEMO)/data --per-class 200
 	$(PY) -m bloodcells_dist.shards pack --src $(DEMO)/data --out $(DEMO)/shards --overwrite
 	$(PY) -m bloodcells_dist.shards verify $(DEMO)/shards
-	$(PY) -m bloodcells_dist.train --shards $(DEMO)/shards --output-dir $(DEMO)/run --config launch/recipes/demo.yaml
+	$(PY) -m bloodcells_dist.train --shards $(DEMO)/shards --output-dir $(DEMO)/run --config launch/recipes/demo.yaml --overwrite
 	$(PY) -m bloodcells_dist.evaluate --model $(DEMO)/run --shards $(DEMO)/shards --split test
 
 test: setup

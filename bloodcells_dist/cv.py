@@ -34,7 +34,7 @@ def fold_command(launcher: str, shards: str, run: Path, fold: int, config: Path 
         return [*prefix, "-m", "bloodcells_dist.train", "--resume", str(run), *extra]
     recipe = ["--config", str(config)] if config else []
     return [*prefix, "-m", "bloodcells_dist.train", "--shards", shards, "--output-dir", str(run), *recipe,
-            "--train-splits", "train,val", "--val-fold", str(fold), *extra]
+            "--train-splits", "train,val", "--val-fold", str(fold), "--overwrite", *extra]
 
 
 def tta_metrics(shards: str, run: Path, fold: int) -> dict:

@@ -1,9 +1,11 @@
 """Train the blood-cell CNN from WebDataset shards with Accelerate: CPU, one GPU, many GPUs or machines.
 
     accelerate launch [--config_file launch/X.yaml] -m bloodcells_dist.train --shards DIR --output-dir RUN \
-        [--config RECIPE.yaml] [--key value ...] [--resume RUN_OR_CHECKPOINT]
+        [--config RECIPE.yaml] [--key value ...] [--resume RUN_OR_CHECKPOINT] [--overwrite]
 
 Writes RUN/config.yaml, RUN/metrics.jsonl, RUN/checkpoints/, RUN/best.safetensors and RUN/final.json.
+A new run never mixes with an earlier one: a folder that already holds a run is an error unless --resume
+continues it or --overwrite deletes its run files first.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -141,7 +144,22 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         raise UserError(f"cannot set up Accelerate: {err}") from None
 
 
-def train(config: TrainConfig, resume: Path | None = None) -> dict:
+RUN_FILES = ("metrics.jsonl", "final.json", "checkpoints", BEST_NAME, LAST_NAME)  # what a run writes
+
+
+def claim_run_dir(accelerator: Accelerator, run_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds an earlier run, or (overwrite) delete that run's files on the main process."""
+    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if old and not overwrite:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(p.name for p in old)}): "
+                        f"--resume {run_dir} continues it, --overwrite replaces it")
+    if old and accelerator.is_main_process:
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
+
+
+def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = False) -> dict:
     """Train as configured (continuing from a checkpoint if given); return the contents of final.json."""
     accelerator = make_accelerator(config)
     run_dir = Path(config.output_dir)
@@ -181,6 +199,8 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
         checkpoint = find_checkpoint(resume)
         state = load_checkpoint(accelerator, checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    else:
+        claim_run_dir(accelerator, run_dir, overwrite)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config.to_yaml())
@@ -245,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bloodcells_dist.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, help="recipe YAML (keys of TrainConfig)")
     parser.add_argument("--resume", type=Path, help="run folder or checkpoint folder to continue from")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier run in --output-dir (checkpoints, metrics, weights) and start anew")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest)
     base = None
@@ -253,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = read_yaml(checkpoint.parent.parent / "config.yaml")
         overrides.setdefault("output_dir", str(checkpoint.parent.parent))
     config = build_config(args.config, overrides, base=base)
-    train(config, resume=args.resume)
+    if args.resume is not None and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite deletes it: pass one of them")
+    train(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -138,6 +138,21 @@ def test_final_mode_trains_on_train_and_val_without_validation(synthetic_shards,
     assert all(torch.equal(best[k], last[k]) for k in last)
 
 
+def test_a_folder_holding_a_run_is_refused_unless_overwrite(synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--train-splits", "train,val",
+                      "--val-split", "")
+    run_cli(*args, check=True)
+    first = (run / "metrics.jsonl").read_text().splitlines()
+    again = run_cli(*args)
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr
+    assert "already holds a run" in again.stderr and "--overwrite" in again.stderr
+    assert (run / "metrics.jsonl").read_text().splitlines() == first  # untouched
+    run_cli(*args, "--overwrite", check=True)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(first)  # one run's log, not two appended
+
+
 @pytest.mark.slow
 def test_bf16_channels_last_on_cpu_runs_end_to_end(synthetic_shards, tmp_path):
     # What launch/recipes/best.yaml uses on CPU.
