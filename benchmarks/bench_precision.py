@@ -1,9 +1,11 @@
-"""Training-step throughput of the reference model on CPU: fp32 vs bf16 autocast, contiguous vs channels_last.
+"""Training-step throughput of the reference model: fp32 vs bf16 autocast, contiguous vs channels_last.
 
 The model alone (synthetic input tensors, no data loading), as the trainer runs it with `mixed_precision`
 and `channels_last`; all four combinations in the same run, so their ratios can be compared.
 
-    python benchmarks/bench_precision.py [--size 120 160] [--batch-size 32] [--steps 12]
+    python benchmarks/bench_precision.py [--size 120 160] [--batch-size 32] [--steps 12] [--device cpu|cuda]
+
+On CUDA each step is synchronized before it is timed.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from bloodcells_dist.model import BloodCellCNN
 
 
 def images_per_second(size: tuple[int, int], batch: int, steps: int, *, bf16: bool, channels_last: bool,
-                      widths: tuple[int, ...]) -> float:
+                      widths: tuple[int, ...], device: torch.device) -> float:
     """Median images/s of `steps` SGD steps after 3 warm-up steps."""
     torch.manual_seed(0)
     model = BloodCellCNN(image_size=size, widths=widths, hidden=(256, 128), dropout=0.3)
-    images, labels = torch.randn(batch, 3, *size), torch.randint(0, 4, (batch,))
+    model = model.to(device)
+    images, labels = torch.randn(batch, 3, *size, device=device), torch.randint(0, 4, (batch,), device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -30,11 +33,13 @@ def images_per_second(size: tuple[int, int], batch: int, steps: int, *, bf16: bo
     times = []
     for _ in range(steps + 3):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(images).float(), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     timed = sorted(times[3:])
     return batch / timed[len(timed) // 2]
@@ -47,13 +52,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--widths", type=int, nargs=4, default=(32, 64, 128, 128))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {tuple(args.size)}, batch {args.batch_size}")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {tuple(args.size)}, batch {args.batch_size}")
     base = None
     for bf16 in (False, True):
         for channels_last in (False, True):
             rate = images_per_second(tuple(args.size), args.batch_size, args.steps, bf16=bf16,
-                                     channels_last=channels_last, widths=tuple(args.widths))
+                                     channels_last=channels_last, widths=tuple(args.widths), device=device)
             base = base or rate
             print(f"{'bf16' if bf16 else 'fp32'} {'channels_last' if channels_last else 'contiguous   '} "
                   f"{rate:7.1f} img/s  x{rate / base:.2f}", flush=True)
