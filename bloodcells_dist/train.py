@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm import tqdm
 
-from .checkpoint import BEST_NAME, LAST_NAME, find_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .checkpoint import BEST_NAME, LAST_NAME, checkpoint_dir, find_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .cli import UserError, run_main
 from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
 from .loader import EvalStream, TrainStream, eval_loader, in_fold, train_loader
@@ -144,18 +144,20 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         raise UserError(f"cannot set up Accelerate: {err}") from None
 
 
-RUN_FILES = ("metrics.jsonl", "final.json", "checkpoints", BEST_NAME, LAST_NAME)  # what a run writes
-
-
 def claim_run_dir(accelerator: Accelerator, run_dir: Path, overwrite: bool) -> None:
     """Refuse a folder that holds an earlier run, or (overwrite) delete that run's files on the main process."""
-    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    written = [run_dir / "metrics.jsonl", run_dir / "final.json", checkpoint_dir(run_dir), run_dir / BEST_NAME,
+               run_dir / LAST_NAME]  # what a run writes
+    old = [path for path in written if path.exists()]
     if old and not overwrite:
         raise UserError(f"{run_dir} already holds a run ({', '.join(p.name for p in old)}): "
                         f"--resume {run_dir} continues it, --overwrite replaces it")
     if old and accelerator.is_main_process:
         for path in old:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     accelerator.wait_for_everyone()
 
 
