@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,20 @@ class TrainConfig:
             raise UserError(f"config widths={list(self.widths)}: the design has exactly 4 conv blocks")
         if len(self.hidden) != 2:
             raise UserError(f"config hidden={list(self.hidden)}: give the FC1 and FC2 widths")
+        for key in ("widths", "hidden"):
+            if min(getattr(self, key)) < 1:
+                raise UserError(f"config {key}={list(getattr(self, key))}: every width must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # also rejects nan
+            raise UserError(f"config lr={self.lr}: must be a finite number above 0")
+        # (key, low, high): the value must be in [low, high); nan fails every comparison, so it is rejected too
+        ranges = (("dropout", 0, 1), ("label_smoothing", 0, 1), ("momentum", 0, 1), ("weight_decay", 0, math.inf),
+                  ("warmup_epochs", 0, math.inf))
+        for key, low, high in ranges:
+            if not low <= getattr(self, key) < high:
+                raise UserError(f"config {key}={getattr(self, key)}: must be in [{low}, {high})")
+        for key, low in (("workers", 0), ("checkpoint_every", 0), ("shuffle_buffer", 1), ("val_fold", -1)):
+            if getattr(self, key) < low:
+                raise UserError(f"config {key}={getattr(self, key)} must be at least {low}")
         h, w = self.image_size
         if h < 16 or w < 16:
             raise UserError(f"config image_size={list(self.image_size)}: 4 max-pools need at least 16x16")

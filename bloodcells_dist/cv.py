@@ -37,12 +37,13 @@ def fold_command(launcher: str, shards: str, run: Path, fold: int, config: Path 
             "--train-splits", "train,val", "--val-fold", str(fold), "--overwrite", *extra]
 
 
-def tta_metrics(shards: str, run: Path, fold: int) -> dict:
+def tta_metrics(shards: str, run: Path, fold: int, allow_pipe: bool = False) -> dict:
     """The fold's last weights scored on its held-out cells with test-time augmentation (cached in the run)."""
     out = run / f"{eval_stem('train,val', fold, tta=True)}.json"  # where evaluate writes it
     if not out.exists():
         command = [sys.executable, "-m", "bloodcells_dist.evaluate", "--model", str(run / LAST_NAME), "--shards",
-                   shards, "--split", "train,val", "--fold", str(fold), "--tta", "--out", str(run)]
+                   shards, "--split", "train,val", "--fold", str(fold), "--tta", "--out", str(run),
+                   *(["--allow-pipe"] if allow_pipe else [])]
         if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
             raise UserError(f"fold {fold}: evaluation with TTA failed (command: {shlex.join(command)})")
     return json.loads(out.read_text())
@@ -68,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folds", default="", help="comma-separated fold indices (default: all)")
     parser.add_argument("--launcher", default="", help="command prefix, e.g. 'accelerate launch --config_file ...'")
     parser.add_argument("--tta", action="store_true", help="also score each fold's last weights with TTA")
+    parser.add_argument("--allow-pipe", action="store_true", help="accept a pipe: --shards (a shell command)")
     args, extra = parser.parse_known_args(argv)
-    manifest = ShardManifest.load(args.shards)
+    manifest = ShardManifest.load(args.shards, args.allow_pipe)
+    extra = [*extra, "--allow-pipe"] if args.allow_pipe else extra
     folds = [int(f) for f in args.folds.split(",") if f] or list(range(manifest.folds))
     if not all(0 <= f < manifest.folds for f in folds):
         raise UserError(f"--folds {args.folds}: the shards have folds 0..{manifest.folds - 1}")
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError(f"fold {fold} failed (command: {shlex.join(command)}); rerun to resume it")
         results[fold] = json.loads((run / "final.json").read_text())["final"]
         if args.tta:
-            tta[fold] = tta_metrics(args.shards, run, fold)
+            tta[fold] = tta_metrics(args.shards, run, fold, args.allow_pipe)
     summary = summarize(results)
     if args.tta:
         summary["tta"] = summarize(tta)

@@ -55,13 +55,16 @@ def folder_batches(root: Path, split: str, classes: list[str], transform, batch_
                    world_size: int) -> tuple[Iterable, list[str]]:
     """Batches straight from JPEG files under ROOT (a dataset root, or a folder of class folders), and the
     files that could not be read (skipped, reported). Files are dealt to ranks round-robin."""
-    class_root = root if any((root / c).is_dir() for c in classes) else find_split_folders(root).get(split.lower())
-    if class_root is None:
+    if any((root / c).is_dir() for c in classes):
+        class_roots = [root]
+    else:  # every folder of the split, TRAIN and train alike
+        class_roots = find_split_folders(root).get(split.lower(), [])
+    if not class_roots:
         raise UserError(f"{root} has neither class folders ({', '.join(classes)}) nor a {split} split folder")
-    files = sorted((p, classes.index(p.parent.name.upper())) for p in class_root.glob("*/*")
+    files = sorted((p, classes.index(p.parent.name.upper())) for class_root in class_roots for p in class_root.glob("*/*")
                    if p.suffix.lower() in (".jpeg", ".jpg") and p.parent.name.upper() in classes)
     if not files:
-        raise UserError(f"no .jpeg/.jpg images in class folders under {class_root}")
+        raise UserError(f"no .jpeg/.jpg images in class folders under {', '.join(map(str, class_roots))}")
     unreadable: list[str] = []
 
     def batches():
@@ -70,7 +73,7 @@ def folder_batches(root: Path, split: str, classes: list[str], transform, batch_
             try:
                 images.append(transform(decode_image(path.read_bytes())))
                 labels.append(label)
-            except (RuntimeError, OSError):
+            except (RuntimeError, ValueError, OSError):  # corrupt, zero-byte (ValueError), unreadable
                 unreadable.append(str(path))
             if len(images) == batch_size:
                 yield torch.stack(images), torch.tensor(labels)
@@ -122,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="folder for the JSON and PNG (default: the model's folder)")
+    parser.add_argument("--allow-pipe", action="store_true",
+                        help="accept a pipe: shard location (webdataset runs it as a shell command); only if you trust it")
     args = parser.parse_args(argv)
+    manifest = ShardManifest.load(args.shards, args.allow_pipe) if args.shards else None  # refuse bad shards early
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, meta = load_model(args.model)
@@ -130,13 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     classes, transform = meta["classes"], build_transform(meta["image_size"], mean=meta["mean"], std=meta["std"])
     rank, world = accelerator.process_index, accelerator.num_processes
     unreadable: list[str] = []
-    if args.shards:
-        manifest = ShardManifest.load(args.shards)
+    if manifest is not None:
         if manifest.classes != classes:
             raise UserError(f"shards hold classes {manifest.classes}, the model was trained on {classes}")
         if args.fold >= manifest.folds:
             raise UserError(f"--fold {args.fold}: the shards have folds 0..{manifest.folds - 1}")
-        urls = [u for s in args.split.split(",") for u in manifest.shard_urls(args.shards, s)]
+        urls = [u for s in args.split.split(",") for u in manifest.shard_urls(args.shards, s, args.allow_pipe)]
         keep = partial(in_fold, fold=args.fold, keep=True) if args.fold >= 0 else None
         stream = EvalStream(urls, transform=transform, batch_size=args.batch_size, rank=rank, world_size=world,
                             sample_filter=keep)
@@ -147,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         batches, unreadable = folder_batches(args.images, args.split, classes, transform, args.batch_size, rank, world)
     metrics = evaluate(model, batches, accelerator, classes, tta=args.tta)
     skipped = accelerator.reduce(torch.tensor(len(unreadable), device=accelerator.device), "sum").item()
+    if metrics["samples"] == 0:  # on every rank alike: the counts are summed over all of them
+        raise UserError(f"no sample could be evaluated ({skipped} unreadable image(s)"
+                        + (f", e.g. {unreadable[0]})" if unreadable else ")"))
     metrics.update(split=args.split, fold=args.fold if args.fold >= 0 else None, tta=args.tta, model=str(args.model),
                    unreadable=int(skipped))
     if accelerator.is_main_process:

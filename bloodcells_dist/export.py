@@ -40,11 +40,23 @@ class OnnxModel:
         return torch.from_numpy(self.session.run(None, {self.input: images.cpu().contiguous().numpy()})[0])
 
 
+def require_onnx() -> None:
+    """ONNX export and inference need the optional packages; a UserError naming the extra if they are missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"ONNX needs the optional packages onnx and onnxruntime ({err.name} is missing): "
+                        "pip install 'bloodcells_dist[export]'") from None
+
+
 def load_exported(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     """A file written by this module, as a callable model and its metadata."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no model at {path}")
+    if path.suffix == SUFFIXES["onnx"]:
+        require_onnx()
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream, but still what we load here
             warnings.simplefilter("ignore", FutureWarning)
@@ -98,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model.suffix in SUFFIXES.values():
         raise UserError(f"--model {args.model} is already exported: give the run folder or its .safetensors file")
 
+    if args.format == "onnx":
+        require_onnx()
     model, meta = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     export(model, meta, args.format, args.out)

@@ -4,18 +4,44 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .cli import UserError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "bloodcells-shards/1"
+SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar")  # a plain file name in the shard folder
 
 
 def is_url(location: Path | str) -> bool:
     """Whether shards live behind a URL (https://, gs://, ...) that webdataset opens, not in a local folder."""
     return "://" in str(location)
+
+
+def check_location(location: Path | str, allow_pipe: bool = False) -> None:
+    """Refuse a `pipe:` location unless allowed: webdataset's gopen runs it as a shell command."""
+    try:
+        scheme = urlparse(str(location)).scheme  # what gopen dispatches on (any case, spaces stripped)
+    except ValueError:  # gopen cannot open it either
+        return
+    if scheme == "pipe" and not allow_pipe:
+        raise UserError(f"shard location {str(location)[:80]!r} is a pipe: command, which would be run by a shell; "
+                        "pass --allow-pipe if you wrote it and trust it")
+
+
+def check_shard_file(name: str) -> None:
+    """A manifest's shard file must be a plain .tar file name inside the shard folder, nothing else."""
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        raise ValueError(f"shard file {name!r} is an absolute path")
+    if ".." in name:
+        raise ValueError(f"shard file {name!r} leaves the shard folder (..)")
+    if not name.endswith(".tar"):
+        raise ValueError(f"shard file {name!r} is not a .tar file")
+    if not SHARD_FILE.fullmatch(name):
+        raise ValueError(f"shard file {name!r} is not a plain file name (letters, digits, '_', '-', '.')")
 
 
 def read_text(location: Path | str) -> str:
@@ -56,6 +82,7 @@ class ShardManifest:
     classes: list[str]
     splits: dict[str, SplitInfo]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    clashes: list[dict] = field(default_factory=list)  # names differing only in case/suffix, and what was done
     folds: int = 5
     args: dict = field(default_factory=dict)
     tool_version: str = ""
@@ -78,8 +105,10 @@ class ShardManifest:
         os.replace(tmp, folder / MANIFEST_NAME)
 
     @classmethod
-    def load(cls, folder: Path | str) -> ShardManifest:
-        """Read `folder/manifest.json`; a missing or unreadable one is a UserError."""
+    def load(cls, folder: Path | str, allow_pipe: bool = False) -> ShardManifest:
+        """Read `folder/manifest.json`; a missing, unreadable or invalid one (e.g. a shard file outside the
+        folder) is a UserError, and so is a `pipe:` folder unless allowed."""
+        check_location(folder, allow_pipe)
         path = f"{str(folder).rstrip('/')}/{MANIFEST_NAME}" if is_url(folder) else Path(folder) / MANIFEST_NAME
         try:
             text = read_text(path)
@@ -93,11 +122,16 @@ class ShardManifest:
                 name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
                 for name, s in raw.pop("splits").items()
             }
+            for split in splits.values():
+                for shard in split.shards:
+                    check_shard_file(shard.file)
             return cls(splits=splits, **raw)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise UserError(f"{path} is not a valid shard manifest ({err})") from None
 
-    def shard_urls(self, folder: Path | str, split: str) -> list[str]:
-        """The split's shard locations under `folder` (a local path or any URL webdataset can open)."""
+    def shard_urls(self, folder: Path | str, split: str, allow_pipe: bool = False) -> list[str]:
+        """The split's shard locations under `folder` (a local path or any URL webdataset can open; `pipe:`
+        only if allowed)."""
+        check_location(folder, allow_pipe)
         base = str(folder).rstrip("/")
         return [f"{base}/{s.file}" for s in self.split(split).shards]

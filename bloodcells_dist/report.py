@@ -20,22 +20,14 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import BEST_NAME
 from .cli import UserError, run_main
 from .evaluate import save_confusion_png
+from .tracking import read_jsonl
 
 
 def read_metrics(path: Path) -> list[dict]:
     """Every record of a metrics.jsonl; a torn last line (a killed run) is skipped with a warning."""
-    text = path.read_text() if path.is_file() else ""
-    if not text.strip():
+    if not path.is_file() or not path.read_text().strip():
         raise UserError(f"no metrics in {path}: is this a run folder of bloodcells_dist.train?")
-    records, torn = [], 0
-    for line in filter(str.strip, text.splitlines()):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            torn += 1
-    if torn:
-        print(f"warning: skipped {torn} unreadable line(s) of {path}", file=sys.stderr)
-    return records
+    return [record for _, record in read_jsonl(path)]
 
 
 def class_names(run: Path, last_val: dict) -> list[str]:

@@ -29,12 +29,13 @@ from tqdm import tqdm
 from . import __version__
 from .cli import UserError, run_main
 from .manifest import MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
-from .sources import Skipped, SourceImage, check_jpeg, scan_images
+from .sources import LINK_OUT, Skipped, SourceImage, check_jpeg, scan_images, unique_keys
 
 MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
 MIN_SHARD_SAMPLES = 16  # ...unless that would make shards smaller than this
 MAX_SHARD_SAMPLES = 2000  # big splits get more shards rather than bigger ones
 FOLDS = 5  # every group gets a fold index for grouped k-fold cross-validation
+SPLITS = ("train", "val", "test", "test_simple")
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,16 @@ def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardI
     return ShardInfo(file=path.name, samples=len(samples), bytes=path.stat().st_size, sha256=digest)
 
 
+def make_out_folder(out: Path) -> None:
+    """Create the output folder (before the slow checking), or a UserError saying why we cannot write there."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out {out}: {err.strerror or err}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --out {out}: permission denied")
+
+
 def clear_old_pack(out: Path, overwrite: bool) -> None:
     """Refuse to mix with an earlier pack unless asked; with --overwrite drop its manifest first, then its shards."""
     old = sorted(out.glob("*.tar")) + ([out / MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else [])
@@ -141,7 +152,7 @@ def clear_old_pack(out: Path, overwrite: bool) -> None:
 def plan_shards(samples: list[Sample], out: Path, *, seed: int, shard_size: int | None) -> dict[str, list[tuple[Path, list[Sample]]]]:
     """Split name -> [(shard path, its samples)]: seeded order so every shard mixes classes, sizes within one."""
     plan = {}
-    for split in ("train", "val", "test", "test_simple"):
+    for split in SPLITS:
         members = sorted((s for s in samples if s.split == split), key=lambda s: s.image.key)
         if not members:
             continue
@@ -170,35 +181,53 @@ def pack_shards(
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_size is not None and shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
-    images, skipped = scan_images(src)
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    scan = scan_images(src)
+    make_out_folder(out)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=die_with_parent)
     with pool:
         # Checking (PIL) and tar writing are Python-bound: processes, not threads, use both cores.
-        results = list(tqdm(pool.map(check_image, images, chunksize=64), total=len(images), desc="checking",
-                            unit="img", disable=None))
+        results = list(tqdm(pool.map(check_image, scan.images, chunksize=64), total=len(scan.images),
+                            desc="checking", unit="img", disable=None))
+        skipped = sorted(scan.skipped + [r for r in results if isinstance(r, Skipped)], key=lambda s: s.path)
         checked = [r for r in results if not isinstance(r, Skipped)]
-        skipped = sorted(skipped + [r for r in results if isinstance(r, Skipped)], key=lambda s: s.path)
+        keyed, key_clashes = unique_keys([img for img, _, _ in checked])  # only readable files claim keys
+        checked = [(img, w, h) for img, (_, w, h) in zip(keyed, checked)]
+        clashes = scan.clashes + key_clashes
         if strict and skipped:
             raise UserError(f"--strict: {len(skipped)} bad input(s), nothing written; "
                             f"first: {skipped[0].path}: {skipped[0].reason}")
+        if strict and clashes:
+            raise UserError(f"--strict: {len(clashes)} name clash(es), nothing written; "
+                            f"first: {' and '.join(clashes[0].paths)} {clashes[0].conflict}")
         if not checked:
             raise UserError(f"no readable JPEG images under {src} ({len(skipped)} skipped)")
         for s in skipped:
             print(f"warning: skipped {s.path}: {s.reason}", file=sys.stderr)
+        for c in clashes:
+            print(f"warning: {' and '.join(c.paths)} {c.conflict}: {c.resolution}", file=sys.stderr)
 
-        classes = sorted({img.class_name for img, _, _ in checked})
+        classes = scan.classes  # every class folder, readable images or not: labels never shift
+        for c in sorted(set(classes) - {img.class_name for img, _, _ in checked}):
+            print(f"warning: class {c} has no readable images (kept in the class list, label {classes.index(c)})",
+                  file=sys.stderr)
         samples = assign_splits(checked, classes, seed=seed, val_fraction=val_fraction, val_split=val_split)
         plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
-        out.mkdir(parents=True, exist_ok=True)
-        clear_old_pack(out, overwrite)
-        with tqdm(total=len(samples), desc="packing", unit="img", disable=None) as bar:
-            futures = {split: [pool.submit(write_shard, path, chunk, classes) for path, chunk in jobs]
-                       for split, jobs in plan.items()}
-            for split, jobs in plan.items():
-                for future, (_, chunk) in zip(futures[split], jobs):
-                    future.result()
-                    bar.update(len(chunk))
+        try:
+            clear_old_pack(out, overwrite)
+            with tqdm(total=len(samples), desc="packing", unit="img", disable=None) as bar:
+                futures = {split: [pool.submit(write_shard, path, chunk, classes) for path, chunk in jobs]
+                           for split, jobs in plan.items()}
+                for split, jobs in plan.items():
+                    for future, (_, chunk) in zip(futures[split], jobs):
+                        future.result()
+                        bar.update(len(chunk))
+        except OSError as err:  # full disk, a folder we may not write in...
+            raise UserError(f"cannot write shards to {out}: {err.strerror or err}") from None
 
     splits = {}
     for split, jobs in plan.items():
@@ -214,17 +243,22 @@ def pack_shards(
         classes=classes,
         splits=splits,
         skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
+        clashes=[{"paths": list(c.paths), "conflict": c.conflict, "resolution": c.resolution} for c in clashes],
         folds=FOLDS,
         args={"src": str(src.resolve()), "seed": seed, "val_fraction": val_fraction, "val_split": val_split,
               "shard_size": shard_size, "strict": strict},
         tool_version=__version__,
     )
-    manifest.save(out)  # last: its presence means every shard above is complete
+    try:
+        manifest.save(out)  # last: its presence means every shard above is complete
+    except OSError as err:
+        raise UserError(f"cannot write the manifest to {out}: {err.strerror or err}") from None
     return manifest
 
 
-def check_shard(path: Path, shard: ShardInfo, classes: list[str]) -> Counter[str]:
-    """Samples per class of one shard, after checking size, checksum, JPEGs and labels; ValueError if bad."""
+def check_shard(path: Path, shard: ShardInfo, classes: list[str]) -> list[dict]:
+    """The metadata (plus `key`) of every sample of one shard, after checking size, checksum, JPEGs and labels;
+    ValueError if bad."""
     if not path.is_file():
         raise ValueError("missing")
     if path.stat().st_size != shard.bytes:
@@ -232,38 +266,67 @@ def check_shard(path: Path, shard: ShardInfo, classes: list[str]) -> Counter[str
     with open(path, "rb") as f:
         if hashlib.file_digest(f, "sha256").hexdigest() != shard.sha256:
             raise ValueError("sha256 does not match the manifest (corrupted)")
-    per_class: Counter[str] = Counter()
+    metas = []
     try:
         for sample in wds.tarfile_samples([{"url": str(path)}]):
-            if not {"jpg", "cls", "json"} <= sample.keys():
-                raise ValueError(f"sample {sample['__key__']} lacks jpg/cls/json")
+            if {k for k in sample if not k.startswith("__")} != {"jpg", "cls", "json"}:
+                raise ValueError(f"sample {sample['__key__']} holds {sorted(sample)}, expected jpg/cls/json once")
             meta, label = json.loads(sample["json"]), int(sample["cls"])
             if not 0 <= label < len(classes) or classes[label] != meta["class_name"]:
                 raise ValueError(f"sample {sample['__key__']}: label {label} does not match class {meta['class_name']}")
             check_jpeg(sample["jpg"])
-            per_class[meta["class_name"]] += 1
+            metas.append({**meta, "key": sample["__key__"]})
     except ValueError:
         raise
     except Exception as err:  # tarfile and JSON errors alike mean a bad shard
         raise ValueError(f"{type(err).__name__}: {err}") from None
-    if sum(per_class.values()) != shard.samples:
-        raise ValueError(f"{sum(per_class.values())} samples, manifest says {shard.samples}")
-    return per_class
+    if len(metas) != shard.samples:
+        raise ValueError(f"{len(metas)} samples, manifest says {shard.samples}")
+    return metas
+
+
+def recount(metas: list[dict], classes: list[str], folds: int) -> dict:
+    """What the manifest says of a split, counted from its samples' own metadata."""
+    return {
+        "samples": len(metas),
+        "samples_per_class": {c: sum(1 for m in metas if m["class_name"] == c) for c in classes},
+        "groups_per_class": {c: len({m["group"] for m in metas if m["class_name"] == c}) for c in classes},
+        "samples_per_fold": {str(f): sum(1 for m in metas if m["fold"] == f) for f in range(folds)},
+    }
 
 
 def verify_shards(folder: Path) -> ShardManifest:
-    """Re-read every shard: checksum, sample counts, JPEG decoding, labels; raise UserError at the first bad shard."""
+    """Re-read every shard and recount from the samples everything readers rely on (split totals, samples per
+    class, group and fold, the folds, the splits there are); raise UserError at the first difference."""
+    folder = Path(folder)
     manifest = ShardManifest.load(folder)
+    if manifest.folds != FOLDS:
+        raise UserError(f"{folder}: manifest says {manifest.folds} folds, shards of this format have {FOLDS}")
+    listed = {shard.file for split in manifest.splits.values() for shard in split.shards}
+    unlisted = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
+    if unlisted:
+        raise UserError(f"{folder}: shard(s) not in the manifest: {', '.join(unlisted[:3])} (edited manifest?)")
     for split_name, split in manifest.splits.items():
-        per_class: Counter[str] = Counter()
+        if split_name not in SPLITS:
+            raise UserError(f"{folder}: unknown split {split_name!r} in the manifest (expected {', '.join(SPLITS)})")
+        metas: list[dict] = []
         for shard in split.shards:
-            path = Path(folder) / shard.file
+            path = folder / shard.file
             try:
-                per_class += check_shard(path, shard, manifest.classes)
+                metas += check_shard(path, shard, manifest.classes)
             except ValueError as err:
                 raise UserError(f"bad shard {path}: {err}") from None
-        if dict(per_class) != {c: n for c, n in split.samples_per_class.items() if n}:
-            raise UserError(f"split {split_name}: samples per class {dict(per_class)} differ from the manifest")
+        keys = Counter(m["key"] for m in metas)
+        if max(keys.values(), default=1) > 1:
+            raise UserError(f"split {split_name}: key {keys.most_common(1)[0][0]} appears more than once")
+        strays = {m["split"] for m in metas} - {split_name}
+        if strays or any(not 0 <= m["fold"] < FOLDS for m in metas):
+            raise UserError(f"split {split_name}: holds samples of split {sorted(strays)} or a fold outside 0..{FOLDS - 1}")
+        counted = recount(metas, manifest.classes, manifest.folds)
+        for field_name, value in counted.items():
+            if getattr(split, field_name) != value:
+                raise UserError(f"split {split_name}: {field_name} in the manifest is {getattr(split, field_name)}, "
+                                f"the shards hold {value}")
     return manifest
 
 
@@ -276,7 +339,11 @@ def print_summary(manifest: ShardManifest, seconds: float) -> None:
         for c in manifest.classes:
             print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.groups_per_class[c]:>7}")
         print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.groups_per_class.values()):>7}  in {len(split.shards)} shards")
-    print(f"packed {total} images, skipped {len(manifest.skipped)}, in {seconds:.1f} s ({total / seconds:,.0f} images/s)")
+    links = sum(1 for s in manifest.skipped if s["reason"] == LINK_OUT)
+    link_note = f" ({links} symbolic link(s) leading out of the source root, not followed)" if links else ""
+    clash_note = f", {len(manifest.clashes)} name clash(es) resolved (manifest: clashes)" if manifest.clashes else ""
+    print(f"packed {total} images, skipped {len(manifest.skipped)}{link_note}{clash_note}, in {seconds:.1f} s "
+          f"({total / seconds:,.0f} images/s)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

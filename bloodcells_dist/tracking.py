@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,13 +20,27 @@ def wandb_mode() -> str:
     return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
 
 
+def read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for every complete line of a JSON-lines file; a torn line (a run killed mid-write) is
+    skipped with one warning on stderr."""
+    records, torn = [], 0
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            torn += 1
+    if torn:
+        print(f"warning: skipped {torn} unreadable (torn) line(s) of {path}", file=sys.stderr)
+    return records
+
+
 class MetricsLog:
     """Append-only JSON lines on the main process; on resume, lines past the checkpoint are dropped."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None) -> None:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line, record in read_jsonl(path) if record.get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:

@@ -27,7 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm import tqdm
 
-from .checkpoint import BEST_NAME, LAST_NAME, checkpoint_dir, find_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .checkpoint import (BEST_NAME, LAST_NAME, STATE_NAME, checkpoint_dir, find_checkpoint, load_checkpoint,
+                         save_checkpoint, save_model)
 from .cli import UserError, run_main
 from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
 from .loader import EvalStream, TrainStream, eval_loader, in_fold, train_loader
@@ -81,12 +82,39 @@ def sync_batchnorm_stats(model: torch.nn.Module) -> None:
         buffer.copy_(broadcast(buffer.clone(), from_process=0))
 
 
+NO_STEP = 2**62  # "no step": larger than any step number
+
+
+def stop_if_nonfinite(accelerator: Accelerator, first_bad: torch.Tensor, state: dict, run_dir: Path) -> None:
+    """Stop every rank with one error naming the first step whose loss was inf/nan. Collective (a gather)."""
+    step = int(accelerator.gather(first_bad.reshape(1)).min().item())
+    if step != NO_STEP:
+        done = sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if (p / STATE_NAME).is_file())
+        kept = f"the last good checkpoint is {done[-1]}" if done else "no checkpoint was written before it"
+        raise UserError(f"non-finite loss (inf or nan) at step {step} (epoch {state['epoch'] + 1}): training stopped, "
+                        f"{kept}; lower --lr or check the data")
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Create the run folder, or a UserError if it is a file or cannot be written (on every rank, early)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output-dir {run_dir} is a file, not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --output-dir {run_dir}: {err.strerror or err}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --output-dir {run_dir}: permission denied")
+
+
 def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, *, config: TrainConfig, state: dict,
                     schedule: tuple[int, int], run_dir: Path, log: MetricsLog, tracker: Tracker) -> None:
     """Run the loader's micro-batches; state['step'] counts optimizer steps (and is checkpointed with them)."""
     total_steps, warmup = schedule
     model.train()
     window_loss, window_batches, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    # The first optimizer step whose loss was inf/nan (NO_STEP if none), kept on the device: no sync per step.
+    first_bad = torch.full((), NO_STEP, device=accelerator.device)
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                disable=not accelerator.is_main_process, leave=False)
     for images, labels in bar:
@@ -98,6 +126,7 @@ def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, *, confi
         with accelerator.accumulate(model):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+            first_bad = torch.minimum(first_bad, torch.where(loss.isfinite(), NO_STEP, state["step"] + 1))
             accelerator.backward(loss)
             if accelerator.sync_gradients:  # the last micro-batch of an optimizer step
                 for group in optimizer.param_groups:
@@ -110,6 +139,7 @@ def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, *, confi
             continue
         state["step"] += 1
         if state["step"] % config.log_every == 0:
+            stop_if_nonfinite(accelerator, first_bad, state, run_dir)  # before logging or saving anything
             # A collective every log_every steps, on every rank alike: the mean loss over all ranks.
             mean_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
             seconds = time.perf_counter() - window_start
@@ -122,8 +152,10 @@ def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, *, confi
             window_loss.zero_()
             window_batches, window_start = 0, time.perf_counter()
         if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+            stop_if_nonfinite(accelerator, first_bad, state, run_dir)
             save_checkpoint(accelerator, run_dir, state, config.keep_checkpoints)
     bar.close()
+    stop_if_nonfinite(accelerator, first_bad, state, run_dir)  # before validation and the epoch's checkpoint
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -161,22 +193,29 @@ def claim_run_dir(accelerator: Accelerator, run_dir: Path, overwrite: bool) -> N
     accelerator.wait_for_everyone()
 
 
-def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = False) -> dict:
-    """Train as configured (continuing from a checkpoint if given); return the contents of final.json."""
-    accelerator = make_accelerator(config)
+def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = False, allow_pipe: bool = False) -> dict:
+    """Train as configured (continuing from a checkpoint if given); return the contents of final.json.
+    allow_pipe: accept `pipe:` shard locations (shell commands); never from a config file."""
+    # User errors first, on every rank, before Accelerate starts a process group.
     run_dir = Path(config.output_dir)
-    manifest = ShardManifest.load(config.shards)
+    check_output_dir(run_dir)
+    manifest = ShardManifest.load(config.shards, allow_pipe)
+    fold = config.val_fold
+    if fold >= manifest.folds:
+        raise UserError(f"--val-fold {fold}: the shards have folds 0..{manifest.folds - 1}")
+    if fold >= 0 and split_size(manifest, config.train_splits, fold, keep=True) == 0:
+        raise UserError(f"--val-fold {fold}: fold {fold} of {', '.join(config.train_splits)} holds no samples")
+    accelerator = make_accelerator(config)
     classes = manifest.classes
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # Data: which samples train and which validate; the same step count on every rank.
-    fold = config.val_fold
     # partial, not lambda: data workers started with "spawn" (macOS) must pickle the filter.
     train_filter = partial(in_fold, fold=fold, keep=False) if fold >= 0 else None
     val_filter = partial(in_fold, fold=fold, keep=True) if fold >= 0 else None
     val_splits = list(config.train_splits) if fold >= 0 else ([config.val_split] if config.val_split else [])
-    train_urls = [u for s in config.train_splits for u in manifest.shard_urls(config.shards, s)]
-    val_urls = [u for s in val_splits for u in manifest.shard_urls(config.shards, s)]
+    train_urls = [u for s in config.train_splits for u in manifest.shard_urls(config.shards, s, allow_pipe)]
+    val_urls = [u for s in val_splits for u in manifest.shard_urls(config.shards, s, allow_pipe)]
     n_train = split_size(manifest, config.train_splits, fold, keep=False)
     micro_per_epoch = micro_batches_per_epoch(n_train, config, world)
     steps_per_epoch = micro_per_epoch // config.grad_accum
@@ -269,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, help="run folder or checkpoint folder to continue from")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an earlier run in --output-dir (checkpoints, metrics, weights) and start anew")
+    parser.add_argument("--allow-pipe", action="store_true",
+                        help="accept a pipe: shard location (webdataset runs it as a shell command); only if you trust it")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest)
     base = None
@@ -279,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = build_config(args.config, overrides, base=base)
     if args.resume is not None and args.overwrite:
         raise UserError("--resume continues a run and --overwrite deletes it: pass one of them")
-    train(config, resume=args.resume, overwrite=args.overwrite)
+    train(config, resume=args.resume, overwrite=args.overwrite, allow_pipe=args.allow_pipe)
     return 0
 
 

@@ -276,12 +276,13 @@ def test_interrupted_pack_leaves_nothing_verify_accepts(synthetic_root, tmp_path
 
 @pytest.mark.skipif(not REAL_TRAIN.is_dir(), reason=f"real dataset not found at {REAL_TRAIN}")
 def test_real_subset_packs_and_verifies(tmp_path):
-    """200 real TRAIN images (50 per class, whole cells), linked into a temporary root."""
+    """200 real TRAIN images (50 per class, whole cells), copied into a temporary root (links out of a root
+    are not followed)."""
     root = tmp_path / "real" / "TRAIN"
     for class_dir in sorted(REAL_TRAIN.iterdir()):
         (root / class_dir.name).mkdir(parents=True)
         for path in sorted(class_dir.glob("*.jpeg"))[:50]:
-            os.symlink(path, root / class_dir.name / path.name)
+            shutil.copy(path, root / class_dir.name / path.name)
     out = tmp_path / "out"
     manifest = pack_shards(root.parent, out, seed=0, val_fraction=0.3)
     verify_shards(out)
