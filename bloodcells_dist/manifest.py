@@ -17,17 +17,21 @@ SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar")  # a plain file nam
 
 
 def is_url(location: Path | str) -> bool:
-    """Whether shards live behind a URL (https://, gs://, ...) that webdataset opens, not in a local folder."""
-    return "://" in str(location)
+    """Whether shards live behind a URL (https://, gs://, pipe:...) that webdataset opens, not in a local folder."""
+    return "://" in str(location) or is_pipe(location)
+
+
+def is_pipe(location: Path | str) -> bool:
+    """Whether webdataset's gopen would run `location` as a shell command (a `pipe:` URL)."""
+    try:
+        return urlparse(str(location)).scheme == "pipe"  # what gopen dispatches on (any case, spaces stripped)
+    except ValueError:  # gopen cannot open it either
+        return False
 
 
 def check_location(location: Path | str, allow_pipe: bool = False) -> None:
     """Refuse a `pipe:` location unless allowed: webdataset's gopen runs it as a shell command."""
-    try:
-        scheme = urlparse(str(location)).scheme  # what gopen dispatches on (any case, spaces stripped)
-    except ValueError:  # gopen cannot open it either
-        return
-    if scheme == "pipe" and not allow_pipe:
+    if is_pipe(location) and not allow_pipe:
         raise UserError(f"shard location {str(location)[:80]!r} is a pipe: command, which would be run by a shell; "
                         "pass --allow-pipe if you wrote it and trust it")
 
