@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 from .cli import UserError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = "bloodcells-shards/1"
+FORMAT = "bloodcells-shards/2"  # 2: samples grouped by recovered source cell
 SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar")  # a plain file name in the shard folder
 
 
@@ -74,8 +74,8 @@ class SplitInfo:
 
     samples: int
     samples_per_class: dict[str, int]
-    groups_per_class: dict[str, int]
-    samples_per_fold: dict[str, int]  # fold index (as text, for JSON) -> samples, for grouped k-fold CV
+    cells_per_class: dict[str, int]  # TRAIN splits: recovered source cells; test splits: images
+    samples_per_fold: dict[str, int]  # fold index (as text, for JSON) -> samples, for cell-grouped k-fold CV
     shards: list[ShardInfo]
 
 

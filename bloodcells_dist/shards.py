@@ -29,22 +29,24 @@ from tqdm import tqdm
 from . import __version__
 from .cli import UserError, run_main
 from .manifest import MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
+from .cells import file_sha256, read_mapping, recover_cells
 from .sources import LINK_OUT, Skipped, SourceImage, check_jpeg, scan_images, unique_keys
 
 MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
 MIN_SHARD_SAMPLES = 16  # ...unless that would make shards smaller than this
 MAX_SHARD_SAMPLES = 2000  # big splits get more shards rather than bigger ones
-FOLDS = 5  # every group gets a fold index for grouped k-fold cross-validation
+FOLDS = 5  # every cell gets a fold index for grouped k-fold cross-validation
 SPLITS = ("train", "val", "test", "test_simple")
 
 
 @dataclass(frozen=True)
 class Sample:
-    """A checked image with its final split, label and fold."""
+    """A checked image with its final split, label, source cell and fold."""
 
     image: SourceImage
     split: str
     label: int
+    cell: str  # TRAIN: the recovered source cell ("CLASS/cellNNN"); TEST: the image's own key
     fold: int
     width: int
     height: int
@@ -71,18 +73,20 @@ def check_image(img: SourceImage) -> tuple[SourceImage, int, int] | Skipped:
 
 
 def assign_splits(
-    checked: list[tuple[SourceImage, int, int]], classes: list[str], *, seed: int, val_fraction: float, val_split: str
+    checked: list[tuple[SourceImage, int, int]], classes: list[str], cells: dict[str, str], *, seed: int,
+    val_fraction: float, val_split: str
 ) -> list[Sample]:
-    """Split TRAIN into train/val by whole groups (or by image with val_split='random'); give each group a fold."""
+    """Split TRAIN into train/val by whole cells (or by image with val_split='random'); give each cell a fold."""
     by_class: dict[str, list[tuple[SourceImage, int, int]]] = {}
     for item in checked:
         by_class.setdefault(item[0].class_name, []).append(item)
+    cell_of = {img.path: cells.get(img.rel_path, img.key) for img, _, _ in checked}
     samples = []
     for class_name, items in sorted(by_class.items()):
-        groups = sorted({img.group for img, _, _ in items})
+        groups = sorted({cell_of[img.path] for img, _, _ in items})
         random.Random(f"{seed}:folds:{class_name}").shuffle(groups)
         fold = {g: i % FOLDS for i, g in enumerate(groups)}
-        train_groups = sorted({img.group for img, _, _ in items if img.split == "train"})
+        train_groups = sorted({cell_of[img.path] for img, _, _ in items if img.split == "train"})
         random.Random(f"{seed}:val:{class_name}").shuffle(train_groups)
         val_groups = set(train_groups[: round(val_fraction * len(train_groups))])
         train_items = [it for it in items if it[0].split == "train"]
@@ -93,10 +97,34 @@ def assign_splits(
             val_images = {train_items[i][0].path for i in order[: round(val_fraction * len(train_items))]}
         for img, w, h in items:
             split = img.split
-            if split == "train" and (img.group in val_groups if val_split == "group" else img.path in val_images):
+            if split == "train" and (cell_of[img.path] in val_groups if val_split == "cell" else img.path in val_images):
                 split = "val"
-            samples.append(Sample(img, split, classes.index(class_name), fold[img.group], w, h))
+            cell = cell_of[img.path]
+            samples.append(Sample(img, split, classes.index(class_name), cell, fold[cell], w, h))
     return samples
+
+
+def train_cells(checked: list[tuple[SourceImage, int, int]], mapping_file: Path | None, *, workers: int) -> dict[str, str]:
+    """Relative path -> source cell of every TRAIN image: read from a `cells` mapping, or recovered now."""
+    train = [img for img, _, _ in checked if img.split == "train"]
+    if mapping_file is None:
+        print(f"recovering the source cells of {len(train)} TRAIN images from their pixels "
+              "(python -m bloodcells_dist.cells writes them once for reuse with --cells)", file=sys.stderr)
+        return recover_cells([(i.rel_path, i.class_name, i.path) for i in train], workers=workers,
+                             progress=lambda line: print(line, file=sys.stderr))
+    known = read_mapping(mapping_file)
+    missing = [i.rel_path for i in train if i.rel_path not in known]
+    if missing:
+        raise UserError(f"{mapping_file} has no cell for {len(missing)} TRAIN image(s), first: {missing[0]} "
+                        "(rerun python -m bloodcells_dist.cells on this dataset)")
+    stale = [i.rel_path for i in train if file_sha256(i.path) != known[i.rel_path][1]]
+    if stale:
+        raise UserError(f"{mapping_file} was made from other bytes for {len(stale)} TRAIN image(s), first: "
+                        f"{stale[0]} (rerun python -m bloodcells_dist.cells on this dataset)")
+    wrong = [i.rel_path for i in train if not known[i.rel_path][0].startswith(f"{i.class_name}/")]
+    if wrong:
+        raise UserError(f"{mapping_file} puts {wrong[0]} in a cell of another class")
+    return {i.rel_path: known[i.rel_path][0] for i in train}
 
 
 def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardInfo:
@@ -109,7 +137,7 @@ def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardI
                 meta = {
                     "class_name": classes[s.label],
                     "split": s.split,
-                    "group": s.image.group,
+                    "cell": s.cell,
                     "fold": s.fold,
                     "path": s.image.rel_path,
                     "width": s.width,
@@ -170,7 +198,8 @@ def pack_shards(
     *,
     seed: int = 0,
     val_fraction: float = 0.2,
-    val_split: str = "group",
+    val_split: str = "cell",
+    cells: Path | None = None,
     shard_size: int | None = None,
     strict: bool = False,
     overwrite: bool = False,
@@ -215,7 +244,9 @@ def pack_shards(
         for c in sorted(set(classes) - {img.class_name for img, _, _ in checked}):
             print(f"warning: class {c} has no readable images (kept in the class list, label {classes.index(c)})",
                   file=sys.stderr)
-        samples = assign_splits(checked, classes, seed=seed, val_fraction=val_fraction, val_split=val_split)
+        cell_map = train_cells(checked, cells, workers=workers) if val_split == "cell" else {}
+        samples = assign_splits(checked, classes, cell_map, seed=seed, val_fraction=val_fraction,
+                                val_split=val_split)
         plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
         try:
             clear_old_pack(out, overwrite)
@@ -235,7 +266,7 @@ def pack_shards(
         splits[split] = SplitInfo(
             samples=len(members),
             samples_per_class={c: sum(1 for s in members if s.label == k) for k, c in enumerate(classes)},
-            groups_per_class={c: len({s.image.group for s in members if s.label == k}) for k, c in enumerate(classes)},
+            cells_per_class={c: len({s.cell for s in members if s.label == k}) for k, c in enumerate(classes)},
             samples_per_fold={str(f): sum(1 for s in members if s.fold == f) for f in range(FOLDS)},
             shards=[f.result() for f in futures[split]],
         )
@@ -246,7 +277,7 @@ def pack_shards(
         clashes=[{"paths": list(c.paths), "conflict": c.conflict, "resolution": c.resolution} for c in clashes],
         folds=FOLDS,
         args={"src": str(src.resolve()), "seed": seed, "val_fraction": val_fraction, "val_split": val_split,
-              "shard_size": shard_size, "strict": strict},
+              "cells": str(cells) if cells else "recovered", "shard_size": shard_size, "strict": strict},
         tool_version=__version__,
     )
     try:
@@ -290,14 +321,14 @@ def recount(metas: list[dict], classes: list[str], folds: int) -> dict:
     return {
         "samples": len(metas),
         "samples_per_class": {c: sum(1 for m in metas if m["class_name"] == c) for c in classes},
-        "groups_per_class": {c: len({m["group"] for m in metas if m["class_name"] == c}) for c in classes},
+        "cells_per_class": {c: len({m["cell"] for m in metas if m["class_name"] == c}) for c in classes},
         "samples_per_fold": {str(f): sum(1 for m in metas if m["fold"] == f) for f in range(folds)},
     }
 
 
 def verify_shards(folder: Path) -> ShardManifest:
     """Re-read every shard and recount from the samples everything readers rely on (split totals, samples per
-    class, group and fold, the folds, the splits there are); raise UserError at the first difference."""
+    class, cell and fold, the folds, the splits there are); raise UserError at the first difference."""
     folder = Path(folder)
     manifest = ShardManifest.load(folder)
     if manifest.folds != FOLDS:
@@ -331,14 +362,14 @@ def verify_shards(folder: Path) -> ShardManifest:
 
 
 def print_summary(manifest: ShardManifest, seconds: float) -> None:
-    """Images per split and class, groups, skipped count and throughput."""
+    """Images per split and class, source cells, skipped count and throughput."""
     total = sum(s.samples for s in manifest.splits.values())
     width = max(len(c) for c in manifest.classes)
-    print(f"{'split':<12} {'class':<{width}} {'images':>7} {'groups':>7}")
+    print(f"{'split':<12} {'class':<{width}} {'images':>7} {'cells':>7}")
     for name, split in manifest.splits.items():
         for c in manifest.classes:
-            print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.groups_per_class[c]:>7}")
-        print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.groups_per_class.values()):>7}  in {len(split.shards)} shards")
+            print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.cells_per_class[c]:>7}")
+        print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.cells_per_class.values()):>7}  in {len(split.shards)} shards")
     links = sum(1 for s in manifest.skipped if s["reason"] == LINK_OUT)
     link_note = f" ({links} symbolic link(s) leading out of the source root, not followed)" if links else ""
     clash_note = f", {len(manifest.clashes)} name clash(es) resolved (manifest: clashes)" if manifest.clashes else ""
@@ -354,9 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pack.add_argument("--src", type=Path, required=True, help="dataset root, or a folder holding TRAIN/TEST folders")
     pack.add_argument("--out", type=Path, required=True, help="output folder for shards and manifest.json")
     pack.add_argument("--seed", type=int, default=0, help="seed of the val split, folds and shard order")
-    pack.add_argument("--val-fraction", type=float, default=0.2, help="fraction of TRAIN groups (per class) for val")
-    pack.add_argument("--val-split", choices=["group", "random"], default="group",
-                      help="group: whole cells go to val (honest); random: images (leaks copies of a cell)")
+    pack.add_argument("--val-fraction", type=float, default=0.2, help="fraction of TRAIN cells (per class) for val")
+    pack.add_argument("--val-split", choices=["cell", "random"], default="cell",
+                      help="cell: whole source cells go to val and to folds (honest); "
+                           "random: images (leaks copies of a cell into both sides)")
+    pack.add_argument("--cells", type=Path, help="cell mapping from `python -m bloodcells_dist.cells` "
+                      "(default: recover the cells while packing)")
     pack.add_argument("--shard-size", type=int, help="samples per shard (default: at least 16 shards per big split)")
     pack.add_argument("--strict", action="store_true", help="any bad input is an error and nothing is written")
     pack.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
@@ -368,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     if args.command == "pack":
         manifest = pack_shards(args.src, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                               val_split=args.val_split, shard_size=args.shard_size, strict=args.strict,
+                               val_split=args.val_split, cells=args.cells, shard_size=args.shard_size, strict=args.strict,
                                overwrite=args.overwrite, workers=args.workers)
         print_summary(manifest, time.perf_counter() - start)
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -17,8 +16,6 @@ from .cli import UserError
 # Folder name (any case) -> split name in the shards.
 SPLIT_FOLDERS = {"train": "train", "test": "test", "test_simple": "test_simple"}
 JPEG_SUFFIXES = {".jpeg", ".jpg"}
-# `_{i}_{r}`: augmented copy of original cell `i` of its class; `r` is a random tag.
-COPY_NAME = re.compile(r"^_(\d+)_(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -29,7 +26,6 @@ class SourceImage:
     rel_path: str  # relative to the dataset root, '/'-separated
     split: str  # train | test | test_simple (before the train/val split)
     class_name: str
-    group: str  # images of one original cell share a group: "{class}/{i}"
     key: str  # WebDataset key: base_key(), made unique within the split by unique_keys()
 
 
@@ -39,12 +35,6 @@ class Skipped:
 
     path: str
     reason: str
-
-
-def group_of(class_name: str, stem: str) -> str:
-    """Group id of an image: all copies `_{i}_*` of one original cell share it; other names are their own group."""
-    match = COPY_NAME.match(stem)
-    return f"{class_name}/{match.group(1)}" if match else f"{class_name}/{stem}"
 
 
 def base_key(class_name: str, stem: str) -> str:
@@ -151,8 +141,7 @@ def scan_images(root: Path) -> Scan:
                         scan.skipped.append(Skipped(rel(path), f"not a .jpeg/.jpg file name ({path.suffix or 'no suffix'})"))
                     else:
                         candidates += 1
-                        group = group_of(class_name, path.stem)
-                        scan.images.append(SourceImage(path, rel(path), split, class_name, group,
+                        scan.images.append(SourceImage(path, rel(path), split, class_name,
                                                        base_key(class_name, path.stem)))
                 if not candidates:
                     scan.skipped.append(Skipped(rel(class_dir), "class folder without .jpeg/.jpg files "

@@ -3,12 +3,16 @@
 Draws 320x240 smear-like images (pale background, red-cell discs, one stained white cell)
 whose nucleus shape encodes the class, and writes them in the real dataset's folder layout:
 ``dataset2-master/dataset2-master/images/{TRAIN,TEST}/{CLASS}/_{i}_{r}.jpeg``.
-Like the real data, every original cell is saved as several augmented copies.
+Like the real data, every original cell is saved as several augmented copies, and like the real data the
+file name does not say which: `i` is the copy's round (copy k of every original is `_{k}_{r}`), not the
+original. The truth, which copies share an original, is written to ``cells_truth.csv`` beside the
+``dataset2-master`` folder (columns path, cell), for checking cell recovery (`bloodcells_dist.cells`).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ SPLITS: tuple[str, ...] = ("TRAIN", "TEST")
 H, W = 240, 320
 _ROOT = Path("dataset2-master", "dataset2-master", "images")
 _MAX_TAGS = 10_000  # r in 0..9999 must be unique per class folder
+TRUTH_NAME = "cells_truth.csv"  # which original (cell) every written image is a copy of
 
 Colour = np.ndarray
 
@@ -191,6 +196,7 @@ def generate_dataset(out: Path, *, per_class: int = 200, seed: int = 0, copies: 
     if top.is_dir() and any(top.iterdir()):
         raise FileExistsError(f"{top} already exists and is not empty")
     counts: dict[str, dict[str, int]] = {}
+    truth: list[tuple[str, str]] = []
     for si, (split, n) in enumerate(zip(SPLITS, (per_class, test_n))):
         counts[split] = {}
         for ci, cls in enumerate(CLASSES):
@@ -204,10 +210,14 @@ def generate_dataset(out: Path, *, per_class: int = 200, seed: int = 0, copies: 
             for i in range(-(-n // copies)):
                 rng = np.random.default_rng([seed, si, ci, i + 1])
                 original = draw_original(cls, rng)
-                for _ in range(min(copies, n - done)):
-                    _save_jpeg(augment(original, rng), folder / f"_{i}_{tags[done]}.jpeg")
+                for k in range(min(copies, n - done)):
+                    name = f"_{k}_{tags[done]}.jpeg"  # the round k, not the original i (as in the real data)
+                    _save_jpeg(augment(original, rng), folder / name)
+                    truth.append(((_ROOT / split / cls / name).as_posix(), f"{split}/{cls}/{i}"))
                     done += 1
             counts[split][cls] = done
+    with open(out / TRUTH_NAME, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "cell"), *sorted(truth)])
     return counts
 
 

@@ -224,7 +224,7 @@ MANIFEST_EDITS = {
     "split_total": (lambda m: m["splits"]["train"].update(samples=4000), "samples"),
     "per_class": (lambda m: m["splits"]["train"]["samples_per_class"].update(A=1), "samples_per_class"),
     "per_fold": (lambda m: m["splits"]["train"]["samples_per_fold"].update({"0": 0, "1": 99}), "samples_per_fold"),
-    "groups": (lambda m: m["splits"]["val"]["groups_per_class"].update(B=9), "groups_per_class"),
+    "cells": (lambda m: m["splits"]["val"]["cells_per_class"].update(B=9), "cells_per_class"),
     "deleted_split": (lambda m: m["splits"].pop("val"), "not in the manifest"),
     "folds": (lambda m: m.update(folds=7), "7 folds"),
     "renamed_split": (lambda m: m["splits"].update(val2=m["splits"].pop("val")), "unknown split"),
