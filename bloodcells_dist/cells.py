@@ -48,7 +48,8 @@ HARMONICS = 33  # angular frequencies kept: the rings' fine detail is JPEG noise
 SIMILARITY_SCALE = 0.05  # 1 - correlation of two copies of one cell is about this (one unit of distance)
 COLOUR_SCALE = 1.0  # grey levels of mean nucleus colour that count as one unit of distance
 CUT = 5.0  # average-linkage distance at which cells are cut (copies of a cell lie within 1-3 units)
-MIN_CELL = 3  # clusters smaller than this do not seed a cell; their images join the nearest cell
+MIN_CELL = 3  # clusters smaller than this are fragments and join the nearest cell...
+SMALL_CELL = 0.4  # ...unless most cells are that small (a sparse subset): then under 0.4 x the typical size
 MAPPING_FIELDS = ("path", "class", "cell", "sha256")
 
 
@@ -127,7 +128,7 @@ def ring_similarity(rings: np.ndarray, *, block: int = 256) -> np.ndarray:
     return np.minimum(out, out.T)
 
 
-def cluster_cells(features: Sequence[CellFeatures], *, cut: float = CUT, min_cell: int = MIN_CELL) -> np.ndarray:
+def cluster_cells(features: Sequence[CellFeatures], *, cut: float = CUT, small: float = SMALL_CELL) -> np.ndarray:
     """Cell index (0..k-1) of each image of one class."""
     n = len(features)
     if n == 1:
@@ -143,7 +144,9 @@ def cluster_cells(features: Sequence[CellFeatures], *, cut: float = CUT, min_cel
     tree = linkage(squareform(distance[np.ix_(seeds, seeds)], checks=False), "average")
     label = np.full(n, -1)
     label[seeds] = fcluster(tree, cut, "distance") - 1
-    cells = [c for c in np.unique(label[seeds]) if (label == c).sum() >= min_cell]
+    sizes = np.bincount(label[seeds])
+    typical = float(np.median(sizes[label[seeds]]))  # the size of the cluster a typical image is in
+    cells = [c for c in np.unique(label[seeds]) if sizes[c] >= min(MIN_CELL, small * typical)]
     if not cells:
         return np.zeros(n, dtype=int)
     # Every image outside a seeded cell joins the cell with the smallest mean distance to it.

@@ -64,7 +64,7 @@ def test_evaluate_bad_fold_is_one_line(reference_run, synthetic_root, synthetic_
     assert proc.returncode == 2 and "--fold needs --shards" in proc.stderr
 
 
-def test_every_group_has_exactly_one_fold(synthetic_shards):
+def test_every_cell_has_exactly_one_fold(synthetic_shards):
     manifest = ShardManifest.load(synthetic_shards)
     folds_of = defaultdict(set)
     per_class_folds = defaultdict(set)
@@ -72,9 +72,9 @@ def test_every_group_has_exactly_one_fold(synthetic_shards):
         for sample in wds.WebDataset(manifest.shard_urls(synthetic_shards, split), shardshuffle=False,
                                      empty_check=False):
             meta = json.loads(sample["json"])
-            folds_of[meta["group"]].add(meta["fold"])
+            folds_of[meta["cell"]].add(meta["fold"])
             per_class_folds[meta["class_name"]].add(meta["fold"])
-    assert all(len(f) == 1 for f in folds_of.values()), "a group is in two folds"
+    assert all(len(f) == 1 for f in folds_of.values()), "a cell is in two folds"
     assert {f for fs in folds_of.values() for f in fs} == set(range(manifest.folds))
     assert all(fs == set(range(5)) for fs in per_class_folds.values())  # stratified: every class in every fold
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -20,6 +21,7 @@ from PIL import Image
 
 from bloodcells_dist.manifest import ShardManifest
 from bloodcells_dist.shards import pack_shards, verify_shards
+from bloodcells_dist.synthetic import TRUTH_NAME
 from bloodcells_dist.cli import UserError
 
 from .conftest import REAL_TRAIN, REPO, run_cli
@@ -57,22 +59,31 @@ def test_round_trip_every_image_once_bytes_and_labels(synthetic_root, synthetic_
     assert manifest.classes == ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
 
-def test_train_val_split_is_by_cell_group(synthetic_shards):
+def true_cells(root: Path, samples: list[dict]) -> set[str]:
+    """The generator's own record of which original each sample is a copy of."""
+    with open(root / TRUTH_NAME, newline="") as f:
+        truth = {row["path"]: row["cell"] for row in csv.DictReader(f)}
+    return {truth[json.loads(s["json"])["path"]] for s in samples}
+
+
+def test_train_val_split_is_by_cell(synthetic_root, synthetic_shards):
     samples = read_all(synthetic_shards)
-    groups = {split: {json.loads(s["json"])["group"] for s in items} for split, items in samples.items()}
-    assert groups["train"] and groups["val"]
-    assert not groups["train"] & groups["val"], "a cell has copies on both sides of train/val"
+    cells = {split: {json.loads(s["json"])["cell"] for s in items} for split, items in samples.items()}
+    assert cells["train"] and cells["val"]
+    assert not cells["train"] & cells["val"], "a recovered cell has copies on both sides of train/val"
+    # The generator knows the truth: no original cell may have copies on both sides.
+    assert not true_cells(synthetic_root, samples["train"]) & true_cells(synthetic_root, samples["val"])
     manifest = ShardManifest.load(synthetic_shards)
-    for c in manifest.classes:  # stratified: every class has val groups, about 20% of them
-        n_val, n_train = manifest.splits["val"].groups_per_class[c], manifest.splits["train"].groups_per_class[c]
+    for c in manifest.classes:  # stratified: every class has val cells, about 20% of them
+        n_val, n_train = manifest.splits["val"].cells_per_class[c], manifest.splits["train"].cells_per_class[c]
         assert n_val >= 1 and 0.1 <= n_val / (n_val + n_train) <= 0.35
 
 
-def test_random_split_leaks_groups(synthetic_root, tmp_path):
+def test_random_split_leaks_cells(synthetic_root, tmp_path):
     pack_shards(synthetic_root, tmp_path, seed=0, val_split="random")
     samples = read_all(tmp_path)
-    groups = {split: {json.loads(s["json"])["group"] for s in items} for split, items in samples.items()}
-    assert groups["train"] & groups["val"], "random split should put copies of a cell on both sides"
+    leaked = true_cells(synthetic_root, samples["train"]) & true_cells(synthetic_root, samples["val"])
+    assert leaked, "a random split should put copies of a cell on both sides"
 
 
 def test_manifest_counts(synthetic_root, synthetic_shards):
@@ -288,7 +299,7 @@ def test_real_subset_packs_and_verifies(tmp_path):
     verify_shards(out)
     assert sum(s.samples for s in manifest.splits.values()) == 200 and not manifest.skipped
     samples = read_all(out)
-    groups = {split: {json.loads(s["json"])["group"] for s in items} for split, items in samples.items()}
-    assert not groups["train"] & groups["val"]
+    cells = {split: {json.loads(s["json"])["cell"] for s in items} for split, items in samples.items()}
+    assert not cells["train"] & cells["val"]
     first = samples["train"][0]
     assert first["jpg"] == (root.parent / json.loads(first["json"])["path"]).read_bytes()
