@@ -14,8 +14,9 @@ cells). Copies of one cell share what those augmentations leave unchanged, so ea
   or without reversal (found for all pairs at once with FFTs).
 
 Images whose nucleus touches the frame or the black fill (their centroid and colour move) do not seed
-cells: cells are grown by average-linkage clustering of the other images on the combined distance, then
-every remaining image joins the cell it is closest to on average. Merging two true cells is harmless for
+cells: cells are grown by average-linkage clustering of the other images on the combined distance; clusters under
+half the typical size are fragments; then every image outside a cell joins the cell it is closest to on
+average. Merging two true cells is harmless for
 honest validation (a coarser group), splitting one leaks, so the threshold leans towards merging.
 Deterministic: no randomness, and cell ids are numbered by the sorted paths of their members.
 """
@@ -48,8 +49,7 @@ HARMONICS = 33  # angular frequencies kept: the rings' fine detail is JPEG noise
 SIMILARITY_SCALE = 0.05  # 1 - correlation of two copies of one cell is about this (one unit of distance)
 COLOUR_SCALE = 1.0  # grey levels of mean nucleus colour that count as one unit of distance
 CUT = 5.0  # average-linkage distance at which cells are cut (copies of a cell lie within 1-3 units)
-MIN_CELL = 3  # clusters smaller than this are fragments and join the nearest cell...
-SMALL_CELL = 0.4  # ...unless most cells are that small (a sparse subset): then under 0.4 x the typical size
+SMALL_CELL = 0.4  # a cluster under 0.4 x the typical cell's size is a fragment (of a cell cut by the frame)
 MAPPING_FIELDS = ("path", "class", "cell", "sha256")
 
 
@@ -146,7 +146,9 @@ def cluster_cells(features: Sequence[CellFeatures], *, cut: float = CUT, small: 
     label[seeds] = fcluster(tree, cut, "distance") - 1
     sizes = np.bincount(label[seeds])
     typical = float(np.median(sizes[label[seeds]]))  # the size of the cluster a typical image is in
-    cells = [c for c in np.unique(label[seeds]) if sizes[c] >= min(MIN_CELL, small * typical)]
+    # The dataset made about as many copies of every cell of a class, so a much smaller cluster is a piece
+    # of a cell whose copies look unalike (nucleus cut by the frame): it joins the nearest cell.
+    cells = [c for c in np.unique(label[seeds]) if sizes[c] >= small * typical]
     if not cells:
         return np.zeros(n, dtype=int)
     # Every image outside a seeded cell joins the cell with the smallest mean distance to it.
