@@ -165,14 +165,22 @@ def _features_of_file(path: Path) -> CellFeatures | str:
         return f"{type(err).__name__}: {err}"
 
 
-def recover_cells(images: Sequence[tuple[str, str, Path]], *, workers: int = 2,
-                  progress: Callable[[str], None] = lambda _: None) -> dict[str, str]:
-    """(relative path, class, file) for TRAIN images -> relative path -> cell id `CLASS/cellNNN`."""
+def describe_images(images: Sequence[tuple[str, str, Path]], *, workers: int = 2) -> list[CellFeatures]:
+    """Features of every (relative path, class, file), read in parallel; an unreadable one is a UserError."""
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         features = list(pool.map(_features_of_file, [p for _, _, p in images], chunksize=32))
     bad = [(rel, f) for (rel, _, _), f in zip(images, features) if isinstance(f, str)]
     if bad:
         raise UserError(f"cannot describe {len(bad)} image(s) for cell recovery; first: {bad[0][0]}: {bad[0][1]}")
+    return features
+
+
+def recover_cells(images: Sequence[tuple[str, str, Path]], *, workers: int = 2,
+                  progress: Callable[[str], None] = lambda _: None,
+                  features: Sequence[CellFeatures] | None = None) -> dict[str, str]:
+    """(relative path, class, file) for TRAIN images -> relative path -> cell id `CLASS/cellNNN`."""
+    if features is None:
+        features = describe_images(images, workers=workers)
     mapping: dict[str, str] = {}
     for class_name in sorted({c for _, c, _ in images}):
         members = sorted((rel, f) for (rel, c, _), f in zip(images, features) if c == class_name)
@@ -186,6 +194,35 @@ def recover_cells(images: Sequence[tuple[str, str, Path]], *, workers: int = 2,
             mapping[rel] = f"{class_name}/cell{number[int(label)]:03d}"
         progress(f"{class_name}: {len(members)} images -> {len(number)} cells")
     return mapping
+
+
+def tightness(images: Sequence[tuple[str, str, Path]], features: Sequence[CellFeatures],
+              mapping: dict[str, str]) -> list[str]:
+    """Lines a person can check: per class, the cells and their sizes, and how much the nucleus colour and
+    area (unchanged by the augmentation) vary within a cell, and within an `i` of `_{i}_{r}` names, as a
+    share of their spread over the class (1.0: no better than a random group; 0: identical copies)."""
+    lines = [f"{'class':<11} {'cells':>5} {'size min/median/max':>19}   within/class sd: {'colour':>6} {'area':>6}"
+             f"   (same, by `i`: {'colour':>6} {'area':>6})"]
+    for class_name in sorted({c for _, c, _ in images}):
+        rows = [(rel, f) for (rel, c, _), f in zip(images, features) if c == class_name and not f.touches_edge]
+        if len(rows) < 3:
+            continue
+        blue = np.array([f.colour[2] for _, f in rows])
+        area = np.array([f.area for _, f in rows], dtype=float)
+
+        def ratio(keys: list[str], values: np.ndarray) -> float:
+            groups = [values[[k == key for k in keys]] for key in set(keys)]
+            within = np.sqrt(np.mean([g.var() for g in groups if len(g) >= 2] or [0.0]))
+            return float(within / (values.std() + 1e-9))
+
+        cells = [mapping[rel] for rel, _ in rows]
+        rounds = [Path(rel).stem.split("_")[1] if Path(rel).stem.count("_") == 2 else rel for rel, _ in rows]
+        sizes = np.bincount(np.unique([mapping[rel] for rel, c, _ in images if c == class_name],
+                                      return_inverse=True)[1])
+        lines.append(f"{class_name:<11} {len(sizes):>5} {f'{sizes.min()}/{int(np.median(sizes))}/{sizes.max()}':>19}"
+                     f"   {'':>16} {ratio(cells, blue):>6.3f} {ratio(cells, area):>6.3f}"
+                     f"   {'':>15} {ratio(rounds, blue):>6.3f} {ratio(rounds, area):>6.3f}")
+    return lines
 
 
 def file_sha256(path: Path) -> str:
@@ -251,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = [img for img in images if img.split == "train"]
     if not train:
         raise UserError(f"no TRAIN images under {args.src}")
-    mapping = recover_cells([(i.rel_path, i.class_name, i.path) for i in train], workers=args.workers, progress=print)
+    listed = [(i.rel_path, i.class_name, i.path) for i in train]
+    features = describe_images(listed, workers=args.workers)
+    mapping = recover_cells(listed, progress=print, features=features)
+    print("\n".join(tightness(listed, features, mapping)))
     files = {i.rel_path: i.path for i in train}
     write_mapping(args.out, mapping, files)
     if args.sheet:
