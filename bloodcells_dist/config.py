@@ -25,10 +25,13 @@ class TrainConfig:
     val_split: str = "val"  # "" to skip validation
     val_fold: int = -1  # >= 0: grouped k-fold CV, fold k of train_splits is validation, the rest trains
     image_size: tuple[int, int] = (240, 320)  # (height, width) in pixels fed to the model
-    workers: int = 2  # DataLoader worker processes per training process
-    shuffle: bool = True  # shuffle shards and samples (new order every epoch, different per rank)
-    shuffle_buffer: int = 1000  # samples held in each worker's shuffle buffer
-    # augmentation (torchvision transforms v2, per sample, in the data workers)
+    data: str = "auto"  # cache (decode once, hold in memory) | stream (decode every epoch) | auto: cache if it fits
+    cache_dir: str = ""  # where decoded caches are saved; "" is $XDG_CACHE_HOME (or ~/.cache)/bloodcells_dist
+    cache_max_mb: int = 0  # most memory the decoded cache may take per process; 0: half of what is free
+    workers: int = 2  # data worker processes per training process (stream; cache building)
+    shuffle: bool = True  # new sample order every epoch (cache: a permutation; stream: shards + buffer)
+    shuffle_buffer: int = 1000  # stream: samples held in each worker's shuffle buffer
+    # augmentation (in batches on the training device, seeded by seed, epoch and sample)
     aug_flip: bool = True  # random horizontal and vertical flips
     aug_rot90: bool = True  # random multiple of 90 degrees (cropped/padded back to the frame)
     aug_affine: bool = True  # small rotation (+-15 deg), shift (5%) and scale (0.9-1.1)
@@ -62,7 +65,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Reject values that cannot work, with a message naming the key."""
-        choices = {"schedule": ("cosine", "onecycle", "constant"), "mixed_precision": ("auto", "no", "fp16", "bf16"),
+        choices = {"data": ("auto", "cache", "stream"), "schedule": ("cosine", "onecycle", "constant"),
+                   "mixed_precision": ("auto", "no", "fp16", "bf16"),
                    "tracker": ("wandb", "none")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .checkpoint import LAST_NAME, checkpoint_dir
 from .cli import UserError, run_main
-from .evaluate import eval_stem
+from .scoring import eval_stem
 from .manifest import ShardManifest
 
 

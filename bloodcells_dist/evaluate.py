@@ -22,33 +22,13 @@ from accelerate import Accelerator
 
 from .checkpoint import load_model
 from .cli import UserError, run_main
-from .loader import EvalStream, decode_image, eval_loader, in_fold
+from .data.augment import DeviceAugment
+from .data.stream import EvalStream, decode_image, in_fold, stream_loader
 from .manifest import ShardManifest
-from .metrics import classification_metrics, confusion_matrix, format_metrics
+from .metrics import format_metrics
+from .scoring import eval_stem, save_confusion_png, score
 from .sources import find_split_folders
 from .transforms import build_transform
-
-
-def tta_logits(model: torch.nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Logits, or with tta the mean logits over the identity, both flips and the 180-degree rotation."""
-    if not tta:
-        return model(images)
-    views = (images, images.flip(-1), images.flip(-2), images.flip(-1, -2))
-    return torch.stack([model(v).float() for v in views]).mean(0)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator, classes: list[str],
-             tta: bool = False) -> dict:
-    """Metrics over every sample of every rank's batches, each counted once. Collective: one all-reduce."""
-    model.eval()
-    cm = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    for images, labels, *_ in batches:
-        with accelerator.autocast():
-            logits = tta_logits(model, images.to(accelerator.device, non_blocking=True), tta)
-        cm += confusion_matrix(labels, logits.argmax(1), len(classes))
-    cm = accelerator.reduce(cm.to(accelerator.device), reduction="sum").cpu()
-    return classification_metrics(cm, classes)
 
 
 def folder_batches(root: Path, split: str, classes: list[str], transform, batch_size: int, rank: int,
@@ -84,34 +64,6 @@ def folder_batches(root: Path, split: str, classes: list[str], transform, batch_
     return batches(), unreadable
 
 
-def save_confusion_png(matrix: list[list[int]], classes: list[str], path: Path, title: str) -> None:
-    """The confusion matrix as an annotated heat map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.8))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), [c.title() for c in classes], rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), [c.title() for c in classes])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    peak = max(max(row) for row in matrix) or 1
-    for i, row in enumerate(matrix):
-        for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def eval_stem(split: str, fold: int, tta: bool) -> str:
-    """File name stem of an evaluation's outputs, e.g. eval-test-tta or eval-train+val-fold2."""
-    return f"eval-{split.replace(',', '+')}{f'-fold{fold}' if fold >= 0 else ''}{'-tta' if tta else ''}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.evaluate", description=__doc__.split("\n")[0])
@@ -143,14 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--fold {args.fold}: the shards have folds 0..{manifest.folds - 1}")
         urls = [u for s in args.split.split(",") for u in manifest.shard_urls(args.shards, s, args.allow_pipe)]
         keep = partial(in_fold, fold=args.fold, keep=True) if args.fold >= 0 else None
-        stream = EvalStream(urls, transform=transform, batch_size=args.batch_size, rank=rank, world_size=world,
-                            sample_filter=keep)
-        batches = eval_loader(stream, args.workers, accelerator.device.type == "cuda")
+        stream = EvalStream(urls, image_size=meta["image_size"], batch_size=args.batch_size, rank=rank,
+                            world_size=world, sample_filter=keep)
+        normalise = DeviceAugment(mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+        batches = ((normalise(images.to(accelerator.device)), labels) for images, labels, _ in
+                   stream_loader(stream, args.workers, accelerator.device.type == "cuda"))
     elif args.fold >= 0:
         raise UserError("--fold needs --shards: JPEG folders carry no fold index")
     else:
         batches, unreadable = folder_batches(args.images, args.split, classes, transform, args.batch_size, rank, world)
-    metrics = evaluate(model, batches, accelerator, classes, tta=args.tta)
+    metrics = score(model, batches, accelerator, classes, tta=args.tta)
     skipped = accelerator.reduce(torch.tensor(len(unreadable), device=accelerator.device), "sum").item()
     if metrics["samples"] == 0:  # on every rank alike: the counts are summed over all of them
         raise UserError(f"no sample could be evaluated ({skipped} unreadable image(s)"

@@ -21,8 +21,8 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .checkpoint import load_model
 from .cli import UserError, run_main
-from .evaluate import tta_logits
 from .export import SUFFIXES, load_exported
+from .scoring import logits as model_logits
 from .transforms import build_transform
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -81,7 +81,7 @@ def predict_rows(model: Model, classes: Sequence[str], transform: Callable, file
                 images.append(transform(read_rgb(path)))
             except Exception as err:  # whatever a decoder raises is this file's problem, not the run's
                 errors[i] = f"{type(err).__name__}: {' '.join(str(err).split())}"  # one line for the CSV cell
-        logits = tta_logits(model, torch.stack(images).to(device), tta) if images else torch.empty(0, len(classes))
+        logits = model_logits(model, torch.stack(images).to(device), tta) if images else torch.empty(0, len(classes))
         probs = iter(logits.float().softmax(1).cpu().tolist())
         for i, path in enumerate(chunk):
             if i in errors:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import BEST_NAME
 from .cli import UserError, run_main
-from .evaluate import save_confusion_png
+from .scoring import save_confusion_png
 from .tracking import read_jsonl
 
 

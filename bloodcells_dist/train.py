@@ -17,8 +17,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,13 +30,13 @@ from .checkpoint import (BEST_NAME, LAST_NAME, STATE_NAME, checkpoint_dir, find_
                          save_checkpoint, save_model)
 from .cli import UserError, run_main
 from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
-from .loader import EvalStream, TrainStream, eval_loader, in_fold, train_loader
+from .data import open_training_data
+from .data.plan import split_size
 from .manifest import ShardManifest
-from .evaluate import evaluate
 from .metrics import format_metrics
 from .model import BloodCellCNN
+from .scoring import score
 from .tracking import MetricsLog, Tracker
-from .transforms import build_transform
 
 
 def lr_at(step: int, total: int, warmup: int, config: TrainConfig) -> float:
@@ -52,28 +51,6 @@ def lr_at(step: int, total: int, warmup: int, config: TrainConfig) -> float:
     if config.schedule == "constant":
         return config.lr
     return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def split_size(manifest: ShardManifest, splits: Sequence[str], fold: int, keep: bool) -> int:
-    """Samples in the splits; with fold >= 0, only those in the fold (keep) or outside it (not keep)."""
-    total = 0
-    for name in splits:
-        split = manifest.split(name)
-        if fold < 0:
-            total += split.samples
-        else:
-            in_fold = split.samples_per_fold.get(str(fold), 0)
-            total += in_fold if keep else split.samples - in_fold
-    return total
-
-
-def micro_batches_per_epoch(n_train: int, config: TrainConfig, world_size: int) -> int:
-    """Micro-batches each rank runs per epoch: the same on every rank, a whole number of optimizer steps."""
-    per_step = config.batch_size * world_size * config.grad_accum
-    if n_train < per_step:
-        raise UserError(f"{n_train} training samples are fewer than one optimizer step needs "
-                        f"(batch_size {config.batch_size} x {world_size} process(es) x grad_accum {config.grad_accum})")
-    return n_train // per_step * config.grad_accum
 
 
 def sync_batchnorm_stats(model: torch.nn.Module) -> None:
@@ -107,22 +84,17 @@ def check_output_dir(run_dir: Path) -> None:
         raise UserError(f"cannot write to --output-dir {run_dir}: permission denied")
 
 
-def train_one_epoch(model, optimizer, loader, accelerator: Accelerator, *, config: TrainConfig, state: dict,
-                    schedule: tuple[int, int], run_dir: Path, log: MetricsLog, tracker: Tracker) -> None:
-    """Run the loader's micro-batches; state['step'] counts optimizer steps (and is checkpointed with them)."""
+def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerator, *, config: TrainConfig,
+                    state: dict, schedule: tuple[int, int], run_dir: Path, log: MetricsLog, tracker: Tracker) -> None:
+    """Run the epoch's micro-batches (model-ready, on the device); state['step'] counts optimizer steps."""
     total_steps, warmup = schedule
     model.train()
     window_loss, window_batches, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
     # The first optimizer step whose loss was inf/nan (NO_STEP if none), kept on the device: no sync per step.
     first_bad = torch.full((), NO_STEP, device=accelerator.device)
-    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
+    bar = tqdm(batches, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                disable=not accelerator.is_main_process, leave=False)
     for images, labels in bar:
-        # non_blocking: with pinned batches the copy to a GPU overlaps the previous step.
-        images = images.to(accelerator.device, non_blocking=True)
-        labels = labels.to(accelerator.device, non_blocking=True)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
@@ -207,23 +179,13 @@ def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = Fal
         raise UserError(f"--val-fold {fold}: fold {fold} of {', '.join(config.train_splits)} holds no samples")
     accelerator = make_accelerator(config)
     classes = manifest.classes
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
 
-    # Data: which samples train and which validate; the same step count on every rank.
-    # partial, not lambda: data workers started with "spawn" (macOS) must pickle the filter.
-    train_filter = partial(in_fold, fold=fold, keep=False) if fold >= 0 else None
-    val_filter = partial(in_fold, fold=fold, keep=True) if fold >= 0 else None
-    val_splits = list(config.train_splits) if fold >= 0 else ([config.val_split] if config.val_split else [])
-    train_urls = [u for s in config.train_splits for u in manifest.shard_urls(config.shards, s, allow_pipe)]
-    val_urls = [u for s in val_splits for u in manifest.shard_urls(config.shards, s, allow_pipe)]
-    n_train = split_size(manifest, config.train_splits, fold, keep=False)
-    micro_per_epoch = micro_batches_per_epoch(n_train, config, world)
-    steps_per_epoch = micro_per_epoch // config.grad_accum
+    # Data: which samples train and which validate, from the decoded cache or the stream (data/).
+    data = open_training_data(config, manifest, accelerator)
+    n_train, steps_per_epoch = data.plan.samples, data.plan.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_epochs * steps_per_epoch)
-    train_tf = build_transform(config.image_size, flip=config.aug_flip, rot90=config.aug_rot90,
-                               affine=config.aug_affine, color=config.aug_color)
-    eval_tf = build_transform(config.image_size)
 
     # Model and optimizer: identical initial weights on every rank from the seed.
     set_seed(config.seed)
@@ -249,26 +211,20 @@ def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = Fal
     tracker = Tracker(accelerator, kind=config.tracker, project=config.wandb_project, config=to_dict(config),
                       run_dir=run_dir)
     accelerator.print(f"{n_train} training samples, {world} process(es) x batch {config.batch_size} x accum "
-                      f"{config.grad_accum}: {steps_per_epoch} steps/epoch, {total_steps} steps")
-    pin = accelerator.device.type == "cuda"
+                      f"{config.grad_accum}: {steps_per_epoch} steps/epoch ({data.plan.remainder} samples left "
+                      f"out of each epoch), {total_steps} steps")
 
     for epoch in range(state["step"] // steps_per_epoch, config.epochs):
         state["epoch"] = epoch
         start = (state["step"] - epoch * steps_per_epoch) * config.grad_accum  # micro-batches already done
-        stream = TrainStream(train_urls, transform=train_tf, batch_size=config.batch_size, steps=micro_per_epoch,
-                             epoch=epoch, seed=config.seed, rank=rank, world_size=world, shuffle=config.shuffle,
-                             shuffle_buffer=config.shuffle_buffer, start=start, sample_filter=train_filter)
         epoch_start = time.perf_counter()
-        train_one_epoch(model, optimizer, train_loader(stream, config.workers, pin), accelerator, config=config,
+        train_one_epoch(model, optimizer, data.train_batches(epoch, start), accelerator, config=config,
                         state=state, schedule=(total_steps, warmup), run_dir=run_dir, log=log, tracker=tracker)
         state["train_seconds"] += time.perf_counter() - epoch_start
         last = epoch + 1 == config.epochs
-        if val_urls and ((epoch + 1) % config.eval_every == 0 or last):
+        if data.validates and ((epoch + 1) % config.eval_every == 0 or last):
             sync_batchnorm_stats(model)
-            stream = EvalStream(val_urls, transform=eval_tf, batch_size=config.batch_size, rank=rank,
-                                world_size=world, sample_filter=val_filter)
-            metrics = evaluate(accelerator.unwrap_model(model), eval_loader(stream, config.workers, pin),
-                               accelerator, classes)
+            metrics = score(accelerator.unwrap_model(model), data.eval_batches(), accelerator, classes)
             state["final"] = metrics
             log.write({"step": state["step"], "epoch": epoch, "epoch_seconds": time.perf_counter() - epoch_start,
                        **{f"val/{k}": metrics[k] for k in ("accuracy", "macro_f1", "samples")}, "val": metrics})
@@ -281,7 +237,7 @@ def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = Fal
                 if accelerator.is_main_process:
                     save_model(accelerator.unwrap_model(model), run_dir / BEST_NAME, classes=classes,
                                config=to_dict(config))
-        elif last and not val_urls:  # final mode: no validation, keep the last weights
+        elif last and not data.validates:  # final mode: no validation, keep the last weights
             sync_batchnorm_stats(model)  # collective: every rank
             if accelerator.is_main_process:
                 save_model(accelerator.unwrap_model(model), run_dir / BEST_NAME, classes=classes,

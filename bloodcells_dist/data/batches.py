@@ -1,0 +1,114 @@
+"""An epoch's model-ready batches, from the decoded cache or from the stream: the same interface for both.
+
+Training batches are augmented on the device (augment.py) and validation batches normalised there; each
+validation sample is counted exactly once across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from .augment import DeviceAugment
+from .cache import DecodedSamples
+from .plan import EpochPlan
+from .stream import EvalStream, TrainStream, in_fold, stream_loader
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class CachedBatches:
+    """Batches gathered from the decoded cache by the epoch plan."""
+
+    samples: DecodedSamples  # images on the training device
+    train_rows: torch.Tensor  # cache rows that train, in plan position order
+    val_rows: torch.Tensor  # cache rows that validate
+    plan: EpochPlan
+    augment: DeviceAugment
+    rank: int
+    device: torch.device
+    kind: str = "cache"
+
+    @property
+    def validates(self) -> bool:
+        """Whether there is anything to validate on."""
+        return len(self.val_rows) > 0
+
+    def train_batches(self, epoch: int, start: int = 0) -> Batches:
+        """This rank's micro-batches of the epoch from micro-batch `start` on: (images, labels)."""
+        for positions in self.plan.rank_batches(epoch, self.rank, start):
+            yield self.gather(self.train_rows[positions], epoch)
+
+    def eval_batches(self) -> Batches:
+        """This rank's share of the validation rows (every row on exactly one rank), normalised."""
+        rows = self.val_rows[self.rank::self.plan.world_size]
+        for begin in range(0, len(rows), self.plan.batch_size):
+            yield self.gather(rows[begin:begin + self.plan.batch_size], None)
+
+    def gather(self, rows: torch.Tensor, epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images of the rows, augmented for `epoch` (None: only normalised), and their labels."""
+        images = self.samples.images[rows.to(self.samples.images.device)].to(self.device, non_blocking=True)
+        ids = None if epoch is None else self.samples.ids[rows].to(self.device)
+        return (self.augment(images, ids, seed=self.plan.seed, epoch=epoch or 0),
+                self.samples.labels[rows].to(self.device, non_blocking=True))
+
+
+@dataclass
+class StreamedBatches:
+    """Batches read from the shards as they stream, decoded in data workers, augmented on the device."""
+
+    train_urls: list[str]
+    positions: list[list[int]]  # per training shard: positions of its training samples
+    val_urls: list[str]
+    val_filter: Callable[[dict], bool] | None
+    plan: EpochPlan
+    augment: DeviceAugment
+    image_size: tuple[int, int]
+    rank: int
+    device: torch.device
+    workers: int
+    shuffle_buffer: int
+    kind: str = "stream"
+
+    @property
+    def validates(self) -> bool:
+        """Whether there is anything to validate on."""
+        return bool(self.val_urls)
+
+    def train_batches(self, epoch: int, start: int = 0) -> Batches:
+        """This rank's micro-batches of the epoch from micro-batch `start` on: (images, labels)."""
+        stream = TrainStream(self.train_urls, self.positions, plan=self.plan, image_size=self.image_size,
+                             epoch=epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer, start=start)
+        for images, labels, ids in stream_loader(stream, self.workers, self.device.type == "cuda"):
+            images = images.to(self.device, non_blocking=True)
+            yield (self.augment(images, ids.to(self.device), seed=self.plan.seed, epoch=epoch),
+                   labels.to(self.device, non_blocking=True))
+
+    def eval_batches(self) -> Batches:
+        """This rank's validation shards, each sample once, normalised."""
+        stream = EvalStream(self.val_urls, image_size=self.image_size, batch_size=self.plan.batch_size,
+                            rank=self.rank, world_size=self.plan.world_size, sample_filter=self.val_filter)
+        for images, labels, _ in stream_loader(stream, self.workers, self.device.type == "cuda"):
+            yield self.augment(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
+
+
+def shard_positions(index: DecodedSamples, shard_counts: dict[str, int], rows: torch.Tensor) -> list[list[int]]:
+    """Per shard of the splits (shard_counts: split -> shards, in reading order), the rows' positions in it."""
+    offsets, total = {}, 0
+    for split, count in shard_counts.items():
+        offsets[index.splits.index(split)] = total
+        total += count
+    positions: list[list[int]] = [[] for _ in range(total)]
+    for split, shard, position in zip(index.split[rows].tolist(), index.shard[rows].tolist(),
+                                      index.position[rows].tolist()):
+        positions[offsets[split] + shard].append(position)
+    return positions
+
+
+def fold_filter(fold: int, keep: bool) -> Callable[[dict], bool] | None:
+    """A picklable sample filter for k-fold CV (partial, not lambda: data workers may be spawned)."""
+    return partial(in_fold, fold=fold, keep=keep) if fold >= 0 else None

@@ -1,0 +1,132 @@
+"""The epoch plan: which samples each rank trains on at each micro-batch, for the cache and the stream.
+
+Cache: each epoch is one seeded permutation of all training samples (seed, epoch), cut into global batches
+of batch_size x processes x grad_accum; rank r takes its slice of each global batch. Every sample is used
+exactly once per epoch except a remainder smaller than one global batch, which changes with the epoch.
+The plan depends on the samples, seed, epoch, global batch and world size only, never on data workers;
+resuming is an offset into it.
+
+Stream: the epoch's shard order (seeded) lists the samples; each (rank, worker) slot reads one contiguous,
+disjoint range of that list, as long as the batches it must deliver (the same on every rank), so every
+sample is read at most once per epoch and the remainder is smaller than one global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..cli import UserError
+from ..manifest import ShardManifest
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any values, the same in every process and Python run (unlike hash())."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def split_size(manifest: ShardManifest, splits: Sequence[str], fold: int, keep: bool) -> int:
+    """Samples in the splits (from the manifest); with fold >= 0, only those in the fold (keep) or outside it."""
+    total = 0
+    for name in splits:
+        split = manifest.split(name)
+        in_fold = split.samples_per_fold.get(str(fold), 0)
+        total += split.samples if fold < 0 else in_fold if keep else split.samples - in_fold
+    return total
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Global-batch bookkeeping shared by both data paths: step counts and the cache's sample order."""
+
+    samples: int  # training samples
+    batch_size: int  # per process, per micro-batch
+    world_size: int
+    grad_accum: int = 1
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.samples < self.global_batch:
+            raise UserError(f"{self.samples} training samples are fewer than one optimizer step needs "
+                            f"(batch_size {self.batch_size} x {self.world_size} process(es) x grad_accum "
+                            f"{self.grad_accum})")
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, all ranks together."""
+        return self.batch_size * self.world_size * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, the same on every rank."""
+        return self.samples // self.global_batch
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches each rank runs per epoch."""
+        return self.steps_per_epoch * self.grad_accum
+
+    @property
+    def remainder(self) -> int:
+        """Samples left out of each epoch (fewer than one global batch)."""
+        return self.samples - self.steps_per_epoch * self.global_batch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's permutation of sample positions 0..samples-1 (identity without shuffle)."""
+        if not self.shuffle:
+            return torch.arange(self.samples)
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, epoch, "plan"))
+        return torch.randperm(self.samples, generator=generator)
+
+    def rank_batches(self, epoch: int, rank: int, start: int = 0) -> torch.Tensor:
+        """(micro_batches - start, batch_size) sample positions: rank's micro-batches from `start` on."""
+        used = self.order(epoch)[: self.steps_per_epoch * self.global_batch]
+        # (step, accumulation micro-batch, rank, sample): micro-batch m of rank r at step s.
+        grid = used.view(self.steps_per_epoch, self.grad_accum, self.world_size, self.batch_size)
+        return grid[:, :, rank].reshape(self.micro_batches, self.batch_size)[start:]
+
+
+def shard_order(shards: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The epoch's order of shard indices, the same on every rank."""
+    order = list(range(shards))
+    if shuffle:
+        random.Random(stable_seed(seed, epoch, "shards")).shuffle(order)
+    return order
+
+
+def stream_quota(micro_batches: int, worker: int, workers: int) -> int:
+    """Batches worker `worker` of a rank delivers: the DataLoader takes batch j from worker j % workers."""
+    return len(range(worker, micro_batches, workers))
+
+
+def slot_ranges(positions: Sequence[Sequence[int]], plan: EpochPlan, *, epoch: int, rank: int,
+                workers: int) -> list[list[tuple[int, list[int]]]]:
+    """Per worker of `rank`: its (shard index, in-shard positions) to read this epoch, in reading order.
+
+    positions[s] lists the selected (e.g. in-fold) samples of shard s by their position in the tar. The
+    shards are concatenated in the epoch's order; slot (rank, worker) gets the contiguous range after all
+    slots of lower ranks and workers, as long as its quota of batches needs.
+    """
+    order = shard_order(len(positions), seed=plan.seed, epoch=epoch, shuffle=plan.shuffle)
+    sequence = [(s, p) for s in order for p in positions[s]]
+    lengths = [stream_quota(plan.micro_batches, w, workers) * plan.batch_size
+               for _ in range(plan.world_size) for w in range(workers)]
+    slot = rank * workers
+    begin = sum(lengths[:slot])
+    ranges = []
+    for w in range(workers):
+        piece = sequence[begin: begin + lengths[slot + w]]
+        begin += lengths[slot + w]
+        grouped: list[tuple[int, list[int]]] = []
+        for shard, position in piece:
+            if not grouped or grouped[-1][0] != shard:
+                grouped.append((shard, []))
+            grouped[-1][1].append(position)
+        ranges.append(grouped)
+    return ranges
