@@ -1,86 +1,171 @@
-"""Training throughput: bloodcells_dist's shard pipeline vs a plain ImageFolder + PIL baseline, same run.
+"""Training throughput of the data paths against the model alone, in one run, same batch, precision and device.
 
-Both feed the same model (the reference design), batch size, optimizer and loop; only the data path
-differs: ours reads WebDataset shards, decodes with libjpeg-turbo and augments tensors with transforms v2;
-the baseline reads JPEG files through torchvision ImageFolder with PIL-based transforms. Prints images/s
-for each at 120x160 and 240x320, and the ratio.
+    python benchmarks/bench_train.py --shards SHARDS [--batch-size 64] [--precision bf16] [--device cpu]
+        [--image-size 120,160] [--steps 20] [--rounds 2] [--workers 1] [--cache-dir DIR]
 
-    python benchmarks/bench_train.py [--shards shards] [--images ROOT/TRAIN] [--steps 30] [--workers 2]
+Rows (each the median over --rounds, measured in turn so that machine noise hits them alike):
+  model alone      the training step on synthetic, ready tensors: the ceiling
+  cache            decoded cache -> epoch plan -> batched augmentation on the device -> training step
+  stream           shards -> data workers decode -> batched augmentation on the device -> training step
+  old per-sample   shards -> data workers decode and augment each sample (torchvision v2) -> training step
+Also reports the time to build the decoded cache of the full TRAIN folder (train + val splits) and to load it.
+The model is best.yaml's (widths 32,64,128,128); the step is forward, loss, backward and SGD.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision import datasets, transforms as T
+from torchvision.transforms import v2
 
-from bloodcells_dist.loader import TrainStream, train_loader
+from bloodcells_dist.data.augment import DeviceAugment
+from bloodcells_dist.data.batches import CachedBatches, StreamedBatches, shard_positions
+from bloodcells_dist.data.cache import load_or_build
+from bloodcells_dist.data.plan import EpochPlan
+from bloodcells_dist.data.stream import TrainStream, stream_loader
 from bloodcells_dist.manifest import ShardManifest
 from bloodcells_dist.model import BloodCellCNN
-from bloodcells_dist.transforms import MEAN, STD, build_transform
+from bloodcells_dist.transforms import MEAN, STD
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
-def baseline_loader(root: Path, size: tuple[int, int], batch: int, workers: int) -> torch.utils.data.DataLoader:
-    """The usual notebook pipeline: ImageFolder + PIL transforms + shuffling DataLoader."""
-    tf = T.Compose([T.Resize(size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-                    T.RandomAffine(15, translate=(0.05, 0.05), scale=(0.9, 1.1)),
-                    T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(), T.Normalize(MEAN, STD)])
-    return torch.utils.data.DataLoader(datasets.ImageFolder(str(root), tf), batch_size=batch, shuffle=True,
-                                       num_workers=workers, drop_last=True, persistent_workers=False)
+class RandomRot90(torch.nn.Module):
+    """The previous pipeline's per-sample 90-degree turn (centre crop and reflect pad for non-square frames)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        k = int(torch.randint(4, ()).item())
+        if k == 0:
+            return image
+        height, width = image.shape[-2:]
+        image = torch.rot90(image, k, dims=(-2, -1))
+        if k % 2 and height != width:
+            image = v2.functional.center_crop(image, [min(height, width)] * 2)
+            pad_h, pad_w = height - image.shape[-2], width - image.shape[-1]
+            pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+            image = F.pad(image[None], pads, mode="reflect")[0]
+        return image
 
 
-def shard_loader(shards: str, size: tuple[int, int], batch: int, workers: int, steps: int):
-    """The trainer's own pipeline (bloodcells_dist.loader.TrainStream), one process."""
-    urls = ShardManifest.load(shards).shard_urls(shards, "train")
-    tf = build_transform(size, flip=True, rot90=True, affine=True, color=True)
-    stream = TrainStream(urls, transform=tf, batch_size=batch, steps=steps, epoch=0, seed=0, rank=0, world_size=1,
-                         shuffle=True, shuffle_buffer=1000)
-    return train_loader(stream, workers, pin_memory=False)
+def old_transform(size: tuple[int, int]) -> v2.Compose:
+    """The previous per-sample training transform (transforms.build_transform with every switch on)."""
+    return v2.Compose([v2.Resize(list(size), antialias=True), v2.ToDtype(torch.float32, scale=True),
+                       v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90(),
+                       v2.RandomAffine(degrees=15, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=list(MEAN)),
+                       v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), v2.Normalize(MEAN, STD)])
 
 
-def images_per_second(loader, size: tuple[int, int], batch: int, steps: int, warmup: int = 3) -> float:
-    """Train the reference model for `steps` batches after `warmup`; return images/s over the timed part."""
-    torch.manual_seed(0)
-    model = BloodCellCNN(image_size=size)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-    start, seen = None, 0
-    for i, (images, labels) in enumerate(loader):
+def images_per_second(batches: Iterator, step, batch: int, steps: int, warmup: int, device: torch.device) -> float:
+    """Run `warmup` then `steps` training steps on the batches; images/s over the timed steps."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i, (images, labels) in enumerate(batches):
         if i == warmup:
-            start, seen = time.perf_counter(), 0
-        loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        seen += len(labels)
+            sync()
+            start = time.perf_counter()
+        step(images, labels)
         if i + 1 == warmup + steps:
-            break
-    return seen / (time.perf_counter() - start)
+            sync()
+            return steps * batch / (time.perf_counter() - start)
+    raise SystemExit(f"only {i + 1} batches: lower --steps")
 
 
 def main() -> None:
-    """Measure both pipelines at both sizes and print a table."""
+    """Measure every path in turn for --rounds rounds and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", default="shards")
-    parser.add_argument("--images", type=Path,
-                        default=Path("../shared/blood-cells/dataset2-master/dataset2-master/images/TRAIN"))
-    parser.add_argument("--steps", type=int, default=30, help="timed batches per measurement")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--channels-last", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-size", default="120,160")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="data workers of the stream paths")
+    parser.add_argument("--cache-dir", type=Path, help="default: a temporary folder (the build is timed)")
+    parser.add_argument("--paths", default="model,cache,stream,old")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.workers} data workers, {args.steps} timed steps")
-    print(f"{'size':>9} {'baseline img/s':>15} {'shards img/s':>13} {'ratio':>6}")
-    for size in ((120, 160), (240, 320)):
-        base = images_per_second(baseline_loader(args.images, size, args.batch_size, args.workers), size,
-                                 args.batch_size, args.steps)
-        ours = images_per_second(shard_loader(args.shards, size, args.batch_size, args.workers, args.steps + 3),
-                                 size, args.batch_size, args.steps)
-        print(f"{size[0]:>4}x{size[1]:<4} {base:>15.1f} {ours:>13.1f} {ours / base:>6.2f}")
+    size = tuple(int(v) for v in args.image_size.split(","))
+    device, dtype, batch = torch.device(args.device), DTYPES[args.precision], args.batch_size
+    manifest = ShardManifest.load(args.shards)
+    print(f"torch {torch.__version__}, device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+          f"batch {batch}, {args.precision}, channels_last {bool(args.channels_last)}, {size[0]}x{size[1]}, "
+          f"{args.workers} data worker(s) for the stream paths, {args.steps} timed steps x {args.rounds} rounds")
+
+    # Cache of the full TRAIN folder (train + val splits): build it (timed), then load it (timed).
+    tmp = tempfile.TemporaryDirectory()
+    cache_dir = args.cache_dir or Path(tmp.name)
+    start = time.perf_counter()
+    samples, path, built = load_or_build(manifest, args.shards, ["train", "val"], size, cache_dir=cache_dir,
+                                         workers=max(1, os.cpu_count() or 1))
+    build = time.perf_counter() - start
+    start = time.perf_counter()
+    samples, _, _ = load_or_build(manifest, args.shards, ["train", "val"], size, cache_dir=cache_dir, workers=1)
+    samples.images = samples.images.clone()  # into memory, as a training run has it after its first epoch
+    load = time.perf_counter() - start
+    print(f"decoded cache: {len(samples.keys)} images, {samples.images.numel() / 2**20:,.0f} MB; "
+          f"{'built' if built else 'found'} in {build:.1f} s, loaded in {load:.1f} s ({path.name})")
+
+    torch.manual_seed(0)
+    model = BloodCellCNN(image_size=size, widths=(32, 64, 128, 128), hidden=(256, 128), dropout=0.3).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rows = samples.select(["train"])
+    total = args.warmup + args.steps
+    plan = EpochPlan(len(rows), batch, 1, seed=0)
+    augment = DeviceAugment(flip=True, rot90=True, affine=True, color=True, channels_last=bool(args.channels_last),
+                            dtype=dtype)
+    cached = CachedBatches(samples.to(device), rows, rows[:0], plan, augment, 0, device)
+    counts = {"train": len(manifest.split("train").shards)}
+    streamed = StreamedBatches(manifest.shard_urls(args.shards, "train"), shard_positions(samples, counts, rows),
+                               [], None, plan, augment, size, 0, device, args.workers, 1000)
+    fixed = augment(samples.images[rows[:batch]].to(device), samples.ids[rows[:batch]].to(device))
+    labels = samples.labels[rows[:batch]].to(device)
+
+    def old_batches() -> Iterator:
+        stream = TrainStream(manifest.shard_urls(args.shards, "train"), shard_positions(samples, counts, rows),
+                             plan=plan, image_size=size, epoch=0, rank=0, shuffle_buffer=1000,
+                             transform=old_transform(size))
+        for images, labs, _ in stream_loader(stream, args.workers, device.type == "cuda"):
+            yield (images.to(device, non_blocking=True).contiguous(memory_format=memory_format),
+                   labs.to(device, non_blocking=True))
+
+    paths = {"model alone": lambda: ((fixed, labels) for _ in range(total)),
+             "cache": lambda: cached.train_batches(epoch=0),
+             "stream": lambda: streamed.train_batches(epoch=0),
+             "old per-sample": old_batches}
+    chosen = {"model": "model alone", "cache": "cache", "stream": "stream", "old": "old per-sample"}
+    paths = {chosen[k]: paths[chosen[k]] for k in args.paths.split(",")}
+    results: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, batches in paths.items():
+            results[name].append(images_per_second(batches(), step, batch, args.steps, args.warmup, device))
+    ceiling = statistics.median(results["model alone"]) if "model alone" in results else None
+    print(f"{'path':<16} {'img/s':>9} {'x model alone':>14}   rounds")
+    for name, values in results.items():
+        rate = statistics.median(values)
+        ratio = f"{rate / ceiling:.2f}" if ceiling else "-"
+        print(f"{name:<16} {rate:>9.1f} {ratio:>14}   {', '.join(f'{v:.1f}' for v in values)}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,19 @@ def launch(*args: str, env: dict | None = None, check: bool = True, timeout: flo
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory) -> Path:
+    """Decoded caches go to a temporary folder (inherited by launched processes), not ~/.cache."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder / "bloodcells_dist"
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """400 TRAIN images (4 classes x 100, 8 copies per original) and 99 TEST images (an odd count)."""

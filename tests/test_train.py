@@ -59,13 +59,23 @@ def test_one_process_learns_and_writes_the_run_folder(reference_run, synthetic_s
     assert len(checkpoints) == 2 and checkpoints[-1] == f"step-{result['steps']:08d}"
 
 
-def test_kill_9_mid_epoch_then_resume_matches_uninterrupted_run(reference_run, synthetic_shards, tmp_path):
+@pytest.fixture(scope="module")
+def stream_reference_run(synthetic_shards, tmp_path_factory) -> Path:
+    """The reference run on the stream path (two data workers)."""
+    run = tmp_path_factory.mktemp("ref-stream") / "run"
+    run_cli(*train_args(synthetic_shards, run, *REF_EXTRA, "--data", "stream"), check=True)
+    return run
+
+
+@pytest.mark.parametrize("data", ["cache", pytest.param("stream", marks=pytest.mark.slow)])
+def test_kill_9_mid_epoch_then_resume_matches_uninterrupted_run(data, request, synthetic_shards, tmp_path):
+    reference_run = request.getfixturevalue("reference_run" if data == "cache" else "stream_reference_run")
     run = tmp_path / "run"
     steps_per_epoch = final(reference_run)["steps"] // 8
     step = 7 * (2 * steps_per_epoch // 7 + 2)  # the second mid-epoch checkpoint of epoch 3
     assert step % steps_per_epoch and step // steps_per_epoch == 2
     target = run / "checkpoints" / f"step-{step:08d}"
-    proc = subprocess.Popen([sys.executable, *train_args(synthetic_shards, run, *REF_EXTRA)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, *train_args(synthetic_shards, run, *REF_EXTRA, "--data", data)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not target.exists() and proc.poll() is None and time.time() < deadline:
@@ -75,7 +85,7 @@ def test_kill_9_mid_epoch_then_resume_matches_uninterrupted_run(reference_run, s
     assert proc.returncode == -signal.SIGKILL and not (run / "final.json").exists(), "run ended before the kill"
 
     resumed = run_cli("-m", "bloodcells_dist.train", "--resume", str(run), check=True)
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"data: {data} (" in resumed.stdout
     ref, got = final(reference_run), final(run)
     assert got["final"] == ref["final"] and got["best"] == ref["best"] and got["steps"] == ref["steps"]
     a, b = weights(reference_run / "best.safetensors"), weights(run / "best.safetensors")
@@ -166,13 +176,14 @@ def test_bf16_channels_last_on_cpu_runs_end_to_end(synthetic_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_fewer_shards_than_ranks_times_workers_reuses_shards(synthetic_root, tmp_path):
+def test_one_shard_streams_to_two_ranks_times_two_workers(synthetic_root, tmp_path):
+    """Fewer shards than (rank, worker) slots: each slot reads its own range of the one shard, no reuse."""
     shards = tmp_path / "shards"
     pack_shards(synthetic_root, shards, seed=0, shard_size=10_000)  # one shard per split
     run = tmp_path / "run"
     proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
-                  *train_args(shards, run, "--epochs", "1", "--workers", "2"), timeout=300)
-    assert "shards are reused" in proc.stderr and "pack at least 4 shards" in proc.stderr
+                  *train_args(shards, run, "--epochs", "1", "--workers", "2", "--data", "stream"), timeout=300)
+    assert "data: stream (as configured; 2 data worker(s) per process" in proc.stdout
     manifest = ShardManifest.load(shards)
     assert final(run)["steps"] == manifest.splits["train"].samples // 16
     assert final(run)["final"]["samples"] == manifest.splits["val"].samples

@@ -50,7 +50,7 @@ def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str],
         where = "GPU" if accelerator.device.type == "cuda" else "host"
         size = f"{need / 2**20:,.0f} MB of decoded images"
         if config.data == "stream":
-            choice = [("stream", "data: stream")]
+            choice = [("stream", "as configured")]
         elif need <= budget:
             choice = [("cache", f"{size} in {where} memory")]
         else:
