@@ -40,7 +40,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bloodcells_dist"
 
 
-def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str], accelerator: Accelerator) -> tuple[str, str]:
+def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str],
+                accelerator: Accelerator) -> tuple[str, str]:
     """("cache" or "stream", why), decided on the main process and shared, so every rank reads alike."""
     choice = [None]
     if accelerator.is_main_process:
@@ -54,8 +55,9 @@ def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str],
         elif need <= budget:
             choice = [("cache", f"{size} in {where} memory")]
         else:
+            limit = "cache_max_mb" if config.cache_max_mb else f"half the free {where} memory"
             short = (f"the decoded cache needs {need / 2**20:,.0f} MB, more than the {budget / 2**20:,.0f} MB "
-                     f"this process may use ({'cache_max_mb' if config.cache_max_mb else f'half the free {where} memory'})")
+                     f"this process may use ({limit})")
             choice = [("error" if config.data == "cache" else "stream", short)]
     kind, why = broadcast_object_list(choice)[0]
     if kind == "error":
@@ -63,18 +65,20 @@ def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str],
     return kind, why
 
 
-def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator: Accelerator) -> CachedBatches | StreamedBatches:
+def open_training_data(config: TrainConfig, manifest: ShardManifest,
+                       accelerator: Accelerator) -> CachedBatches | StreamedBatches:
     """The training and validation batches of this rank, from the decoded cache when it fits, else the stream."""
     fold = config.val_fold
     val_splits = list(config.train_splits) if fold >= 0 else ([config.val_split] if config.val_split else [])
     splits = list(dict.fromkeys([*config.train_splits, *val_splits]))
     kind, why = choose_path(config, manifest, splits, accelerator)
     started = time.perf_counter()
-    with accelerator.local_main_process_first():  # one process per machine builds; the others load its file
+    # One process per machine builds the cache, with a data worker per CPU; the others wait and load its file.
+    with accelerator.local_main_process_first():
         samples, path, built = load_or_build(manifest, config.shards, splits,
                                              config.image_size if kind == "cache" else None,
                                              cache_dir=Path(config.cache_dir or default_cache_dir()),
-                                             workers=max(1, config.workers))
+                                             workers=min(os.cpu_count() or 1, 16))
     train_rows = samples.select(config.train_splits, fold, keep=False)
     val_rows = samples.select(val_splits, fold, keep=True) if val_splits else torch.zeros(0, dtype=torch.long)
     plan = EpochPlan(len(train_rows), config.batch_size, accelerator.num_processes, config.grad_accum,

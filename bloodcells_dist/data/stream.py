@@ -66,7 +66,8 @@ class TrainStream(IterableDataset):
                  transform: Callable | None = None) -> None:
         super().__init__()
         self.urls, self.positions, self.plan, self.image_size = list(urls), positions, plan, tuple(image_size)
-        self.epoch, self.rank, self.shuffle_buffer, self.start, self.transform = epoch, rank, shuffle_buffer, start, transform
+        self.epoch, self.rank, self.shuffle_buffer, self.start = epoch, rank, shuffle_buffer, start
+        self.transform = transform
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         worker, workers = worker_slot()
