@@ -115,8 +115,8 @@ class DeviceAugment:
         to_grid = lambda m, t: torch.cat((m * (half[None, :] / half[:, None]), (t / half)[..., None]), -1)
         theta = to_grid(turn_flip @ linear, (turn_flip @ shift[..., None])[..., 0])
         grid = sampling_grid(theta, height, width)
-        mode = "bilinear" if self.affine else "nearest"  # turns and flips alone move whole pixels: exact
-        out = F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
+        # Nearest, as torchvision's RandomAffine (and twice as fast as bilinear); turns and flips stay exact.
+        out = F.grid_sample(x, grid, mode="nearest", padding_mode="reflection", align_corners=False)
         if not self.affine:
             return out
         # A(p) outside the frame: |A(p)| > half. The grid holds F R A(p) / half; F R only permutes and signs
