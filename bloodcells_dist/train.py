@@ -182,7 +182,7 @@ def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = Fal
     world = accelerator.num_processes
 
     # Data: which samples train and which validate, from the decoded cache or the stream (data/).
-    data = open_training_data(config, manifest, accelerator)
+    data = open_training_data(config, manifest, accelerator, allow_pipe)
     n_train, steps_per_epoch = data.plan.samples, data.plan.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_epochs * steps_per_epoch)

@@ -65,9 +65,10 @@ def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str],
     return kind, why
 
 
-def open_training_data(config: TrainConfig, manifest: ShardManifest,
-                       accelerator: Accelerator) -> CachedBatches | StreamedBatches:
-    """The training and validation batches of this rank, from the decoded cache when it fits, else the stream."""
+def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator: Accelerator,
+                       allow_pipe: bool = False) -> CachedBatches | StreamedBatches:
+    """The training and validation batches of this rank, from the decoded cache when it fits, else the stream.
+    allow_pipe: accept `pipe:` shard locations (see ShardManifest.shard_urls)."""
     fold = config.val_fold
     val_splits = list(config.train_splits) if fold >= 0 else ([config.val_split] if config.val_split else [])
     splits = list(dict.fromkeys([*config.train_splits, *val_splits]))
@@ -78,7 +79,7 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest,
         samples, path, built = load_or_build(manifest, config.shards, splits,
                                              config.image_size if kind == "cache" else None,
                                              cache_dir=Path(config.cache_dir or default_cache_dir()),
-                                             workers=min(os.cpu_count() or 1, 16))
+                                             workers=min(os.cpu_count() or 1, 16), allow_pipe=allow_pipe)
     train_rows = samples.select(config.train_splits, fold, keep=False)
     val_rows = samples.select(val_splits, fold, keep=True) if val_splits else torch.zeros(0, dtype=torch.long)
     plan = EpochPlan(len(train_rows), config.batch_size, accelerator.num_processes, config.grad_accum,
@@ -94,9 +95,8 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest,
         return CachedBatches(samples.to(device), train_rows, val_rows, plan, augment, rank, device)
     accelerator.print(f"data: stream ({why}; {config.workers} data worker(s) per process decode, "
                       f"augmentation in batches on {device.type})")
-    train_urls = [u for s in config.train_splits for u in manifest.shard_urls(config.shards, s)]
+    urls = lambda splits: [u for s in splits for u in manifest.shard_urls(config.shards, s, allow_pipe)]
     counts = {s: len(manifest.split(s).shards) for s in config.train_splits}
-    return StreamedBatches(train_urls, shard_positions(samples, counts, train_rows),
-                           [u for s in val_splits for u in manifest.shard_urls(config.shards, s)],
+    return StreamedBatches(urls(config.train_splits), shard_positions(samples, counts, train_rows), urls(val_splits),
                            fold_filter(fold, keep=True), plan, augment, tuple(config.image_size), rank, device,
                            config.workers, config.shuffle_buffer)

@@ -74,11 +74,11 @@ class ShardReader(IterableDataset):
 
 
 def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], image_size: Sequence[int] | None,
-                 workers: int) -> DecodedSamples:
+                 workers: int, allow_pipe: bool = False) -> DecodedSamples:
     """Read (and with image_size, decode) every sample of the splits with `workers` data workers."""
     columns: dict[str, list] = {k: [] for k in ("shard", "position", "split", "labels", "folds", "keys", "images")}
     for index, split in enumerate(splits):
-        urls = manifest.shard_urls(shards, split)
+        urls = manifest.shard_urls(shards, split, allow_pipe)
         loader = DataLoader(ShardReader(urls, image_size), batch_size=None, num_workers=min(workers, len(urls)))
         for part in sorted(loader, key=lambda p: p["shard"]):
             n = len(part["keys"])
@@ -141,12 +141,12 @@ def load_samples(path: Path) -> DecodedSamples | None:
 
 
 def load_or_build(manifest: ShardManifest, shards: str, splits: Sequence[str], image_size: Sequence[int] | None,
-                  *, cache_dir: Path, workers: int) -> tuple[DecodedSamples, Path, bool]:
+                  *, cache_dir: Path, workers: int, allow_pipe: bool = False) -> tuple[DecodedSamples, Path, bool]:
     """The cached samples of the splits, built and saved first if missing; (samples, file, built)."""
     path = cache_path(cache_dir, manifest, splits, image_size)
     samples = load_samples(path) if path.exists() else None
     if samples is not None:
         return samples, path, False
-    samples = read_samples(manifest, shards, splits, image_size, workers)
+    samples = read_samples(manifest, shards, splits, image_size, workers, allow_pipe)
     save_samples(samples, path)
     return samples, path, True
