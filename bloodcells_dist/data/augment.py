@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,15 @@ MASK32 = 0xFFFFFFFF
 HFLIP, VFLIP, ROT90, ANGLE, SHIFT_X, SHIFT_Y, SCALE, BRIGHTNESS, CONTRAST, SATURATION = range(10)
 DRAWS = 10
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+@lru_cache(maxsize=None)
+def constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small constant tensor on the device, made once: a copy per batch would sync a GPU with the host."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+TURNS = (((1, 0), (0, 1)), ((0, 1), (-1, 0)), ((-1, 0), (0, -1)), ((0, -1), (1, 0)))  # 0, 90, 180, 270 degrees
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
@@ -71,8 +81,7 @@ class DeviceAugment:
                  epoch: int = 0) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> augmented (when ids are given), normalised float (N, 3, H, W)."""
         x = images  # values 0..255 throughout: the 1/255 is folded into the normalisation
-        mean = torch.tensor(self.mean, device=x.device)
-        std = torch.tensor(self.std, device=x.device)
+        mean, std = constant(tuple(self.mean), x.device), constant(tuple(self.std), x.device)
         if ids is not None and len(x):
             u = sample_uniforms(seed, epoch, ids.to(x.device))
             if self.flip or self.rot90 or self.affine:
@@ -103,15 +112,13 @@ class DeviceAugment:
         turn_flip = eye
         if self.rot90:
             k = (u[:, ROT90] * 4).long().clamp(max=3)
-            turns = torch.tensor([[[1, 0], [0, 1]], [[0, 1], [-1, 0]], [[-1, 0], [0, -1]], [[0, -1], [1, 0]]],
-                                 dtype=torch.float32, device=x.device)
-            turn_flip = turns[k]
+            turn_flip = constant(TURNS, x.device)[k]
         if self.flip:
             signs = torch.stack([torch.where(u[:, j] < 0.5, -1.0, 1.0) for j in (HFLIP, VFLIP)], -1)
             turn_flip = signs[..., None] * turn_flip
         # Pixels -> grid_sample's [-1, 1] coordinates (align_corners=False): g = p / half, so a map
         # p -> m p + t becomes g -> (m_ij half_j / half_i) g + t / half.
-        half = torch.tensor([width / 2, height / 2], device=x.device)
+        half = constant((width / 2, height / 2), x.device)
         to_grid = lambda m, t: torch.cat((m * (half[None, :] / half[:, None]), (t / half)[..., None]), -1)
         theta = to_grid(turn_flip @ linear, (turn_flip @ shift[..., None])[..., 0])
         grid = sampling_grid(theta, height, width)
@@ -122,7 +129,7 @@ class DeviceAugment:
         # A(p) outside the frame: |A(p)| > half. The grid holds F R A(p) / half; F R only permutes and signs
         # the axes, so an odd turn compares each axis against the other axis's half-size.
         odd = (turn_flip[:, 0, 0] == 0).view(-1, 1, 1, 1)
-        ratio = torch.where(odd, torch.stack((half[0] / half[1], half[1] / half[0])), torch.ones(2, device=x.device))
+        ratio = torch.where(odd, constant((width / height, height / width), x.device), 1.0)
         outside = (grid.abs() * ratio).amax(-1)[:, None] > 1  # (N, 1, H, W)
         return torch.where(outside, fill.view(1, -1, 1, 1), out)
 
@@ -143,7 +150,7 @@ def color_jitter(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     the caller clamps once at the end (torchvision clamps after each, which differs only at saturation).
     """
     n = len(x)
-    w = torch.tensor(GRAY, device=x.device)
+    w = constant(GRAY, x.device)
     b, c, s = (0.8 + 0.4 * u[:, j] for j in (BRIGHTNESS, CONTRAST, SATURATION))
     # saturation: s * I + (1 - s) * (each output channel = gray); contrast and brightness scale it.
     sat = s.view(n, 1, 1) * torch.eye(3, device=x.device) + (1 - s).view(n, 1, 1) * w.view(1, 1, 3)

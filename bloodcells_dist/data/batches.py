@@ -38,9 +38,15 @@ class CachedBatches:
         """Whether there is anything to validate on."""
         return len(self.val_rows) > 0
 
+    def __post_init__(self) -> None:
+        # The index lives where the images do: gathering a batch then never waits on a host-to-GPU copy.
+        device = self.samples.images.device
+        self.train_rows, self.val_rows = self.train_rows.to(device), self.val_rows.to(device)
+        self.labels, self.ids = self.samples.labels.to(device), self.samples.ids.to(device)
+
     def train_batches(self, epoch: int, start: int = 0) -> Batches:
         """This rank's micro-batches of the epoch from micro-batch `start` on: (images, labels)."""
-        for positions in self.plan.rank_batches(epoch, self.rank, start):
+        for positions in self.plan.rank_batches(epoch, self.rank, start).to(self.train_rows.device):  # one copy
             yield self.gather(self.train_rows[positions], epoch)
 
     def eval_batches(self) -> Batches:
@@ -51,10 +57,10 @@ class CachedBatches:
 
     def gather(self, rows: torch.Tensor, epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images of the rows, augmented for `epoch` (None: only normalised), and their labels."""
-        images = self.samples.images[rows.to(self.samples.images.device)].to(self.device, non_blocking=True)
-        ids = None if epoch is None else self.samples.ids[rows].to(self.device)
+        images = self.samples.images[rows].to(self.device, non_blocking=True)
+        ids = None if epoch is None else self.ids[rows].to(self.device, non_blocking=True)
         return (self.augment(images, ids, seed=self.plan.seed, epoch=epoch or 0),
-                self.samples.labels[rows].to(self.device, non_blocking=True))
+                self.labels[rows].to(self.device, non_blocking=True))
 
 
 @dataclass
@@ -85,7 +91,7 @@ class StreamedBatches:
                              epoch=epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer, start=start)
         for images, labels, ids in stream_loader(stream, self.workers, self.device.type == "cuda"):
             images = images.to(self.device, non_blocking=True)
-            yield (self.augment(images, ids.to(self.device), seed=self.plan.seed, epoch=epoch),
+            yield (self.augment(images, ids.to(self.device, non_blocking=True), seed=self.plan.seed, epoch=epoch),
                    labels.to(self.device, non_blocking=True))
 
     def eval_batches(self) -> Batches:
