@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -61,10 +64,60 @@ def find_checkpoint(path: Path) -> Path:
     return done[-1]
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict:
-    """Restore everything save_checkpoint saved; return the trainer state (step, best metrics...)."""
+def rng_isolated(batches: Iterable) -> Iterator:
+    """The same batches, produced without moving the global torch RNG (a data loader starting draws its
+    workers' base seed from it): dropout then draws the same masks whether an epoch ran whole or resumed."""
+    source = iter(batches)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
+        yield batch
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: dict) -> dict:
+    """Restore everything save_checkpoint saved; return the trainer state (step, best metrics...).
+
+    `layout` (processes, batch_size, grad_accum, steps_per_epoch) must match the run's: the data order, the
+    steps per epoch and the learning-rate schedule depend on it, so a change is refused, naming what changed.
+    """
+    state = json.loads((checkpoint / STATE_NAME).read_text())
+    saved = state.get("layout", {})
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in layout.items() if k in saved and saved[k] != v]
+    if changed:
+        raise UserError(f"cannot resume {checkpoint} with another layout ({', '.join(changed)}): the data order, "
+                        f"steps per epoch and learning-rate schedule depend on it; resume with "
+                        f"{saved['processes']} process(es), batch_size {saved['batch_size']} and grad_accum "
+                        f"{saved['grad_accum']}, as the run started")
     accelerator.load_state(str(checkpoint))
-    return json.loads((checkpoint / STATE_NAME).read_text())
+    return state
+
+
+def check_shared_run_dir(accelerator: Accelerator, run_dir: Path) -> None:
+    """Stop, naming the problem, when the machines of a run do not share its folder. Collective.
+
+    Checkpoints are written by every rank into one folder and completed by the main process: a machine that
+    cannot see that folder would be left with incomplete checkpoints it cannot resume from.
+    """
+    if accelerator.num_processes == 1:
+        return
+    name = [f".shared-check-{os.getpid()}-{time.time_ns()}" if accelerator.is_main_process else None]
+    broadcast_object_list(name)
+    marker = Path(run_dir) / name[0]
+    if accelerator.is_main_process:
+        marker.write_text("written by the main process; every machine must see it\n")
+    accelerator.wait_for_everyone()
+    blind = accelerator.is_local_main_process and not marker.exists()
+    blind_machines = int(accelerator.reduce(torch.tensor(int(blind), device=accelerator.device), reduction="sum").item())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink()
+    if blind_machines:
+        raise UserError(f"the run folder {run_dir} is not shared: {blind_machines} machine(s) cannot see what the main "
+                        "process writes there, so their checkpoints could never be completed or resumed. Put "
+                        "--output-dir on a file system every machine mounts at the same path")
 
 
 def save_model(model: torch.nn.Module, path: Path, *, classes: list[str], config: dict) -> None:

@@ -53,7 +53,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_epochs: float = 0.5  # linear warm-up from 0 (cosine and constant schedules)
     label_smoothing: float = 0.0
-    mixed_precision: str = "auto"  # auto (what `accelerate launch` / its config says) | no | fp16 | bf16
+    mixed_precision: str = "auto"  # auto (hardware and launch config decide, see precision.py) | no | fp16 | bf16
     seed: int = 0
     # bookkeeping
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
@@ -62,6 +62,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept
     tracker: str = "wandb"  # wandb | none
     wandb_project: str = "bloodcells_dist"
+    wandb_group: str = ""  # W&B run group; `cv` sets it to the cross-validation folder's name
 
     def __post_init__(self) -> None:
         """Reject values that cannot work, with a message naming the key."""

@@ -30,11 +30,12 @@ from .manifest import ShardManifest
 def fold_command(launcher: str, shards: str, run: Path, fold: int, config: Path | None, extra: Sequence[str]) -> list[str]:
     """The training command of one fold (resuming it when it has a checkpoint)."""
     prefix = shlex.split(launcher) if launcher else [sys.executable]
+    group = ["--wandb-group", run.resolve().parent.name]  # the folds of one cross-validation, together in W&B
     if any(checkpoint_dir(run).glob("step-*/trainer_state.json")):
-        return [*prefix, "-m", "bloodcells_dist.train", "--resume", str(run), *extra]
+        return [*prefix, "-m", "bloodcells_dist.train", "--resume", str(run), *group, *extra]
     recipe = ["--config", str(config)] if config else []
     return [*prefix, "-m", "bloodcells_dist.train", "--shards", shards, "--output-dir", str(run), *recipe,
-            "--train-splits", "train,val", "--val-fold", str(fold), "--overwrite", *extra]
+            "--train-splits", "train,val", "--val-fold", str(fold), "--overwrite", *group, *extra]
 
 
 def tta_metrics(shards: str, run: Path, fold: int, allow_pipe: bool = False) -> dict:

@@ -47,7 +47,7 @@ def save_curves(train: list[dict], val: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    steps, epochs = [r["step"] for r in train], [r["epoch"] + 1 for r in val]  # epochs are logged from 0
+    steps, epochs = [r["step"] for r in train], [r["epoch"] for r in val]  # epochs are numbered from 1
     panels = [(steps, [r["train/loss"] for r in train], "training loss", "step"),
               (steps, [r["train/lr"] for r in train], "learning rate", "step"),
               (epochs, [r["val/accuracy"] for r in val], "validation accuracy", "epoch"),
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         last = val[-1]
         images["confusion"] = args.run / "confusion.png"
         save_confusion_png(last["val"]["confusion_matrix"], class_names(args.run, last["val"]), images["confusion"],
-                           f"epoch {last['epoch'] + 1}: accuracy {last['val/accuracy']:.3f}, "
+                           f"epoch {last['epoch']}: accuracy {last['val/accuracy']:.3f}, "
                            f"macro F1 {last['val/macro_f1']:.3f}")
     else:
         print("note: no validation epochs logged, so no confusion matrix", file=sys.stderr)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import warnings
 from pathlib import Path
 
 from accelerate import Accelerator
+
+RUN_ID_NAME = "wandb_run_id"  # in the run folder
 
 
 def wandb_mode() -> str:
@@ -50,17 +53,31 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run folder, created on first use: a resumed or requeued run continues that W&B run."""
+    path = Path(run_dir) / RUN_ID_NAME
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # W&B ids are letters and digits, unique within the project
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class Tracker:
     """W&B via Accelerate's tracker API, main process only. A failing tracker warns once and is switched off."""
 
-    def __init__(self, accelerator: Accelerator, *, kind: str, project: str, config: dict, run_dir: Path) -> None:
+    def __init__(self, accelerator: Accelerator, *, kind: str, project: str, config: dict, run_dir: Path,
+                 group: str = "") -> None:
         self.accelerator, self.enabled = accelerator, kind != "none"
-        if not self.enabled:
+        if not self.enabled or not accelerator.is_main_process:
             return
-        self._guard(lambda: accelerator.init_trackers(
-            project, config=config,
-            init_kwargs={"wandb": {"dir": str(run_dir), "mode": wandb_mode(), "name": run_dir.name}},
-        ))
+
+        def init() -> None:
+            wandb = {"dir": str(run_dir), "mode": wandb_mode(), "name": run_dir.name, "id": wandb_run_id(run_dir),
+                     "resume": "allow", "group": group or None}
+            accelerator.init_trackers(project, config=config, init_kwargs={"wandb": wandb})
+
+        self._guard(init)
 
     def _guard(self, call) -> None:
         if not self.enabled:
@@ -76,14 +93,23 @@ class Tracker:
         """Scalars at an optimizer step."""
         self._guard(lambda: self.accelerator.log(values, step=step))
 
-    def log_confusion(self, matrix: list[list[int]], classes: list[str], step: int) -> None:
-        """The confusion matrix as a W&B table (rows: true class)."""
+    def log_validation(self, metrics: dict, classes: list[str], *, step: int, epoch: int) -> None:
+        """Accuracy, macro F1, per-class precision / recall / F1 and the confusion-matrix chart of an epoch."""
 
         def call() -> None:
             import wandb
 
-            table = wandb.Table(columns=["true", *classes], data=[[c, *row] for c, row in zip(classes, matrix)])
-            self.accelerator.log({"val/confusion_matrix": table}, step=step)
+            values = {"epoch": epoch, "val/accuracy": metrics["accuracy"], "val/macro_f1": metrics["macro_f1"]}
+            for c, m in metrics["per_class"].items():
+                values.update({f"val/precision_{c}": m["precision"], f"val/recall_{c}": m["recall"],
+                               f"val/f1_{c}": m["f1"]})
+            # W&B's chart takes one (true, predicted) pair per sample: expand the counts.
+            pairs = [(t, p) for t, row in enumerate(metrics["confusion_matrix"]) for p, n in enumerate(row)
+                     for _ in range(n)]
+            values["val/confusion_matrix"] = wandb.plot.confusion_matrix(
+                y_true=[t for t, _ in pairs], preds=[p for _, p in pairs], class_names=classes,
+                title=f"confusion matrix, epoch {epoch}")
+            self.accelerator.log(values, step=step)
 
         self._guard(call)
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
 from tqdm import tqdm
 
-from .checkpoint import (BEST_NAME, LAST_NAME, STATE_NAME, checkpoint_dir, find_checkpoint, load_checkpoint,
-                         save_checkpoint, save_model)
+from .checkpoint import (BEST_NAME, LAST_NAME, STATE_NAME, check_shared_run_dir, checkpoint_dir, find_checkpoint,
+                         load_checkpoint, rng_isolated, save_checkpoint, save_model)
 from .cli import UserError, run_main
 from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
 from .data import open_training_data
@@ -35,6 +35,9 @@ from .data.plan import split_size
 from .manifest import ShardManifest
 from .metrics import format_metrics
 from .model import BloodCellCNN
+from .precision import detect_hardware, launch_precision, resolve_precision, warn_if_emulated
+from .preemption import COLLECTIVE_TIMEOUT, StopSignal, lost_peer
+from .progress import eta_line, start_summary
 from .scoring import score
 from .tracking import MetricsLog, Tracker
 
@@ -85,13 +88,28 @@ def check_output_dir(run_dir: Path) -> None:
 
 
 def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerator, *, config: TrainConfig,
-                    state: dict, schedule: tuple[int, int], run_dir: Path, log: MetricsLog, tracker: Tracker) -> None:
-    """Run the epoch's micro-batches (model-ready, on the device); state['step'] counts optimizer steps."""
+                    state: dict, schedule: tuple[int, int], run_dir: Path, log: MetricsLog, tracker: Tracker,
+                    stop: StopSignal) -> None:
+    """Run the epoch's micro-batches (model-ready, on the device); state['step'] counts optimizer steps.
+
+    Returns early, after a checkpoint, when a stop signal reached any rank. state['train_seconds'] is
+    brought up to date before every checkpoint, so a resumed run counts the interrupted part too.
+    """
     total_steps, warmup = schedule
     model.train()
     window_loss, window_batches, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
     # The first optimizer step whose loss was inf/nan (NO_STEP if none), kept on the device: no sync per step.
     first_bad = torch.full((), NO_STEP, device=accelerator.device)
+    clock = time.perf_counter()
+
+    def checkpoint() -> None:
+        nonlocal clock
+        stop_if_nonfinite(accelerator, first_bad, state, run_dir)  # never checkpoint a diverged model
+        state["train_seconds"] += time.perf_counter() - clock
+        save_checkpoint(accelerator, run_dir, state, config.keep_checkpoints)
+        clock = time.perf_counter()
+
+    batches = rng_isolated(batches)  # the data side never moves the RNG dropout draws from
     bar = tqdm(batches, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                disable=not accelerator.is_main_process, leave=False)
     for images, labels in bar:
@@ -116,21 +134,24 @@ def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerato
             mean_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
             seconds = time.perf_counter() - window_start
             rate = window_batches * config.batch_size * accelerator.num_processes / seconds
-            record = {"step": state["step"], "epoch": state["epoch"], "train/loss": mean_loss,
+            record = {"step": state["step"], "epoch": state["epoch"] + 1, "train/loss": mean_loss,
                       "train/lr": optimizer.param_groups[0]["lr"], "train/images_per_s": rate}
             log.write(record)
             tracker.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
             bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}")
             window_loss.zero_()
             window_batches, window_start = 0, time.perf_counter()
+        if stop.requested(accelerator):  # every rank agrees at this step boundary
+            checkpoint()
+            break
         if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-            stop_if_nonfinite(accelerator, first_bad, state, run_dir)
-            save_checkpoint(accelerator, run_dir, state, config.keep_checkpoints)
+            checkpoint()
     bar.close()
     stop_if_nonfinite(accelerator, first_bad, state, run_dir)  # before validation and the epoch's checkpoint
+    state["train_seconds"] += time.perf_counter() - clock
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
+def make_accelerator(config: TrainConfig, precision: str) -> Accelerator:
     """The one Accelerator: device, precision, process group and gradient accumulation live here."""
     env = os.environ
     if env.get("MASTER_ADDR") and not any(env.get(v) for v in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
@@ -140,12 +161,18 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # With no GPU, torchrun-launched processes must be told they are CPU processes to form a gloo group.
     no_gpu = not torch.cuda.is_available()
     try:
-        return Accelerator(cpu=no_gpu, mixed_precision=None if config.mixed_precision == "auto" else config.mixed_precision,
+        return Accelerator(cpu=no_gpu, mixed_precision=precision,
                            gradient_accumulation_steps=config.grad_accum,
                            log_with=None if config.tracker == "none" else config.tracker,
-                           dynamo_backend="inductor" if config.compile else "no")
+                           dynamo_backend="inductor" if config.compile else "no",
+                           kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
     except ValueError as err:  # e.g. fp16 without a GPU
         raise UserError(f"cannot set up Accelerate: {err}") from None
+
+
+def plain_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The bare BloodCellCNN under DDP and torch.compile wrappers: its weights load anywhere."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def claim_run_dir(accelerator: Accelerator, run_dir: Path, overwrite: bool) -> None:
@@ -177,7 +204,11 @@ def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = Fal
         raise UserError(f"--val-fold {fold}: the shards have folds 0..{manifest.folds - 1}")
     if fold >= 0 and split_size(manifest, config.train_splits, fold, keep=True) == 0:
         raise UserError(f"--val-fold {fold}: fold {fold} of {', '.join(config.train_splits)} holds no samples")
-    accelerator = make_accelerator(config)
+    hardware = detect_hardware()
+    precision, why = resolve_precision(config.mixed_precision, hardware, launch_precision())
+    accelerator = make_accelerator(config, precision)
+    if accelerator.is_main_process:
+        warn_if_emulated(precision, hardware)
     classes = manifest.classes
     world = accelerator.num_processes
 
@@ -196,56 +227,77 @@ def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = Fal
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Now each rank its own random stream (dropout masks): DDP has already broadcast rank 0's weights, and
+    # resume restores every rank's RNG state from the checkpoint.
+    set_seed(config.seed, device_specific=True)
 
+    # state["epoch"]: the epoch in progress, counted from 0; it moves on once the epoch's end work is done.
+    layout = {"processes": world, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+              "steps_per_epoch": steps_per_epoch}
     state = {"step": 0, "epoch": 0, "best_macro_f1": -1.0, "best": None, "final": None, "train_seconds": 0.0}
     if resume is not None:
         checkpoint = find_checkpoint(resume)
-        state = load_checkpoint(accelerator, checkpoint)
+        state = load_checkpoint(accelerator, checkpoint, layout)
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     else:
         claim_run_dir(accelerator, run_dir, overwrite)
+    state["layout"] = layout
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config.to_yaml())
+    check_shared_run_dir(accelerator, run_dir)
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, state["step"] if resume else None)
     tracker = Tracker(accelerator, kind=config.tracker, project=config.wandb_project, config=to_dict(config),
-                      run_dir=run_dir)
-    accelerator.print(f"{n_train} training samples, {world} process(es) x batch {config.batch_size} x accum "
-                      f"{config.grad_accum}: {steps_per_epoch} steps/epoch ({data.plan.remainder} samples left "
-                      f"out of each epoch), {total_steps} steps")
+                      run_dir=run_dir, group=config.wandb_group)
+    accelerator.print(start_summary(accelerator, precision=precision, why=why, batch_size=config.batch_size,
+                                    grad_accum=config.grad_accum, steps_per_epoch=steps_per_epoch,
+                                    epochs=config.epochs,
+                                    data=f"{config.shards}: {n_train} training samples ({data.plan.remainder} left "
+                                         f"out of each epoch) from the {data.kind}"))
+    stop = StopSignal()  # before any data worker starts, so that workers inherit it
 
-    for epoch in range(state["step"] // steps_per_epoch, config.epochs):
+    first_epoch = state["epoch"]
+    for epoch in range(first_epoch, config.epochs):
         state["epoch"] = epoch
         start = (state["step"] - epoch * steps_per_epoch) * config.grad_accum  # micro-batches already done
         epoch_start = time.perf_counter()
-        train_one_epoch(model, optimizer, data.train_batches(epoch, start), accelerator, config=config,
-                        state=state, schedule=(total_steps, warmup), run_dir=run_dir, log=log, tracker=tracker)
-        state["train_seconds"] += time.perf_counter() - epoch_start
+        if start < steps_per_epoch * config.grad_accum:  # stopped on the epoch's last step: only its end is left
+            train_one_epoch(model, optimizer, data.train_batches(epoch, start), accelerator, config=config,
+                            state=state, schedule=(total_steps, warmup), run_dir=run_dir, log=log, tracker=tracker,
+                            stop=stop)
+        if stop.stopping:  # checkpointed at the step where the signal was seen
+            break
         last = epoch + 1 == config.epochs
         if data.validates and ((epoch + 1) % config.eval_every == 0 or last):
             sync_batchnorm_stats(model)
             metrics = score(accelerator.unwrap_model(model), data.eval_batches(), accelerator, classes)
             state["final"] = metrics
-            log.write({"step": state["step"], "epoch": epoch, "epoch_seconds": time.perf_counter() - epoch_start,
+            log.write({"step": state["step"], "epoch": epoch + 1, "epoch_seconds": time.perf_counter() - epoch_start,
                        **{f"val/{k}": metrics[k] for k in ("accuracy", "macro_f1", "samples")}, "val": metrics})
-            tracker.log({"val/accuracy": metrics["accuracy"], "val/macro_f1": metrics["macro_f1"],
-                         **{f"val/f1_{c}": m["f1"] for c, m in metrics["per_class"].items()}}, step=state["step"])
-            tracker.log_confusion(metrics["confusion_matrix"], classes, step=state["step"])
+            tracker.log_validation(metrics, classes, step=state["step"], epoch=epoch + 1)
             accelerator.print(f"epoch {epoch + 1}: " + format_metrics(metrics, classes))
             if metrics["macro_f1"] > state["best_macro_f1"]:
                 state.update(best_macro_f1=metrics["macro_f1"], best={**metrics, "epoch": epoch + 1})
                 if accelerator.is_main_process:
-                    save_model(accelerator.unwrap_model(model), run_dir / BEST_NAME, classes=classes,
+                    save_model(plain_model(accelerator, model), run_dir / BEST_NAME, classes=classes,
                                config=to_dict(config))
         elif last and not data.validates:  # final mode: no validation, keep the last weights
             sync_batchnorm_stats(model)  # collective: every rank
             if accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), run_dir / BEST_NAME, classes=classes,
+                save_model(plain_model(accelerator, model), run_dir / BEST_NAME, classes=classes,
                            config=to_dict(config))
+        state["epoch"] = epoch + 1  # the epoch end is done: a resume starts the next epoch
         save_checkpoint(accelerator, run_dir, state, config.keep_checkpoints)
+        if epoch == first_epoch and not last:
+            accelerator.print(eta_line(time.perf_counter() - epoch_start, config.epochs - epoch - 1))
 
+    if stop.stopping:
+        tracker.finish()
+        accelerator.print(f"stopped by a signal ({stop.received or 'on another process'}) at step {state['step']}: "
+                          f"checkpoint written; `--resume {run_dir}` continues the run")
+        return {"stopped": True, "steps": state["step"]}
     if accelerator.is_main_process:  # the last epoch's weights, whatever validation said (cv --tta scores them)
-        save_model(accelerator.unwrap_model(model), run_dir / LAST_NAME, classes=classes, config=to_dict(config))
+        save_model(plain_model(accelerator, model), run_dir / LAST_NAME, classes=classes, config=to_dict(config))
     tracker.finish()
     final = {"final": state["final"], "best": state["best"], "steps": state["step"], "epochs": config.epochs,
              "processes": world, "train_seconds": state["train_seconds"], "train_samples": n_train}
@@ -271,12 +323,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = None
     if args.resume is not None:
         checkpoint = find_checkpoint(args.resume)
-        base = read_yaml(checkpoint.parent.parent / "config.yaml")
-        overrides.setdefault("output_dir", str(checkpoint.parent.parent))
+        resumed_dir = checkpoint.parent.parent
+        base = read_yaml(resumed_dir / "config.yaml")
+        # Resume writes only into the run it continues: never into (or over) another run's folder.
+        if "output_dir" in overrides and Path(overrides["output_dir"]).resolve() != resumed_dir.resolve():
+            raise UserError(f"--resume continues the run in {resumed_dir} and writes only there: drop --output-dir "
+                            f"{overrides['output_dir']} (to start another run, train without --resume)")
+        overrides["output_dir"] = str(resumed_dir)
     config = build_config(args.config, overrides, base=base)
     if args.resume is not None and args.overwrite:
         raise UserError("--resume continues a run and --overwrite deletes it: pass one of them")
-    train(config, resume=args.resume, overwrite=args.overwrite, allow_pipe=args.allow_pipe)
+    try:
+        train(config, resume=args.resume, overwrite=args.overwrite, allow_pipe=args.allow_pipe)
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        print(f"error: lost contact with another process of this run ({str(err).strip().splitlines()[0][:300]}): it "
+              f"was killed or crashed, see its log; `--resume {config.output_dir}` continues from the last checkpoint",
+              file=sys.stderr)
+        return 1
     return 0
 
 

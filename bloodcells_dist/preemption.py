@@ -1,0 +1,53 @@
+"""Graceful stop on SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill a job), and a
+clear end when another process of the run dies.
+
+A signal only sets a flag. At each optimizer step every rank asks whether any rank saw one (one tiny
+all-reduce), so all ranks stop at the same step, write one checkpoint together and exit 0; `--resume`
+continues exactly. Installed before the data loaders start, so forked data workers inherit the handler
+and survive a signal sent to the whole process group (SLURM signals every process of a job step).
+"""
+
+from __future__ import annotations
+
+import signal
+from datetime import timedelta
+
+import torch.distributed
+from accelerate import Accelerator
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# A collective that waits longer than this fails instead of hanging (gloo's default is 30 min). Gloo notices
+# a killed peer on the same network at once (connection reset); this bounds the cases where nothing tells it.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+PEER_LOST_MARKERS = ("connection reset by peer", "connection closed by peer", "timed out", "broken pipe")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether an exception says that another process of the run is gone (killed, crashed or unreachable)."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in PEER_LOST_MARKERS)
+
+
+class StopSignal:
+    """Remembers a stop signal; `requested` tells, identically on every rank, whether to stop now."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None  # the signal this process saw
+        self.stopping = False  # agreed by all ranks
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """Whether any rank received a stop signal. Collective when there are several processes."""
+        if not self.stopping:
+            if accelerator.num_processes == 1:
+                self.stopping = self.received is not None
+            else:
+                if self.received is not None:
+                    accelerator.set_trigger()
+                self.stopping = accelerator.check_trigger()
+        return self.stopping

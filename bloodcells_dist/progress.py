@@ -1,0 +1,34 @@
+"""What a run prints about itself: one start summary line, then an ETA once an epoch has been timed."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from accelerate import Accelerator
+
+
+def device_name(accelerator: Accelerator) -> str:
+    """The devices training runs on, e.g. '2 x cpu' or '8 x cuda (NVIDIA H100 80GB HBM3)'."""
+    device = accelerator.device
+    name = f"{accelerator.num_processes} x {device.type}"
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    return name
+
+
+def start_summary(accelerator: Accelerator, *, precision: str, why: str, batch_size: int, grad_accum: int,
+                  steps_per_epoch: int, epochs: int, data: str) -> str:
+    """One line: device and count, precision (and why), processes, global batch, steps per epoch, data path."""
+    global_batch = batch_size * accelerator.num_processes * grad_accum
+    return (f"start: {device_name(accelerator)}, precision {precision} ({why}), "
+            f"{accelerator.num_processes} process(es), global batch {global_batch} "
+            f"({batch_size} x {accelerator.num_processes} x accum {grad_accum}), {steps_per_epoch} steps/epoch x "
+            f"{epochs} epochs, data {data}")
+
+
+def eta_line(epoch_seconds: float, epochs_left: int) -> str:
+    """Time left at the pace of the epoch just timed (training and validation), and when that is."""
+    left = epoch_seconds * epochs_left
+    finish = time.strftime("%H:%M", time.localtime(time.time() + left))
+    return f"eta: {epoch_seconds:.0f} s per epoch, {epochs_left} epoch(s) left, about {left / 60:.1f} min (done ~{finish})"
