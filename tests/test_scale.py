@@ -223,9 +223,9 @@ def test_a_kill_between_the_last_step_and_the_epoch_end_is_finished_on_resume(sy
     """Killed after the checkpoint of an epoch's last step, before its validation: resume validates it."""
     run = tmp_path / "run"
     steps_per_epoch = ShardManifest.load(synthetic_shards).splits["train"].samples // 8
-    # Validating on the train split makes the epoch end long enough to kill the run inside it.
+    # Validating on the train split, read from the stream, makes the epoch end long enough to kill the run in it.
     args = train_args(synthetic_shards, run, "--epochs", "2", "--workers", "1", "--val-split", "train",
-                      "--checkpoint-every", str(steps_per_epoch))
+                      "--data", "stream", "--checkpoint-every", str(steps_per_epoch))
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = run / "checkpoints" / f"step-{steps_per_epoch:08d}"
     wait_for(target.exists, proc, what="the checkpoint of the first epoch's last step")
