@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
-from tqdm import tqdm
 
 from .checkpoint import (BEST_NAME, LAST_NAME, STATE_NAME, checkpoint_dir, find_checkpoint, load_checkpoint,
                          save_checkpoint, save_model)
@@ -35,6 +34,7 @@ from .data.plan import split_size
 from .manifest import ShardManifest
 from .metrics import format_metrics
 from .model import BloodCellCNN
+from .progress import progress
 from .scoring import score
 from .tracking import MetricsLog, Tracker
 
@@ -92,7 +92,7 @@ def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerato
     window_loss, window_batches, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
     # The first optimizer step whose loss was inf/nan (NO_STEP if none), kept on the device: no sync per step.
     first_bad = torch.full((), NO_STEP, device=accelerator.device)
-    bar = tqdm(batches, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
+    bar = progress(batches, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                disable=not accelerator.is_main_process, leave=False)
     for images, labels in bar:
         with accelerator.accumulate(model):
