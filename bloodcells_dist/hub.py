@@ -78,9 +78,9 @@ def measured_metrics(model_path: Path, meta: dict) -> list[dict]:
                           "macro_f1": record.get("macro_f1"), "per_class": record.get("per_class", {})})
     for path in sorted(run.glob("eval-*.json")):
         record = json.loads(path.read_text())
-        scored = Path(record.get("model", ""))
-        scored = scored / BEST_NAME if scored.suffix != ".safetensors" else scored
-        if "accuracy" not in record or scored.resolve() != weights.resolve():
+        scored = Path(record.get("model", ""))  # as typed, maybe relative: compare the weights' file names
+        scored_name = scored.name if scored.suffix == ".safetensors" else BEST_NAME
+        if "accuracy" not in record or scored_name != weights.name:
             continue  # an evaluation of other weights (e.g. last.safetensors)
         fold = record.get("fold")
         found.append({"split": record.get("split", "?") + (f" (fold {fold})" if fold is not None else ""),
