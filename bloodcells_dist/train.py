@@ -120,7 +120,7 @@ def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerato
                       "train/lr": optimizer.param_groups[0]["lr"], "train/images_per_s": rate}
             log.write(record)
             tracker.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
-            bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}", refresh=False)  # shown at the next redraw
             window_loss.zero_()
             window_batches, window_start = 0, time.perf_counter()
         if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
