@@ -117,6 +117,7 @@ def test_timm_wds_reader_finds_train_and_validation(four_split_shards):
     assert len(simple) == manifest.splits["test_simple"].samples == 12
 
 
+@pytest.mark.filterwarnings("ignore:String specifications for transformations:UserWarning")  # wids' own default
 def test_wids_random_access_per_split(four_split_shards, tmp_path):
     wids = pytest.importorskip("wids", reason="the dev extra installs wids")
     manifest = ShardManifest.load(four_split_shards)
