@@ -137,7 +137,7 @@ def draw_original(cls: str, rng: np.random.Generator) -> np.ndarray:
     # demo at 57-66% test accuracy with neutrophils taken for monocytes).
     tint = {"EOSINOPHIL": (0.93, 0.66, 0.58), "NEUTROPHIL": (0.90, 0.80, 0.86),
             "MONOCYTE": (0.70, 0.72, 0.84), "LYMPHOCYTE": (0.62, 0.74, 0.95)}[cls]
-    cyto = _jitter(rng, tint, 0.025)
+    cyto = _jitter(rng, tint, 0.04)  # cell to cell: also what tells cells apart (bloodcells_dist.cells)
     cell = _ellipse(cy, cx, R * rng.uniform(0.85, 1.0), R, rng.uniform(0, np.pi))
     _paint(img, cell, cyto, rng.uniform(0.75, 1.0))  # alpha < 1: red cells beneath show through
     if cls == "EOSINOPHIL":  # many reddish-orange granules, density/strength vary a lot
