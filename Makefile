@@ -14,7 +14,7 @@ DEMO   ?= demo
 
 help:
 	@echo "make setup                 create $(VENV) and install the package with its dev extra"
-	@echo "make demo                  synthetic data -> shards -> train -> evaluate, all on CPU"
+	@echo "make demo                  synthetic data -> shards -> train -> evaluate -> plots, all on CPU (about 3 min)"
 	@echo "make test                  the whole test suite (what CI runs)"
 	@echo "make test-fast             the tests not marked slow"
 	@echo "make shards DATA=ROOT [OUT=shards]   pack a dataset root into verified shards"
@@ -41,6 +41,7 @@ demo: setup
 	$(PY) -m bloodcells_dist.shards verify $(DEMO)/shards
 	$(PY) -m bloodcells_dist.train --shards $(DEMO)/shards --output-dir $(DEMO)/run --config launch/recipes/demo.yaml --overwrite
 	$(PY) -m bloodcells_dist.evaluate --model $(DEMO)/run --shards $(DEMO)/shards --split test
+	$(PY) -m bloodcells_dist.report $(DEMO)/run
 
 test: setup
 	$(PY) -m pytest

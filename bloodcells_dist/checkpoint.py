@@ -137,8 +137,13 @@ def save_model(model: torch.nn.Module, path: Path, *, classes: list[str], config
 
 
 def load_model(path: Path) -> tuple[BloodCellCNN, dict]:
-    """A model saved by save_model (or a run folder holding best.safetensors) and its metadata, in eval mode."""
+    """A model saved by save_model, a run folder (its best.safetensors) or a Hugging Face Hub model folder
+    (`bloodcells_dist.hub`), and its metadata, in eval mode."""
     path = Path(path)
+    if path.is_dir() and not (path / BEST_NAME).is_file() and (path / "config.json").is_file():
+        from .hub import from_pretrained  # hub.py builds on this module
+
+        return from_pretrained(path)
     if path.is_dir():
         path = path / BEST_NAME
     if not path.is_file():

@@ -1,9 +1,11 @@
-"""Export a trained model to TorchScript or ONNX, with class names, image size and normalisation inside.
+"""Export a trained model to torch.export, ONNX or TorchScript, with class names, image size and normalisation inside.
 
-    python -m bloodcells_dist.export --model RUN_OR_FILE --format torchscript|onnx --out FILE
+    python -m bloodcells_dist.export --model RUN_OR_FILE --format export|onnx|torchscript --out FILE
 
 The exported model maps normalised float images (N, 3, H, W) to logits (N, classes); any batch size.
-`python -m bloodcells_dist.predict --model FILE` reads it back (the suffix, .pt or .onnx, says which).
+`export` writes a `torch.export` ExportedProgram (.pt2): PyTorch's recommended format now that TorchScript is
+deprecated; TorchScript (.pt) stays while torch ships it. `python -m bloodcells_dist.predict --model FILE`
+reads every format back (the suffix, .pt2, .onnx or .pt, says which).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .checkpoint import load_model
 from .cli import UserError, run_main
 
 META_KEY = "meta.json"  # TorchScript extra file / ONNX metadata_props key holding what predict needs
-SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
+SUFFIXES = {"export": ".pt2", "onnx": ".onnx", "torchscript": ".pt"}
 
 
 class OnnxModel:
@@ -63,6 +65,10 @@ def load_exported(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], d
             if path.suffix == SUFFIXES["onnx"]:
                 model = OnnxModel(path)
                 raw = model.meta
+            elif path.suffix == SUFFIXES["export"]:
+                extra = {META_KEY: ""}
+                model = torch.export.load(str(path), extra_files=extra).module()  # a GraphModule, eval mode as saved
+                raw = extra[META_KEY] or None
             else:
                 extra = {META_KEY: ""}
                 model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
@@ -78,11 +84,16 @@ def export(model: torch.nn.Module, meta: dict, fmt: str, out: Path) -> None:
     """Write the eval-mode model as `fmt`, atomically, with classes, image size, mean and std embedded."""
     info = json.dumps({k: meta[k] for k in ("classes", "image_size", "mean", "std")})
     example = torch.zeros(2, 3, *meta["image_size"])
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")  # torch.export.save wants the .pt2 suffix
     with torch.no_grad(), warnings.catch_warnings():  # deprecation notices for the tracer and legacy exporter
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        if fmt == "torchscript":
+        if fmt == "export":
+            # The batch axis stays free (any size from 1); eval-mode BatchNorm and Dropout are baked in.
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: batch}}, strict=False)
+            torch.export.save(program, str(tmp), extra_files={META_KEY: info})
+        elif fmt == "torchscript":
             torch.jit.save(torch.jit.trace(model, example), str(tmp), _extra_files={META_KEY: info})
         else:
             import onnx
@@ -100,9 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.export", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True,
-                        help="run folder (uses best.safetensors) or .safetensors file")
+                        help="run folder (uses best.safetensors), Hub model folder or .safetensors file")
     parser.add_argument("--format", choices=sorted(SUFFIXES), required=True)
-    parser.add_argument("--out", type=Path, required=True, help="file to write: .pt for torchscript, .onnx for onnx")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="file to write: .pt2 for export, .onnx for onnx, .pt for torchscript")
     args = parser.parse_args(argv)
     if args.out.suffix != SUFFIXES[args.format]:
         raise UserError(f"--out {args.out}: {args.format} files end in {SUFFIXES[args.format]} "

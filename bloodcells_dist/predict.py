@@ -2,7 +2,8 @@
 
     python -m bloodcells_dist.predict --model RUN_OR_FILE PATH... [--out preds.csv] [--batch-size N] [--tta]
 
-The model is a run folder or .safetensors file, or a file written by bloodcells_dist.export (.pt or .onnx).
+The model is a run folder, a Hub model folder (bloodcells_dist.hub) or .safetensors file, or a file written by
+bloodcells_dist.export (.pt2, .onnx or .pt).
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def read_rgb(path: Path) -> torch.Tensor:
 
 
 def load_predictor(path: Path) -> tuple[Model, dict]:
-    """A model by suffix: a run folder or .safetensors file, or an exported TorchScript (.pt) or ONNX (.onnx) file."""
+    """A model by suffix: a run or Hub folder or .safetensors file, or an exported .pt2, .onnx or .pt file."""
     if path.suffix in SUFFIXES.values():
         return load_exported(path)
     if path.is_file() and path.suffix != ".safetensors":
-        raise UserError(f"--model {path}: expected a run folder or a .safetensors, .pt or .onnx file")
+        raise UserError(f"--model {path}: expected a run folder, a Hub model folder, or a .safetensors, .pt2, .onnx or .pt file")
     return load_model(path)
 
 
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.predict", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True,
-                        help="run folder, .safetensors model, or an exported .pt (TorchScript) / .onnx file")
+                        help="run folder, Hub model folder, .safetensors model, or an exported .pt2 / .onnx / .pt file")
     parser.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders of images")
     parser.add_argument("--out", type=Path, help="CSV file to write (default: standard output)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -106,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model, meta = load_predictor(args.model)
     transform, files = eval_transform(meta), find_images(args.paths)
-    on_gpu = torch.cuda.is_available() and isinstance(model, torch.nn.Module)  # ONNX runs on its CPU provider
+    # ONNX runs on its CPU provider; an ExportedProgram (.pt2) stays on the device it was exported on.
+    on_gpu = torch.cuda.is_available() and isinstance(model, torch.nn.Module) and args.model.suffix != SUFFIXES["export"]
     device = torch.device("cuda" if on_gpu else "cpu")
     if on_gpu:
         model = model.to(device)

@@ -101,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(train)} training and {len(val)} validation records; wrote " + " and ".join(map(str, images.values())))
     if args.wandb:
         log_to_wandb(args.run, images)
+    for wandb_run in sorted((args.run / "wandb").glob("*run-*")):  # the training's W&B run (and report's own)
+        upload = f"; upload: wandb sync {wandb_run}" if wandb_run.name.startswith("offline-") else ""
+        print(f"W&B run: {wandb_run}{upload}")
     return 0
 
 

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
-from tqdm import tqdm
 
 from . import __version__
 from .cli import UserError, run_main
+from .interop import check_descriptions, stale_description_names, write_descriptions
 from .manifest import MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from .cells import file_sha256, read_mapping, recover_cells
+from .progress import progress
 from .sources import LINK_OUT, Skipped, SourceImage, check_jpeg, scan_images, unique_keys
 
 MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
@@ -170,8 +171,10 @@ def make_out_folder(out: Path) -> None:
 def clear_old_pack(out: Path, overwrite: bool) -> None:
     """Refuse to mix with an earlier pack unless asked; with --overwrite drop its manifest first, then its shards."""
     old = sorted(out.glob("*.tar")) + ([out / MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else [])
+    old += stale_description_names(out)  # timm/datasets/wids descriptions of the earlier pack
     if old and not overwrite:
-        raise UserError(f"{out} already holds shards or a manifest; pass --overwrite to replace them")
+        raise UserError(f"{out} already holds shards, a manifest or their descriptions (README.md, _info.json); "
+                        "pass --overwrite to replace them")
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, verify rejects the folder until we finish
     for path in old + sorted(out.glob(".*.tmp-*")):  # and leftovers of an interrupted pack
         path.unlink(missing_ok=True)
@@ -220,8 +223,8 @@ def pack_shards(
                                initializer=die_with_parent)
     with pool:
         # Checking (PIL) and tar writing are Python-bound: processes, not threads, use both cores.
-        results = list(tqdm(pool.map(check_image, scan.images, chunksize=64), total=len(scan.images),
-                            desc="checking", unit="img", disable=None))
+        results = list(progress(pool.map(check_image, scan.images, chunksize=64), total=len(scan.images),
+                                desc="checking", unit="img"))
         skipped = sorted(scan.skipped + [r for r in results if isinstance(r, Skipped)], key=lambda s: s.path)
         checked = [r for r in results if not isinstance(r, Skipped)]
         keyed, key_clashes = unique_keys([img for img, _, _ in checked])  # only readable files claim keys
@@ -250,7 +253,7 @@ def pack_shards(
         plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
         try:
             clear_old_pack(out, overwrite)
-            with tqdm(total=len(samples), desc="packing", unit="img", disable=None) as bar:
+            with progress(total=len(samples), desc="packing", unit="img") as bar:
                 futures = {split: [pool.submit(write_shard, path, chunk, classes) for path, chunk in jobs]
                            for split, jobs in plan.items()}
                 for split, jobs in plan.items():
@@ -281,7 +284,8 @@ def pack_shards(
         tool_version=__version__,
     )
     try:
-        manifest.save(out)  # last: its presence means every shard above is complete
+        write_descriptions(out, manifest)  # _info.json (timm), README.md (datasets, Hub), *.wids.json
+        manifest.save(out)  # last: its presence means every shard and description above is complete
     except OSError as err:
         raise UserError(f"cannot write the manifest to {out}: {err.strerror or err}") from None
     return manifest
@@ -358,6 +362,10 @@ def verify_shards(folder: Path) -> ShardManifest:
             if getattr(split, field_name) != value:
                 raise UserError(f"split {split_name}: {field_name} in the manifest is {getattr(split, field_name)}, "
                                 f"the shards hold {value}")
+    try:
+        check_descriptions(folder, manifest)
+    except ValueError as err:
+        raise UserError(f"{folder}: {err}") from None
     return manifest
 
 

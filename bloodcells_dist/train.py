@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
-from tqdm import tqdm
 
 from .checkpoint import (BEST_NAME, LAST_NAME, STATE_NAME, check_shared_run_dir, checkpoint_dir, find_checkpoint,
                          load_checkpoint, rng_isolated, save_checkpoint, save_model)
@@ -37,7 +36,7 @@ from .metrics import format_metrics
 from .model import BloodCellCNN
 from .precision import detect_hardware, launch_precision, resolve_precision, warn_if_emulated
 from .preemption import COLLECTIVE_TIMEOUT, StopSignal, lost_peer
-from .progress import eta_line, start_summary
+from .progress import eta_line, progress, start_summary
 from .scoring import score
 from .tracking import MetricsLog, Tracker
 
@@ -110,7 +109,7 @@ def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerato
         clock = time.perf_counter()
 
     batches = rng_isolated(batches)  # the data side never moves the RNG dropout draws from
-    bar = tqdm(batches, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
+    bar = progress(batches, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                disable=not accelerator.is_main_process, leave=False)
     for images, labels in bar:
         with accelerator.accumulate(model):
@@ -138,7 +137,7 @@ def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerato
                       "train/lr": optimizer.param_groups[0]["lr"], "train/images_per_s": rate}
             log.write(record)
             tracker.log({k: v for k, v in record.items() if k != "step"}, step=state["step"])
-            bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}", refresh=False)  # shown at the next redraw
             window_loss.zero_()
             window_batches, window_start = 0, time.perf_counter()
         if stop.requested(accelerator):  # every rank agrees at this step boundary

@@ -82,7 +82,7 @@ def test_predict_grayscale_jpeg_and_rgba_png_to_stdout(tiny_run, image_folder, t
     assert "2 images, 0 unreadable" in proc.stderr
 
 
-@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".pt"), ("onnx", ".onnx")])
+@pytest.mark.parametrize("fmt, suffix", [("export", ".pt2"), ("torchscript", ".pt"), ("onnx", ".onnx")])
 def test_exported_model_predicts_like_the_pytorch_model(fmt, suffix, tiny_run, image_folder, reference, tmp_path):
     model = tmp_path / f"model{suffix}"
     proc = run_cli("-m", "bloodcells_dist.export", "--model", str(tiny_run), "--format", fmt, "--out", str(model),
