@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 setup: $(VENV)/.installed
 
 demo: setup
-	rm -rf $(DEMO)/data
+	rm -rf $(DEMO)  # a clean demo: data, shards and run (its W&B folder too)
 # 4 copies of 50 drawn cells a class (not 8 of 25): more distinct cells, so the tiny model generalises to TEST's.
 	$(PY) -m bloodcells_dist.synthetic --out $(DEMO)/data --per-class 200 --copies 4
 	$(PY) -m bloodcells_dist.shards pack --src $(DEMO)/data --out $(DEMO)/shards --overwrite
