@@ -26,7 +26,7 @@ from pathlib import Path
 import webdataset as wds
 
 from . import __version__
-from .cli import UserError, run_main
+from .cli import UserError, run_main, writable_folder
 from .interop import check_descriptions, stale_description_names, write_descriptions
 from .manifest import MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from .cells import file_sha256, read_mapping, recover_cells
@@ -158,16 +158,6 @@ def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardI
     return ShardInfo(file=path.name, samples=len(samples), bytes=path.stat().st_size, sha256=digest)
 
 
-def make_out_folder(out: Path) -> None:
-    """Create the output folder (before the slow checking), or a UserError saying why we cannot write there."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --out {out}: {err.strerror or err}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to --out {out}: permission denied")
-
-
 def clear_old_pack(out: Path, overwrite: bool) -> None:
     """Refuse to mix with an earlier pack unless asked; with --overwrite drop its manifest first, then its shards."""
     old = sorted(out.glob("*.tar")) + ([out / MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else [])
@@ -218,7 +208,7 @@ def pack_shards(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     scan = scan_images(src)
-    make_out_folder(out)
+    writable_folder(out, "--out")  # before the slow checking
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=die_with_parent)
     with pool:

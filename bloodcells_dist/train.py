@@ -27,7 +27,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
 
 from .checkpoint import (BEST_NAME, LAST_NAME, STATE_NAME, check_shared_run_dir, checkpoint_dir, find_checkpoint,
                          load_checkpoint, rng_isolated, save_checkpoint, save_model)
-from .cli import UserError, run_main
+from .cli import UserError, run_main, writable_folder
 from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
 from .data import open_training_data
 from .data.plan import split_size
@@ -78,12 +78,7 @@ def check_output_dir(run_dir: Path) -> None:
     """Create the run folder, or a UserError if it is a file or cannot be written (on every rank, early)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output-dir {run_dir} is a file, not a folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --output-dir {run_dir}: {err.strerror or err}") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to --output-dir {run_dir}: permission denied")
+    writable_folder(run_dir, "--output-dir")
 
 
 def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerator, *, config: TrainConfig,
