@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,11 +20,33 @@ REAL_DATA = REPO.parent / "shared" / "blood-cells"
 REAL_TRAIN = REAL_DATA / "dataset2-master" / "dataset2-master" / "images" / "TRAIN"
 
 
+def completed(argv: list[str], env: dict | None, timeout: float) -> subprocess.CompletedProcess:
+    """Run argv to completion in its own process group. On timeout every Python process of the group (ranks,
+    data workers, the launcher) dumps its threads' stacks (faulthandler, on SIGABRT) into the error, then the
+    whole group is killed: a hang is diagnosed, and leaves no orphan rank behind to slow the next tests."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = "", ""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"{argv[1:6]}... still running after {timeout:.0f} s; its stacks:\n"
+                             f"stdout:\n{(stdout or '')[-3000:]}\nstderr:\n{(stderr or '')[-12000:]}") from None
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
 def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m ...` (or any argv) the way a user would; returns the completed process."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
-                          cwd=REPO)
+    proc = completed([sys.executable, *args], env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
     return proc
@@ -40,8 +64,7 @@ def free_port() -> int:
 
 def launch(*args: str, env: dict | None = None, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
     """`accelerate launch ARGS` as a user types it."""
-    proc = subprocess.run([ACCELERATE, "launch", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    proc = completed([ACCELERATE, "launch", *args], env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"accelerate launch exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
