@@ -51,14 +51,36 @@ def tta_metrics(shards: str, run: Path, fold: int, allow_pipe: bool = False) -> 
 
 
 def summarize(results: dict[int, dict]) -> dict:
-    """Per-fold accuracy and macro F1 of the last epoch, with mean and (sample) standard deviation."""
+    """Per-fold accuracy and macro F1 of the last epoch, with mean and (sample) standard deviation; per class,
+    the recall over the folds holding that class, and the confusion matrix of all folds pooled."""
     summary = {"folds": {k: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "samples": r["samples"]}
                          for k, r in sorted(results.items())}}
     for metric in ("accuracy", "macro_f1"):
-        values = [r[metric] for r in results.values()]
-        summary[metric] = {"mean": statistics.fmean(values),
-                           "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        summary[metric] = spread([r[metric] for r in results.values()])
+    classes = list(next(iter(results.values()))["per_class"])
+    summary["per_class"] = {c: {"recall": spread([r["per_class"][c]["recall"] for r in results.values()
+                                                  if r["per_class"][c]["support"]]),
+                                "support": sum(r["per_class"][c]["support"] for r in results.values())}
+                            for c in classes}
+    summary["confusion_matrix"] = [[sum(r["confusion_matrix"][i][j] for r in results.values())
+                                    for j in range(len(classes))] for i in range(len(classes))]
     return summary
+
+
+def spread(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for one value; NaN-free for none)."""
+    return {"mean": statistics.fmean(values) if values else 0.0,
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def report(summary: dict, label: str) -> str:
+    """The summary as the lines cv prints."""
+    acc, f1 = summary["accuracy"], summary["macro_f1"]
+    lines = [f"{label}: accuracy {acc['mean']:.4f} +- {acc['std']:.4f}, macro F1 {f1['mean']:.4f} +- {f1['std']:.4f}",
+             "  recall per class (mean +- sd over folds; images held out): " + ", ".join(
+                 f"{c} {v['recall']['mean']:.3f} +- {v['recall']['std']:.3f} ({v['support']})"
+                 for c, v in summary["per_class"].items())]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,11 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.output_dir / "cv.json").write_text(json.dumps(summary, indent=1) + "\n")
     for k, r in summary["folds"].items():
         print(f"fold {k}: accuracy {r['accuracy']:.4f}  macro F1 {r['macro_f1']:.4f}  ({r['samples']} samples)")
-    acc, f1 = summary["accuracy"], summary["macro_f1"]
-    print(f"{len(folds)} folds: accuracy {acc['mean']:.4f} +- {acc['std']:.4f}, macro F1 {f1['mean']:.4f} +- {f1['std']:.4f}")
+    print(report(summary, f"{len(folds)} folds"))
     if args.tta:
-        acc, f1 = summary["tta"]["accuracy"], summary["tta"]["macro_f1"]
-        print(f"with TTA: accuracy {acc['mean']:.4f} +- {acc['std']:.4f}, macro F1 {f1['mean']:.4f} +- {f1['std']:.4f}")
+        print(report(summary["tta"], "with TTA"))
     return 0
 
 

@@ -124,6 +124,15 @@ def test_cross_validation_runs_folds_and_summarises(synthetic_shards, tmp_path):
     accs = [summary["folds"][k]["accuracy"] for k in ("0", "3")]
     assert summary["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
     assert "2 folds: accuracy" in proc.stdout and "with TTA: accuracy" in proc.stdout
+    finals = [json.loads((runs / f"fold-{k}" / "final.json").read_text())["final"] for k in (0, 3)]
+    pooled = summary["confusion_matrix"]  # every held-out image of both folds, once
+    assert sum(map(sum, pooled)) == sum(f["samples"] for f in finals)
+    classes = ShardManifest.load(synthetic_shards).classes
+    for i, name in enumerate(classes):
+        recalls = [f["per_class"][name]["recall"] for f in finals if f["per_class"][name]["support"]]
+        assert summary["per_class"][name]["recall"]["mean"] == pytest.approx(sum(recalls) / len(recalls))
+        assert summary["per_class"][name]["support"] == sum(pooled[i])
+    assert f"{classes[0]} " in proc.stdout.split("recall per class")[1]
     manifest = ShardManifest.load(synthetic_shards)
     for k in ("0", "3"):  # TTA scores the same held-out cells: every sample of fold k in train + val, once
         in_fold = sum(manifest.splits[s].samples_per_fold[k] for s in ("train", "val"))
