@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -56,7 +57,20 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
 def free_port() -> int:
-    """A free TCP port on loopback for a launcher rendezvous."""
+    """A free TCP port on loopback for a launcher rendezvous, below the kernel's ephemeral range: a port from
+    that range can be handed to another process's outgoing connection before the launcher binds it, or (in a
+    client retrying before the server listens) connect a socket to itself."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for port in random.Random().sample(range(15000, max(low, 15001)), k=min(200, max(low - 15000, 1))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
