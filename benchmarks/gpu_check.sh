@@ -5,6 +5,9 @@
 #                                               best.yaml, best.yaml at global batch 512 (lr 0.2, 60 epochs,
 #                                               3 warm-up) and fast.yaml, each while time is left
 # DEADLINE (seconds from start, default 540) stops starting new work that would not finish in time.
+# VARIANTS="name|recipe|extra args;..." replaces the cross-validated list, e.g.
+#   VARIANTS="big|best|--image-size 240,320;long|best|--epochs 48" benchmarks/gpu_check.sh full SHARDS OUT
+# BENCH=0 skips the benchmark table.
 set -u
 stage=$1; shift
 start=$(date +%s); deadline=${DEADLINE:-540}
@@ -31,12 +34,12 @@ PY
   exit 0
 fi
 shards=$1; out=$2
-for batch in 512 64; do
+for batch in $([ "${BENCH:-1}" = 1 ] && echo 512 64); do
   steps=$([ $batch = 512 ] && echo 12 || echo 100)
   [ "$(left)" -gt 60 ] && timeout $(( $(left) - 20 )) python3 benchmarks/bench_train.py --shards "$shards" \
     --batch-size $batch --steps $steps --rounds 2 --workers 12 --cache-dir /tmp/cache 2>&1 | tee "$out/bench-$batch.txt"
 done
-variants=("best|best|" "b512|best|--batch-size 512 --lr 0.2 --epochs 60 --warmup-epochs 3" "fast|fast|")
+IFS=';' read -r -a variants <<< "${VARIANTS:-best|best|;b512|best|--batch-size 512 --lr 0.2 --epochs 60 --warmup-epochs 3;fast|fast|}"
 for variant in "${variants[@]}"; do
   IFS='|' read -r recipe config extra <<< "$variant"
   [ "$(left)" -lt 60 ] && { echo "skipped $recipe: $(left) s left"; continue; }
