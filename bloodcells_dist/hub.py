@@ -63,6 +63,10 @@ def measured_metrics(model_path: Path, meta: dict) -> list[dict]:
     (final.json) and every `evaluate` result written beside them (eval-*.json)."""
     weights = model_path / BEST_NAME if model_path.is_dir() else model_path
     run = weights.parent
+    def entry(split: str, source: str, record: dict) -> dict:
+        return {"split": split, "source": source, "samples": record.get("samples"), "accuracy": record["accuracy"],
+                "macro_f1": record.get("macro_f1"), "per_class": record.get("per_class", {})}
+
     found = []
     final = run / "final.json"
     config = meta.get("config", {})
@@ -71,11 +75,10 @@ def measured_metrics(model_path: Path, meta: dict) -> list[dict]:
         record = summary.get("best" if weights.name == BEST_NAME else "final") or {}
         fold = config.get("val_fold", -1)
         if "accuracy" in record:
-            found.append({"split": config["val_split"] + (f" (fold {fold})" if fold is not None and fold >= 0 else ""),
-                          "source": "validation during training" + (
-                              f", epoch {record['epoch']} (chose these weights: optimistic)" if "epoch" in record else ""),
-                          "samples": record.get("samples"), "accuracy": record["accuracy"],
-                          "macro_f1": record.get("macro_f1"), "per_class": record.get("per_class", {})})
+            found.append(entry(config["val_split"] + (f" (fold {fold})" if fold is not None and fold >= 0 else ""),
+                               "validation during training" + (
+                                   f", epoch {record['epoch']} (chose these weights: optimistic)"
+                                   if "epoch" in record else ""), record))
     for path in sorted(run.glob("eval-*.json")):
         record = json.loads(path.read_text())
         scored = Path(record.get("model", ""))  # as typed, maybe relative: compare the weights' file names
@@ -83,10 +86,8 @@ def measured_metrics(model_path: Path, meta: dict) -> list[dict]:
         if "accuracy" not in record or scored_name != weights.name:
             continue  # an evaluation of other weights (e.g. last.safetensors)
         fold = record.get("fold")
-        found.append({"split": record.get("split", "?") + (f" (fold {fold})" if fold is not None else ""),
-                      "source": f"`evaluate`{' with TTA' if record.get('tta') else ''} ({path.name})",
-                      "samples": record.get("samples"), "accuracy": record["accuracy"],
-                      "macro_f1": record.get("macro_f1"), "per_class": record.get("per_class", {})})
+        found.append(entry(record.get("split", "?") + (f" (fold {fold})" if fold is not None else ""),
+                           f"`evaluate`{' with TTA' if record.get('tta') else ''} ({path.name})", record))
     return found
 
 
@@ -101,15 +102,14 @@ def model_card(config: dict, metrics: list[dict]) -> str:
         "library_name": "bloodcells_dist",
         "pipeline_tag": "image-classification",
         "tags": ["image-classification", "white-blood-cells", "pytorch", "safetensors"],
-        "model-index": [{"name": "bloodcells-cnn", "results": [
+    }
+    if metrics:
+        header["model-index"] = [{"name": "bloodcells-cnn", "results": [
             {"task": {"type": "image-classification"},
              "dataset": {"name": "blood-cells", "type": "blood-cells", "split": m["split"]},
              "metrics": [{"type": "accuracy", "value": round(m["accuracy"], 4)}]
              + ([{"type": "f1", "name": "macro F1", "value": round(m["macro_f1"], 4)}] if m.get("macro_f1") is not None else [])}
-            for m in metrics]}] if metrics else [],
-    }
-    if not metrics:
-        del header["model-index"]
+            for m in metrics]}]
     classes = config["classes"]
     if metrics:
         rows = "\n".join(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .manifest import ShardManifest
+from .manifest import MANIFEST_NAME, ShardManifest
 
 TIMM_INFO = "_info.json"  # timm's ReaderWds looks for this name (or info.json) in --data-dir
 CARD = "README.md"  # datasets.load_dataset(DIR) reads its YAML header; the Hub shows it as the dataset card
@@ -188,4 +188,4 @@ def check_descriptions(folder: Path, manifest: ShardManifest) -> None:
         except (ValueError, yaml.YAMLError) as err:
             raise ValueError(f"{name} is unreadable ({err})") from None
         if not agree:
-            raise ValueError(f"{name} disagrees with {'manifest.json'} (re-run pack, or restore it)")
+            raise ValueError(f"{name} disagrees with {MANIFEST_NAME} (re-run pack, or restore it)")

@@ -56,8 +56,9 @@ class MetricsLog:
 def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of a run folder, created on first use: a resumed or requeued run continues that W&B run."""
     path = Path(run_dir) / RUN_ID_NAME
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    saved = path.read_text().strip() if path.is_file() else ""
+    if saved:
+        return saved
     run_id = secrets.token_hex(4)  # W&B ids are letters and digits, unique within the project
     path.write_text(run_id + "\n")
     return run_id
