@@ -36,6 +36,9 @@ class TrainConfig:
     aug_rot90: bool = True  # random multiple of 90 degrees (cropped/padded back to the frame)
     aug_affine: bool = True  # small rotation (+-15 deg), shift (5%) and scale (0.9-1.1)
     aug_color: bool = True  # brightness, contrast and saturation +-20%
+    aug_hue: float = 0.0  # stain jitter: hue turned by up to +-aug_hue of a full turn (0.5 at most)
+    aug_gain: float = 0.0  # stain jitter: each colour channel scaled by 1 +- aug_gain
+    aug_erase: float = 0.0  # probability of erasing one rectangle (2-20% of the frame) to the mean colour
     # model: 4 x (conv -> BN -> ReLU -> maxpool), flatten, FC1 -> FC2 -> FC3
     widths: tuple[int, ...] = (32, 64, 128, 256)  # conv channels per block
     hidden: tuple[int, int] = (256, 128)  # FC1 and FC2 widths; FC3 maps to the classes
@@ -87,10 +90,13 @@ class TrainConfig:
             raise UserError(f"config lr={self.lr}: must be a finite number above 0")
         # (key, low, high): the value must be in [low, high); nan fails every comparison, so it is rejected too
         ranges = (("dropout", 0, 1), ("label_smoothing", 0, 1), ("momentum", 0, 1), ("weight_decay", 0, math.inf),
-                  ("warmup_epochs", 0, math.inf))
+                  ("warmup_epochs", 0, math.inf), ("aug_gain", 0, 1))
         for key, low, high in ranges:
             if not low <= getattr(self, key) < high:
                 raise UserError(f"config {key}={getattr(self, key)}: must be in [{low}, {high})")
+        for key, low, high in (("aug_hue", 0, 0.5), ("aug_erase", 0, 1)):  # closed ranges
+            if not low <= getattr(self, key) <= high:
+                raise UserError(f"config {key}={getattr(self, key)}: must be in [{low}, {high}]")
         for key, low in (("workers", 0), ("checkpoint_every", 0), ("shuffle_buffer", 1), ("val_fold", -1)):
             if getattr(self, key) < low:
                 raise UserError(f"config {key}={getattr(self, key)} must be at least {low}")

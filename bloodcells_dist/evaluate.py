@@ -3,15 +3,18 @@
     [accelerate launch ...] python -m bloodcells_dist.evaluate --model RUN_OR_FILE --shards DIR --split test [--tta]
     python -m bloodcells_dist.evaluate --model RUN_OR_FILE --images ROOT_OR_FOLDER [--split test] [--tta]
     python -m bloodcells_dist.evaluate --model CV/fold-K --shards DIR --split train,val --fold K [--tta]
+    python -m bloodcells_dist.evaluate --model CV/fold-0 ... --model CV/fold-4 --shards DIR --split test [--tta]
 
 --split takes several splits, comma-separated; --fold keeps only the cells of one cross-validation fold,
-which scores a `bloodcells_dist.cv` fold's model on the cells it never saw.
+which scores a `bloodcells_dist.cv` fold's model on the cells it never saw. Several --model score an
+ensemble (the mean of their class probabilities), written as eval-SPLIT-ensembleN.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from functools import partial
@@ -21,6 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from .checkpoint import load_model
+from .model import Ensemble
 from .cli import UserError, run_main
 from .data.augment import DeviceAugment
 from .data.stream import EvalStream, decode_image, in_fold, stream_loader
@@ -64,10 +68,23 @@ def folder_batches(root: Path, split: str, classes: list[str], transform, batch_
     return batches(), unreadable
 
 
+def load_models(paths: Sequence[Path]) -> tuple[torch.nn.Module, dict]:
+    """One model, or several as an Ensemble; they must agree on classes, image size and normalisation."""
+    loaded = [load_model(p) for p in paths]
+    meta = loaded[0][1]
+    for path, (_, other) in zip(paths[1:], loaded[1:]):
+        for key in ("classes", "image_size", "mean", "std"):
+            if other[key] != meta[key]:
+                raise UserError(f"{path} has {key} {other[key]}, but {paths[0]} has {meta[key]}: "
+                                "an ensemble's models must agree")
+    return (loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()), meta
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="run folder (uses best.safetensors) or model file")
+    parser.add_argument("--model", type=Path, required=True, action="append",
+                        help="run folder (uses best.safetensors) or model file; repeat it to score an ensemble")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", help="shard folder or URL prefix holding manifest.json")
     source.add_argument("--images", type=Path, help="dataset root or a folder of class folders of JPEGs")
@@ -83,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = ShardManifest.load(args.shards, args.allow_pipe) if args.shards else None  # refuse bad shards early
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model, meta = load_model(args.model)
+    model, meta = load_models(args.model)
     model = model.to(accelerator.device)
     classes, transform = meta["classes"], build_transform(meta["image_size"], mean=meta["mean"], std=meta["std"])
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -109,12 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if metrics["samples"] == 0:  # on every rank alike: the counts are summed over all of them
         raise UserError(f"no sample could be evaluated ({skipped} unreadable image(s)"
                         + (f", e.g. {unreadable[0]})" if unreadable else ")"))
-    metrics.update(split=args.split, fold=args.fold if args.fold >= 0 else None, tta=args.tta, model=str(args.model),
-                   unreadable=int(skipped))
+    models = [str(m) for m in args.model]
+    metrics.update(split=args.split, fold=args.fold if args.fold >= 0 else None, tta=args.tta,
+                   model=models[0] if len(models) == 1 else models, unreadable=int(skipped))
     if accelerator.is_main_process:
-        out = args.out or (args.model if args.model.is_dir() else args.model.parent)
+        folders = [m if m.is_dir() else m.parent for m in args.model]
+        out = args.out or (folders[0] if len(folders) == 1 else Path(os.path.commonpath([f.resolve() for f in folders])))
         out.mkdir(parents=True, exist_ok=True)
-        stem = eval_stem(args.split, args.fold, args.tta)
+        stem = eval_stem(args.split, args.fold, args.tta) + (f"-ensemble{len(models)}" if len(models) > 1 else "")
         (out / f"{stem}.json").write_text(json.dumps(metrics, indent=1) + "\n")
         save_confusion_png(metrics["confusion_matrix"], classes, out / f"{stem}-confusion.png",
                            f"{args.split}: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -51,3 +52,17 @@ class BloodCellCNN(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W), normalised -> logits (N, num_classes)."""
         return self.classifier(self.features(images))
+
+
+class Ensemble(nn.Module):
+    """Several trained models as one (e.g. the fold models of a cross-validation): the log of their mean
+    class probabilities, so that argmax and softmax read it as one model's logits."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W), normalised -> log of the mean softmax (N, num_classes)."""
+        logs = torch.stack([m(images).float().log_softmax(1) for m in self.members])
+        return logs.logsumexp(0) - math.log(len(self.members))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bloodcells_dist.data.augment import DeviceAugment, sample_uniforms
+from bloodcells_dist.data.augment import DRAWS, DeviceAugment, sample_uniforms
 from bloodcells_dist.data.batches import shard_positions
 from bloodcells_dist.data.cache import load_or_build, read_samples
 from bloodcells_dist.data.plan import EpochPlan, slot_ranges
@@ -125,7 +125,7 @@ def test_augmentation_of_a_sample_is_the_same_whatever_ranks_workers_or_path(syn
 def test_device_augmentation_keeps_todays_distributions():
     ids = torch.arange(20_000) * 7919 + 2**40
     u = sample_uniforms(0, 0, ids)
-    assert u.min() >= 0 and u.max() < 1 and torch.allclose(u.mean(0), torch.full((10,), 0.5), atol=0.01)
+    assert u.min() >= 0 and u.max() < 1 and torch.allclose(u.mean(0), torch.full((DRAWS,), 0.5), atol=0.01)
     assert not torch.equal(sample_uniforms(0, 1, ids), u) and torch.equal(sample_uniforms(0, 0, ids), u)
     square = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8)
     turned, plain = DeviceAugment(flip=True, rot90=True)(square, torch.arange(16)), DeviceAugment()(square)
@@ -134,6 +134,33 @@ def test_device_augmentation_keeps_todays_distributions():
     images = torch.randint(0, 256, (16, 3, 40, 60), dtype=torch.uint8)
     out = AUG(images, torch.arange(16))
     assert out.shape == images.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_stain_jitter_and_erasing_do_what_they_say():
+    ids = torch.arange(1000)
+    # New draws were appended: recipes without them augment exactly as before.
+    assert torch.equal(sample_uniforms(3, 2, ids)[:, :10], sample_uniforms(3, 2, ids, draws=10))
+    gray = torch.full((8, 3, 20, 20), 117, dtype=torch.uint8)
+    assert torch.allclose(DeviceAugment(hue=0.5)(gray, ids[:8]), DeviceAugment()(gray), atol=1e-4)  # grays stay
+    pale = torch.randint(90, 166, (64, 3, 30, 40), dtype=torch.uint8)  # no channel near 0 or 255: no clamping
+    unit = DeviceAugment(mean=(0, 0, 0), std=(1 / 255,) * 3)  # output in grey levels
+    hue, plain = DeviceAugment(hue=0.25, mean=unit.mean, std=unit.std)(pale, ids[:64]), unit(pale)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    assert torch.allclose((hue * luma).sum(1), (plain * luma).sum(1), atol=0.01)  # a turn keeps the luma
+    assert (hue - plain).abs().amax((1, 2, 3)).gt(5).float().mean() > 0.9  # and does change the colours
+    gained = DeviceAugment(gain=0.1, mean=unit.mean, std=unit.std)(pale, ids[:64])
+    ratio = gained.mean((2, 3)) / plain.mean((2, 3))
+    assert ratio.min() >= 0.9 - 1e-4 and ratio.max() <= 1.1 + 1e-4 and ratio.std() > 0.03
+    images = torch.randint(0, 256, (1000, 3, 24, 32), dtype=torch.uint8)
+    # Output x - 255 mean: the fill (the mean colour) is 0, which no whole grey level minus 127.5 can be.
+    erased = DeviceAugment(erase=0.5, mean=(0.5, 0.5, 0.5), std=(1 / 255,) * 3)(images, ids)
+    rect = (erased.abs() < 1e-3).all(1).float().mean((1, 2))  # share of the frame erased
+    hit = rect > 0
+    # 2-20% of the frame, give or take the rounding to whole pixels of a 24x32 frame
+    assert 0.45 < hit.float().mean() < 0.55 and rect[hit].min() >= 0.015 and rect.max() <= 0.22
+    batched = DeviceAugment(hue=0.1, gain=0.2, erase=0.5)
+    assert torch.equal(batched(images[:100], ids[:100], seed=4), batched(images, ids, seed=4)[:100])
+    assert torch.equal(DeviceAugment(erase=0.0)(images[:10], ids[:10]), DeviceAugment()(images[:10], ids[:10]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

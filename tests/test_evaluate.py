@@ -10,9 +10,12 @@ import time
 from collections import defaultdict
 
 import pytest
+import torch
 import webdataset as wds
 
+from bloodcells_dist.checkpoint import load_model
 from bloodcells_dist.manifest import ShardManifest
+from bloodcells_dist.model import Ensemble
 
 from .conftest import free_port, launch, run_cli, train_args
 
@@ -47,6 +50,26 @@ def test_evaluate_from_jpeg_folders_matches_shards(reference_run, synthetic_root
     proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
                    "--tta", "--out", str(tmp_path / "tta"), check=True)
     assert evaluation(tmp_path / "tta", "eval-test-tta")["samples"] == 99 and "accuracy" in proc.stdout
+
+
+def test_an_ensemble_averages_its_models_probabilities(reference_run, synthetic_shards, tmp_path):
+    first, second = load_model(reference_run / "best.safetensors")[0], load_model(reference_run / "last.safetensors")[0]
+    images = torch.randn(5, 3, 48, 64)
+    with torch.no_grad():
+        mean = (first(images).softmax(1) + second(images).softmax(1)) / 2
+        assert torch.allclose(Ensemble([first, second])(images).exp(), mean, atol=1e-5)
+    base = ["-m", "bloodcells_dist.evaluate", "--shards", str(synthetic_shards), "--split", "test"]
+    run_cli(*base, "--model", str(reference_run), "--out", str(tmp_path / "one"), check=True)
+    proc = run_cli(*base, "--model", str(reference_run), "--model", str(reference_run / "best.safetensors"),
+                   "--out", str(tmp_path / "two"), check=True)
+    pair = evaluation(tmp_path / "two", "eval-test-ensemble2")
+    assert "accuracy" in proc.stdout and pair["samples"] == 99 and len(pair["model"]) == 2
+    # A model with itself predicts what the model alone does.
+    assert pair["confusion_matrix"] == evaluation(tmp_path / "one")["confusion_matrix"]
+    other = tmp_path / "other"
+    run_cli(*train_args(synthetic_shards, other, "--epochs", "1", "--image-size", "32,48"), check=True)
+    proc = run_cli(*base, "--model", str(reference_run), "--model", str(other))
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {other} has image_size [32, 48]")
 
 
 def test_evaluate_bad_model_path_is_one_line(synthetic_shards, tmp_path):

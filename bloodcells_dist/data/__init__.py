@@ -85,7 +85,8 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator
     plan = EpochPlan(len(train_rows), config.batch_size, accelerator.num_processes, config.grad_accum,
                      seed=config.seed, shuffle=config.shuffle)
     augment = DeviceAugment(flip=config.aug_flip, rot90=config.aug_rot90, affine=config.aug_affine,
-                            color=config.aug_color, channels_last=config.channels_last,
+                            color=config.aug_color, hue=config.aug_hue, gain=config.aug_gain, erase=config.aug_erase,
+                            channels_last=config.channels_last,
                             dtype=DTYPES.get(accelerator.mixed_precision, torch.float32))
     device, rank = accelerator.device, accelerator.process_index
     seconds = time.perf_counter() - started

@@ -7,8 +7,10 @@ worker count, data path (cache or stream) or resume point.
 Per sample, in today's order (see README, "Data" for where a distribution changed):
 flips -> multiple of 90 degrees (odd turns of a non-square frame reflected at its edges) -> small affine
 (+-15 degrees, 5% shift, scale 0.9-1.1, filled with the mean colour) -> colour jitter (brightness,
-contrast, saturation +-20%) -> normalisation -> channels_last and the autocast dtype. The geometric steps
-are one inverse-mapped sampling grid and a single `grid_sample`.
+contrast, saturation +-20%) -> stain jitter (off by default: a hue turn and a gain per channel, for the
+stain and white balance of other smears) -> random erasing (off by default: one rectangle of 2-20% of the
+frame in the mean colour) -> normalisation -> channels_last and the autocast dtype. The geometric steps
+are one inverse-mapped sampling grid and a single `grid_sample`; both colour steps are one 3x3 matrix.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from .plan import stable_seed
 MASK32 = 0xFFFFFFFF
 # Draws per sample, in this order (a fixed slot each, so switching one augmentation off changes no other).
 HFLIP, VFLIP, ROT90, ANGLE, SHIFT_X, SHIFT_Y, SCALE, BRIGHTNESS, CONTRAST, SATURATION = range(10)
-DRAWS = 10
+HUE, GAIN_R, GAIN_G, GAIN_B, ERASE, ERASE_AREA, ERASE_ASPECT, ERASE_TOP, ERASE_LEFT = range(10, 19)
+DRAWS = 19
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+# RGB -> YIQ: a hue turn is a rotation of the (I, Q) chroma plane that keeps the luma Y and every gray.
+YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
 @lru_cache(maxsize=None)
@@ -72,6 +77,9 @@ class DeviceAugment:
     rot90: bool = False
     affine: bool = False
     color: bool = False
+    hue: float = 0.0  # stain jitter: hue turned by up to +-hue of a full turn (torchvision's ColorJitter hue)
+    gain: float = 0.0  # stain jitter: each channel scaled by a factor in [1 - gain, 1 + gain]
+    erase: float = 0.0  # probability of erasing one rectangle (torchvision's RandomErasing, mean colour)
     mean: tuple[float, ...] = MEAN
     std: tuple[float, ...] = STD
     channels_last: bool = False
@@ -88,6 +96,10 @@ class DeviceAugment:
                 x = self.geometry(x.to(torch.float32), u, fill=mean * 255)
             if self.color:
                 x = color_jitter(x.to(torch.float32), u).clamp_(0, 255)
+            if self.hue or self.gain:
+                x = stain_jitter(x.to(torch.float32), u, self.hue, self.gain).clamp_(0, 255)
+            if self.erase:
+                x = random_erase(x.to(torch.float32), u, self.erase, fill=mean * 255)
         # (x / 255 - mean) / std in one pass, then the memory format and dtype in another.
         x = torch.addcmul((-mean / std).view(1, -1, 1, 1), x, (1 / (255 * std)).view(1, -1, 1, 1))
         return x.to(self.dtype, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
@@ -159,3 +171,34 @@ def color_jitter(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     mean_gray = (x.mean((2, 3)) @ w) * b * (1 - c)  # (N,)
     out = torch.bmm(matrix, x.flatten(2)) + mean_gray.view(n, 1, 1)
     return out.view_as(x)
+
+
+def stain_jitter(x: torch.Tensor, u: torch.Tensor, hue: float, gain: float) -> torch.Tensor:
+    """A hue turn of up to +-hue of a full circle (in YIQ, so luma and grays stay) followed by a gain per
+    channel in [1 - gain, 1 + gain]: the stain and white balance of another smear, as one 3x3 matrix."""
+    n = len(x)
+    yiq = constant(YIQ, x.device)
+    angle = (u[:, HUE] * 2 - 1) * hue * 2 * math.pi
+    cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros(n, device=x.device), torch.ones(n, device=x.device)
+    turn = torch.stack((torch.stack((one, zero, zero), -1), torch.stack((zero, cos, -sin), -1),
+                        torch.stack((zero, sin, cos), -1)), -2)
+    gains = 1 + (u[:, GAIN_R:GAIN_B + 1] * 2 - 1) * gain  # (N, 3)
+    matrix = gains[..., None] * (torch.linalg.inv(yiq) @ turn @ yiq)
+    return torch.bmm(matrix, x.flatten(2)).view_as(x)
+
+
+def random_erase(x: torch.Tensor, u: torch.Tensor, p: float, fill: torch.Tensor) -> torch.Tensor:
+    """With probability p per sample, one rectangle of 2-20% of the frame, aspect ratio 0.3-3.3 (log-uniform),
+    clipped to the frame, takes the fill colour (torchvision's RandomErasing with value=mean, one try)."""
+    n, _, height, width = x.shape
+    area = (0.02 + 0.18 * u[:, ERASE_AREA]) * height * width
+    aspect = torch.exp((u[:, ERASE_ASPECT] * 2 - 1) * math.log(10 / 3))
+    h = torch.sqrt(area / aspect).round().clamp(1, height)
+    w = torch.sqrt(area * aspect).round().clamp(1, width)
+    top = (u[:, ERASE_TOP] * (height - h + 1)).floor()
+    left = (u[:, ERASE_LEFT] * (width - w + 1)).floor()
+    ys = torch.arange(height, device=x.device).view(1, height, 1)
+    xs = torch.arange(width, device=x.device).view(1, 1, width)
+    inside = ((ys >= top.view(n, 1, 1)) & (ys < (top + h).view(n, 1, 1)) & (xs >= left.view(n, 1, 1))
+              & (xs < (left + w).view(n, 1, 1)) & (u[:, ERASE] < p).view(n, 1, 1))
+    return torch.where(inside[:, None], fill.view(1, -1, 1, 1), x)
