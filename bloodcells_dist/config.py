@@ -56,6 +56,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_epochs: float = 0.5  # linear warm-up from 0 (cosine and constant schedules)
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup's Beta(a, a) parameter a (0.2-0.4 is usual); 0: off
     mixed_precision: str = "auto"  # auto (hardware and launch config decide, see precision.py) | no | fp16 | bf16
     seed: int = 0
     # bookkeeping
@@ -90,7 +91,8 @@ class TrainConfig:
             raise UserError(f"config lr={self.lr}: must be a finite number above 0")
         # (key, low, high): the value must be in [low, high); nan fails every comparison, so it is rejected too
         ranges = (("dropout", 0, 1), ("label_smoothing", 0, 1), ("momentum", 0, 1), ("weight_decay", 0, math.inf),
-                  ("warmup_epochs", 0, math.inf), ("aug_gain", 0, 1))
+                  ("warmup_epochs", 0, math.inf), ("aug_gain", 0, 1),
+                  ("mixup", 0, math.inf))
         for key, low, high in ranges:
             if not low <= getattr(self, key) < high:
                 raise UserError(f"config {key}={getattr(self, key)}: must be in [{low}, {high})")

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -30,7 +31,7 @@ from .checkpoint import (BEST_NAME, LAST_NAME, STATE_NAME, check_shared_run_dir,
 from .cli import UserError, run_main, writable_folder
 from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
 from .data import open_training_data
-from .data.plan import split_size
+from .data.plan import split_size, stable_seed
 from .manifest import ShardManifest
 from .metrics import format_metrics
 from .model import BloodCellCNN
@@ -81,6 +82,20 @@ def check_output_dir(run_dir: Path) -> None:
     writable_folder(run_dir, "--output-dir")
 
 
+def mixup_loss(model, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, key: tuple) -> torch.Tensor:
+    """Cross-entropy of the micro-batch, or with config.mixup > 0 of its mixup (Zhang et al. 2018): images
+    blended with a shuffled copy of the batch by lam ~ Beta(mixup, mixup), the loss blended by the same lam.
+    lam and the pairing are a pure function of key (seed, step, micro-batch, rank): a resumed run mixes alike."""
+    if not config.mixup:
+        return F.cross_entropy(model(images).float(), labels, label_smoothing=config.label_smoothing)
+    draw = random.Random(stable_seed(config.seed, "mixup", *key))
+    lam = draw.betavariate(config.mixup, config.mixup)
+    pair = torch.randperm(len(labels), generator=torch.Generator().manual_seed(draw.getrandbits(63))).to(labels.device)
+    logits = model(images.lerp(images[pair], 1 - lam)).float()
+    return (lam * F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+            + (1 - lam) * F.cross_entropy(logits, labels[pair], label_smoothing=config.label_smoothing))
+
+
 def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerator, *, config: TrainConfig,
                     state: dict, schedule: tuple[int, int], run_dir: Path, log: MetricsLog, tracker: Tracker,
                     stop: StopSignal) -> None:
@@ -106,10 +121,11 @@ def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerato
     batches = rng_isolated(batches)  # the data side never moves the RNG dropout draws from
     bar = progress(batches, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                disable=not accelerator.is_main_process, leave=False)
+    micro = 0  # micro-batch within the optimizer step
     for images, labels in bar:
         with accelerator.accumulate(model):
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+            loss = mixup_loss(model, images, labels, config, (state["step"], micro, accelerator.process_index))
+            micro = 0 if accelerator.sync_gradients else micro + 1
             first_bad = torch.minimum(first_bad, torch.where(loss.isfinite(), NO_STEP, state["step"] + 1))
             accelerator.backward(loss)
             if accelerator.sync_gradients:  # the last micro-batch of an optimizer step

@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from bloodcells_dist import train
 from bloodcells_dist.checkpoint import load_model
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.config import build_config, parse_overrides
@@ -250,3 +251,51 @@ def test_config_layers_and_unknown_keys(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown config key(s) in command-line flags: bogus_key"
     with pytest.raises(UserError, match="schedule"):
         build_config(overrides={"schedule": "linear"})
+
+
+class Recorder(torch.nn.Module):
+    """A linear classifier that keeps the last images it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, images):
+        self.seen = images.detach().clone()
+        return self.fc(images.flatten(1))
+
+
+def test_mixup_blends_each_image_with_a_partner_and_the_loss_by_the_same_amount():
+    torch.manual_seed(0)
+    images, labels = torch.randn(16, 3, 4, 4), torch.arange(16) % 4
+    model, plain = Recorder(), build_config(overrides=parse_overrides(["--label-smoothing", "0.1"]))
+    loss = train.mixup_loss(model, images, labels, plain, (5, 0, 0))
+    assert torch.equal(model.seen, images)  # mixup off: the batch as it is
+    assert loss == torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=0.1)
+    config = build_config(overrides=parse_overrides(["--mixup", "0.4", "--label-smoothing", "0.1"]))
+    loss = train.mixup_loss(model, images, labels, config, (5, 0, 0))
+    mixed, logits = model.seen, model.fc(model.seen.flatten(1))
+    # Each image is lam x itself + (1 - lam) x one partner (itself, for a fixed point of the pairing).
+    found = []
+    for i in range(16):
+        if torch.allclose(mixed[i], images[i], atol=1e-5):
+            found.append((i, None))
+            continue
+        for j in set(range(16)) - {i}:
+            d = images[i] - images[j]
+            lam = float(((mixed[i] - images[j]) * d).sum() / (d * d).sum())  # the best lam for partner j
+            if torch.allclose(lam * images[i] + (1 - lam) * images[j], mixed[i], atol=1e-5):
+                found.append((j, lam))
+                break
+    assert len(found) == 16
+    pair = torch.tensor([j for j, _ in found])
+    lams = [lam for _, lam in found if lam is not None]
+    lam = lams[0]
+    assert 0 < lam < 1 and max(lams) - min(lams) < 1e-4 and len(lams) > 8
+    assert sorted(pair.tolist()) == list(range(16))  # a permutation: every image is someone's partner
+    ce = lambda y: torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    assert torch.allclose(loss, lam * ce(labels) + (1 - lam) * ce(labels[pair]), atol=1e-5)
+    again = train.mixup_loss(model, images, labels, config, (5, 0, 0))
+    assert torch.equal(model.seen, mixed) and torch.equal(again, loss)  # the same key mixes alike (resume)
+    train.mixup_loss(model, images, labels, config, (6, 0, 0))
+    assert not torch.equal(model.seen, mixed)  # the next step draws anew
