@@ -81,6 +81,8 @@ def measured_metrics(model_path: Path, meta: dict) -> list[dict]:
                                    if "epoch" in record else ""), record))
     for path in sorted(run.glob("eval-*.json")):
         record = json.loads(path.read_text())
+        if not isinstance(record.get("model", ""), str):
+            continue  # an ensemble's score (a list of models) is not this model's
         scored = Path(record.get("model", ""))  # as typed, maybe relative: compare the weights' file names
         scored_name = scored.name if scored.suffix == ".safetensors" else BEST_NAME
         if "accuracy" not in record or scored_name != weights.name:

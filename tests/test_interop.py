@@ -180,6 +180,19 @@ def test_model_card_has_metrics_with_splits_recipe_use_and_no_medical_claim(hub_
         assert phrase in text, phrase
 
 
+def test_the_model_card_leaves_out_an_ensembles_score(hub_folder, tmp_path):
+    from bloodcells_dist.checkpoint import load_model
+    from bloodcells_dist.hub import measured_metrics
+
+    run, _ = hub_folder
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    alone = measured_metrics(copy, load_model(copy)[1])
+    record = dict(json.loads((copy / "eval-test.json").read_text()), model=[str(copy), str(copy / "last.safetensors")])
+    (copy / "eval-test-ensemble2.json").write_text(json.dumps(record))
+    assert measured_metrics(copy, load_model(copy)[1]) == alone
+
+
 def test_predict_and_evaluate_accept_a_hub_folder(hub_folder, synthetic_shards, synthetic_root, tmp_path):
     run, hub = hub_folder
     proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(hub), "--shards", str(synthetic_shards),
