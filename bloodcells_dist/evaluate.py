@@ -24,12 +24,12 @@ import torch
 from accelerate import Accelerator
 
 from .checkpoint import load_model
-from .model import Ensemble
 from .cli import UserError, run_main
 from .data.augment import DeviceAugment
 from .data.stream import EvalStream, decode_image, in_fold, stream_loader
 from .manifest import ShardManifest
 from .metrics import format_metrics
+from .model import Ensemble
 from .scoring import eval_stem, save_confusion_png, score
 from .sources import find_split_folders
 from .transforms import build_transform

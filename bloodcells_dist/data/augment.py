@@ -33,6 +33,7 @@ DRAWS = 19
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 # RGB -> YIQ: a hue turn is a rotation of the (I, Q) chroma plane that keeps the luma Y and every gray.
 YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(YIQ, dtype=torch.float64)).tolist()))
 
 
 @lru_cache(maxsize=None)
@@ -177,13 +178,12 @@ def stain_jitter(x: torch.Tensor, u: torch.Tensor, hue: float, gain: float) -> t
     """A hue turn of up to +-hue of a full circle (in YIQ, so luma and grays stay) followed by a gain per
     channel in [1 - gain, 1 + gain]: the stain and white balance of another smear, as one 3x3 matrix."""
     n = len(x)
-    yiq = constant(YIQ, x.device)
     angle = (u[:, HUE] * 2 - 1) * hue * 2 * math.pi
     cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros(n, device=x.device), torch.ones(n, device=x.device)
     turn = torch.stack((torch.stack((one, zero, zero), -1), torch.stack((zero, cos, -sin), -1),
                         torch.stack((zero, sin, cos), -1)), -2)
     gains = 1 + (u[:, GAIN_R:GAIN_B + 1] * 2 - 1) * gain  # (N, 3)
-    matrix = gains[..., None] * (torch.linalg.inv(yiq) @ turn @ yiq)
+    matrix = gains[..., None] * (constant(YIQ_TO_RGB, x.device) @ turn @ constant(YIQ, x.device))
     return torch.bmm(matrix, x.flatten(2)).view_as(x)
 
 
