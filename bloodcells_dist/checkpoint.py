@@ -121,10 +121,11 @@ def check_shared_run_dir(accelerator: Accelerator, run_dir: Path) -> None:
 
 
 def save_model(model: torch.nn.Module, path: Path, *, classes: list[str], config: dict) -> None:
-    """Weights plus class names, image size, normalisation and model shape, atomically."""
+    """Weights plus class names, image size, cell window, normalisation and model shape, atomically."""
     metadata = {
         "classes": json.dumps(classes),
         "image_size": json.dumps(list(config["image_size"])),
+        "cell_crop": json.dumps(int(config.get("cell_crop", 0))),
         "mean": json.dumps(MEAN),
         "std": json.dumps(STD),
         "model": json.dumps({k: config[k] for k in ("widths", "hidden", "dropout")}),
@@ -151,6 +152,7 @@ def load_model(path: Path) -> tuple[BloodCellCNN, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        meta.setdefault("cell_crop", 0)  # models saved before cell windows existed saw the whole frame
         model = BloodCellCNN(num_classes=len(meta["classes"]), image_size=meta["image_size"], **meta["model"])
         model.load_state_dict(load_file(str(path)))
     except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as err:

@@ -25,6 +25,7 @@ class TrainConfig:
     val_split: str = "val"  # "" to skip validation
     val_fold: int = -1  # >= 0: grouped k-fold CV, fold k of train_splits is validation, the rest trains
     image_size: tuple[int, int] = (240, 320)  # (height, width) in pixels fed to the model
+    cell_crop: int = 0  # >0: a square window of this side (source pixels) centred on the cell's nucleus, then resized
     data: str = "auto"  # cache (decode once, hold in memory) | stream (decode every epoch) | auto: cache if it fits
     cache_dir: str = ""  # where decoded caches are saved; "" is $XDG_CACHE_HOME (or ~/.cache)/bloodcells_dist
     cache_max_mb: int = 0  # most memory the decoded cache may take per process; 0: half of what is free
@@ -102,6 +103,8 @@ class TrainConfig:
         for key, low in (("workers", 0), ("checkpoint_every", 0), ("shuffle_buffer", 1), ("val_fold", -1)):
             if getattr(self, key) < low:
                 raise UserError(f"config {key}={getattr(self, key)} must be at least {low}")
+        if self.cell_crop and self.cell_crop < 16:
+            raise UserError(f"config cell_crop={self.cell_crop}: 0 (the whole frame) or a window side of at least 16")
         h, w = self.image_size
         if h < 16 or w < 16:
             raise UserError(f"config image_size={list(self.image_size)}: 4 max-pools need at least 16x16")

@@ -73,7 +73,7 @@ def load_models(paths: Sequence[Path]) -> tuple[torch.nn.Module, dict]:
     loaded = [load_model(p) for p in paths]
     meta = loaded[0][1]
     for path, (_, other) in zip(paths[1:], loaded[1:]):
-        for key in ("classes", "image_size", "mean", "std"):
+        for key in ("classes", "image_size", "cell_crop", "mean", "std"):
             if other[key] != meta[key]:
                 raise UserError(f"{path} has {key} {other[key]}, but {paths[0]} has {meta[key]}: "
                                 "an ensemble's models must agree")
@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, meta = load_models(args.model)
     model = model.to(accelerator.device)
-    classes, transform = meta["classes"], build_transform(meta["image_size"], mean=meta["mean"], std=meta["std"])
+    classes = meta["classes"]
+    transform = build_transform(meta["image_size"], cell_crop=meta["cell_crop"], mean=meta["mean"], std=meta["std"])
     rank, world = accelerator.process_index, accelerator.num_processes
     unreadable: list[str] = []
     if manifest is not None:
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         urls = [u for s in args.split.split(",") for u in manifest.shard_urls(args.shards, s, args.allow_pipe)]
         keep = partial(in_fold, fold=args.fold, keep=True) if args.fold >= 0 else None
         stream = EvalStream(urls, image_size=meta["image_size"], batch_size=args.batch_size, rank=rank,
-                            world_size=world, sample_filter=keep)
+                            world_size=world, sample_filter=keep, cell_crop=meta["cell_crop"])
         normalise = DeviceAugment(mean=tuple(meta["mean"]), std=tuple(meta["std"]))
         batches = ((normalise(images.to(accelerator.device)), labels) for images, labels, _ in
                    stream_loader(stream, args.workers, accelerator.device.type == "cuda"))

@@ -77,12 +77,13 @@ def load_exported(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], d
         raise UserError(f"{path} is not a readable model ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     if raw is None:
         raise UserError(f"{path} has no {META_KEY}: not written by bloodcells_dist.export")
-    return model, json.loads(raw)
+    return model, {"cell_crop": 0, **json.loads(raw)}  # files exported before cell windows: the whole frame
 
 
 def export(model: torch.nn.Module, meta: dict, fmt: str, out: Path) -> None:
     """Write the eval-mode model as `fmt`, atomically, with classes, image size, mean and std embedded."""
-    info = json.dumps({k: meta[k] for k in ("classes", "image_size", "mean", "std")})
+    info = json.dumps({**{k: meta[k] for k in ("classes", "image_size", "mean", "std")},
+                       "cell_crop": meta.get("cell_crop", 0)})
     example = torch.zeros(2, 3, *meta["image_size"])
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")  # torch.export.save wants the .pt2 suffix
     with torch.no_grad(), warnings.catch_warnings():  # deprecation notices for the tracer and legacy exporter

@@ -48,6 +48,7 @@ def hub_config(meta: dict) -> dict:
         "id2label": {str(i): c for i, c in enumerate(classes)},
         "label2id": {c: i for i, c in enumerate(classes)},
         "image_size": meta["image_size"],  # [height, width] the image is resized to
+        "cell_crop": meta.get("cell_crop", 0),  # >0: first the square window of this side centred on the nucleus
         "mean": meta["mean"],  # per RGB channel, applied to pixels scaled to [0, 1]
         "std": meta["std"],
         "widths": meta["model"]["widths"],  # channels of the 4 conv blocks
@@ -96,8 +97,8 @@ def measured_metrics(model_path: Path, meta: dict) -> list[dict]:
 def model_card(config: dict, metrics: list[dict]) -> str:
     """README.md: Hub metadata, what the model is, its recipe, what was measured and on which split, its use."""
     train = config["training_config"]
-    recipe_keys = ("train_splits", "val_split", "val_fold", "image_size", "epochs", "batch_size", "grad_accum", "lr",
-                   "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout",
+    recipe_keys = ("train_splits", "val_split", "val_fold", "image_size", "cell_crop", "epochs", "batch_size",
+                   "grad_accum", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout",
                    "aug_flip", "aug_rot90", "aug_affine", "aug_color", "mixed_precision", "seed")
     recipe = {k: train[k] for k in recipe_keys if k in train}
     header = {
@@ -113,6 +114,8 @@ def model_card(config: dict, metrics: list[dict]) -> str:
              + ([{"type": "f1", "name": "macro F1", "value": round(m["macro_f1"], 4)}] if m.get("macro_f1") is not None else [])}
             for m in metrics]}]
     classes = config["classes"]
+    crop = (f" cropped to the {config['cell_crop']}x{config['cell_crop']}-pixel window centred on the cell's stained "
+            "nucleus (`bloodcells_dist.transforms.cell_window`), then" if config.get("cell_crop") else "")
     if metrics:
         rows = "\n".join(
             f"| {m['split']} | {m['source']} | {m['samples'] if m['samples'] is not None else ''} | {m['accuracy']:.4f} | "
@@ -132,13 +135,13 @@ A small CNN trained from scratch that sorts a stained white blood cell image int
 {', '.join(classes)}. The reference design: 4 x (3x3 conv, BatchNorm, ReLU, 2x2 max-pool) with widths
 {config['widths']}, then fully connected layers {config['hidden']} and the class logits.
 
-**Input**: an RGB image resized to {config['image_size'][0]}x{config['image_size'][1]} (height x width), scaled to
+**Input**: an RGB image{crop} resized to {config['image_size'][0]}x{config['image_size'][1]} (height x width), scaled to
 [0, 1] and normalised with mean {config['mean']} and std {config['std']} (all in `config.json`).
 **Output**: logits over the classes in `config.json`'s `classes` / `id2label` order.
 
 ```python
 from bloodcells_dist.hub import from_pretrained
-model, meta = from_pretrained("THIS_REPO_OR_FOLDER")    # eval mode; meta holds classes, image_size, mean, std
+model, meta = from_pretrained("THIS_REPO_OR_FOLDER")    # eval mode; meta holds classes, image_size, cell_crop, mean, std
 ```
 or `python -m bloodcells_dist.predict --model THIS_FOLDER images/ --out preds.csv`.
 
@@ -212,7 +215,8 @@ def from_pretrained(name_or_path: str | Path, *, revision: str | None = None, ca
     except (KeyError, ValueError, TypeError, RuntimeError, OSError, SafetensorError) as err:
         raise UserError(f"{folder} is not a bloodcells_dist Hub model ({type(err).__name__}: "
                         f"{str(err).splitlines()[0]})") from None
-    meta = {"classes": config["classes"], "image_size": config["image_size"], "mean": config["mean"],
+    meta = {"classes": config["classes"], "image_size": config["image_size"], "cell_crop": config.get("cell_crop", 0),
+            "mean": config["mean"],
             "std": config["std"], "model": {k: config[k] for k in ("widths", "hidden", "dropout")},
             "config": config.get("training_config", {})}
     return model.eval(), meta

@@ -66,8 +66,8 @@ def load_predictor(path: Path) -> tuple[Model, dict]:
 
 
 def eval_transform(meta: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The evaluation transform with the image size and normalisation recorded in the model."""
-    return build_transform(meta["image_size"], mean=meta["mean"], std=meta["std"])
+    """The evaluation transform with the cell window, image size and normalisation recorded in the model."""
+    return build_transform(meta["image_size"], cell_crop=meta.get("cell_crop", 0), mean=meta["mean"], std=meta["std"])
 
 
 @torch.no_grad()

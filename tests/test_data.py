@@ -10,13 +10,14 @@ import torch
 
 from bloodcells_dist.data.augment import DRAWS, DeviceAugment, sample_uniforms
 from bloodcells_dist.data.batches import shard_positions
-from bloodcells_dist.data.cache import load_or_build, read_samples
+from bloodcells_dist.data.cache import cache_path, load_or_build, read_samples
 from bloodcells_dist.data.plan import EpochPlan, slot_ranges
-from bloodcells_dist.data.stream import TrainStream, stream_loader
+from bloodcells_dist.data.stream import EvalStream, TrainStream, stream_loader
 from bloodcells_dist.manifest import ShardManifest
 from bloodcells_dist.shards import pack_shards
+from bloodcells_dist.transforms import FILL, cell_window, nucleus_centre
 
-from .conftest import run_cli, train_args
+from .conftest import REAL_TRAIN, run_cli, train_args
 
 # (ranks, data workers per rank) measured in the issue: 5% to 36% of the samples were never seen.
 SLOTS = [(1, 1), (1, 2), (2, 2), (8, 2), (8, 12)]
@@ -161,6 +162,68 @@ def test_stain_jitter_and_erasing_do_what_they_say():
     batched = DeviceAugment(hue=0.1, gain=0.2, erase=0.5)
     assert torch.equal(batched(images[:100], ids[:100], seed=4), batched(images, ids, seed=4)[:100])
     assert torch.equal(DeviceAugment(erase=0.0)(images[:10], ids[:10]), DeviceAugment()(images[:10], ids[:10]))
+
+
+def smear(centre: tuple[int, int], radius: int = 18) -> torch.Tensor:
+    """A 240x320 pale frame with one purple disc (a nucleus: (R+B)/2 - G > 40, B > 100) at `centre`."""
+    image = torch.empty(3, 240, 320, dtype=torch.uint8)
+    image[:] = torch.tensor([228, 200, 205], dtype=torch.uint8).view(3, 1, 1)
+    rows, cols = torch.meshgrid(torch.arange(240), torch.arange(320), indexing="ij")
+    disc = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+    image[:, disc] = torch.tensor([120, 60, 170], dtype=torch.uint8).view(3, 1)
+    return image
+
+
+def test_the_cell_window_is_centred_on_the_nucleus_and_filled_outside_the_frame():
+    image = smear((70, 250))
+    assert nucleus_centre(image) == pytest.approx((70, 250), abs=0.01)
+    window = cell_window(image, 96)
+    assert window.shape == (3, 96, 96) and window.dtype == torch.uint8
+    purple = (window[2] == 170).nonzero().float().mean(0)
+    assert purple.tolist() == pytest.approx([47.5, 47.5], abs=0.6)  # the disc in the middle of the window
+    edge = cell_window(smear((20, 300)), 96)  # the window reaches 28 rows above and 28 columns past the frame
+    fill = torch.tensor(FILL, dtype=torch.uint8).view(3, 1, 1)
+    assert (edge[:, :27] == fill).all() and (edge[:, :, -27:] == fill).all() and not (edge[:, 30:, :60] == fill).all()
+    blank = torch.full((3, 240, 320), 200, dtype=torch.uint8)  # no stain: the frame's centre
+    assert torch.equal(cell_window(blank, 96), blank[:, 72:168, 112:208])
+
+
+@pytest.mark.skipif(not REAL_TRAIN.is_dir(), reason="real data not present at ../shared/blood-cells")
+def test_a_shifted_copy_of_a_real_cell_gets_the_same_window():
+    """The point of the window: wherever a copy puts the cell, the model sees it in the same place."""
+    from bloodcells_dist.data.stream import decode_image
+
+    checked = 0
+    for class_dir in sorted(REAL_TRAIN.iterdir()):
+        for path in sorted(class_dir.glob("*.jpeg"))[:5]:
+            image = decode_image(path.read_bytes())
+            row, col = nucleus_centre(image)
+            if not (80 < row < 160 and 100 < col < 220):  # a shift must not push the nucleus out of the frame
+                continue
+            shifted = torch.roll(image, (13, -21), (1, 2))  # the nucleus moves with the image
+            assert nucleus_centre(shifted) == pytest.approx((row + 13, col - 21), abs=0.5), path.name
+            assert torch.equal(cell_window(shifted, 128)[:, 20:-20, 30:-30], cell_window(image, 128)[:, 20:-20, 30:-30])
+            checked += 1
+    assert checked >= 8
+
+
+def test_a_cell_window_is_its_own_cache(synthetic_root, tmp_path):
+    shards, cache = tmp_path / "shards", tmp_path / "cache"
+    pack_shards(synthetic_root, shards, seed=0)
+    manifest = ShardManifest.load(shards)
+    # The whole frame keeps the file name it had before windows existed: no cache is rebuilt for nothing.
+    assert cache_path(cache, manifest, ["train"], (48, 64)) == cache_path(cache, manifest, ["train"], (48, 64), 0)
+    whole, _, _ = load_or_build(manifest, str(shards), ["train"], (48, 48), cache_dir=cache, workers=2)
+    window, path, built = load_or_build(manifest, str(shards), ["train"], (48, 48), cache_dir=cache, workers=2,
+                                        cell_crop=160)
+    assert built and "48x48-cell160" in path.name and window.keys == whole.keys
+    assert not torch.equal(window.images, whole.images)
+    # The stream decodes the same windows as the cache (and evaluation reads through the same stream).
+    stream = EvalStream(manifest.shard_urls(shards, "train"), image_size=(48, 48), batch_size=64, rank=0,
+                        world_size=1, cell_crop=160)
+    streamed = {k: image for images, _, keys in stream_loader(stream, 2, False) for k, image in zip(keys, images)}
+    assert streamed.keys() == set(window.keys)
+    assert all(torch.equal(streamed[k], image) for k, image in zip(window.keys, window.images))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

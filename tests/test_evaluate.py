@@ -52,6 +52,32 @@ def test_evaluate_from_jpeg_folders_matches_shards(reference_run, synthetic_root
     assert evaluation(tmp_path / "tta", "eval-test-tta")["samples"] == 99 and "accuracy" in proc.stdout
 
 
+def test_a_cell_window_model_crops_alike_in_evaluate_predict_export_and_the_hub(synthetic_shards, synthetic_root,
+                                                                                tmp_path):
+    run = tmp_path / "run"
+    run_cli(*train_args(synthetic_shards, run, "--epochs", "2", "--cell-crop", "160", "--image-size", "48,48"), check=True)
+    assert load_model(run)[1]["cell_crop"] == 160
+    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(run), "--shards", str(synthetic_shards),
+            "--out", str(tmp_path / "shards"), check=True)
+    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(run), "--images", str(synthetic_root),
+            "--split", "test", "--out", str(tmp_path / "images"), check=True)
+    confusion = evaluation(tmp_path / "shards")["confusion_matrix"]
+    assert confusion == evaluation(tmp_path / "images")["confusion_matrix"]
+    test = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TEST"
+    onnx, hub = tmp_path / "model.onnx", tmp_path / "hub"
+    run_cli("-m", "bloodcells_dist.export", "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
+    run_cli("-m", "bloodcells_dist.hub", "save", "--model", str(run), "--out", str(hub), check=True)
+    assert "160x160-pixel window centred on the cell" in (hub / "README.md").read_text()
+    classes = ShardManifest.load(synthetic_shards).classes
+    for model in (run, onnx, hub):  # predict crops as training did: it reproduces evaluate's confusion matrix
+        rows = run_cli("-m", "bloodcells_dist.predict", "--model", str(model), str(test), check=True).stdout
+        predicted = defaultdict(lambda: [0] * len(classes))
+        for row in rows.splitlines()[1:]:
+            path, guess = row.split(",")[:2]
+            predicted[path.split("/")[-2]][classes.index(guess)] += 1
+        assert [predicted[c] for c in classes] == confusion, model
+
+
 def test_an_ensemble_averages_its_models_probabilities(reference_run, synthetic_shards, tmp_path):
     first, second = load_model(reference_run / "best.safetensors")[0], load_model(reference_run / "last.safetensors")[0]
     images = torch.randn(5, 3, 48, 64)

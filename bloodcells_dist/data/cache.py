@@ -58,15 +58,15 @@ class DecodedSamples:
 class ShardReader(IterableDataset):
     """Whole shards dealt to data workers: per shard its rows (and resized uint8 images when decoding)."""
 
-    def __init__(self, urls: Sequence[str], image_size: Sequence[int] | None) -> None:
+    def __init__(self, urls: Sequence[str], image_size: Sequence[int] | None, cell_crop: int = 0) -> None:
         super().__init__()
-        self.urls, self.image_size = list(urls), image_size
+        self.urls, self.image_size, self.cell_crop = list(urls), image_size, cell_crop
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_slot()
         for shard in range(worker, len(self.urls), workers):
             rows = [(position, s["__key__"], int(s["cls"]), json.loads(s["json"])["fold"],
-                     decode_resized(s["jpg"], self.image_size) if self.image_size else None)
+                     decode_resized(s["jpg"], self.image_size, self.cell_crop) if self.image_size else None)
                     for _, position, s in numbered([self.urls[shard]])]
             yield {"shard": shard, "position": [r[0] for r in rows], "keys": [r[1] for r in rows],
                    "labels": [r[2] for r in rows], "folds": [r[3] for r in rows],
@@ -74,12 +74,12 @@ class ShardReader(IterableDataset):
 
 
 def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], image_size: Sequence[int] | None,
-                 workers: int, allow_pipe: bool = False) -> DecodedSamples:
+                 workers: int, allow_pipe: bool = False, cell_crop: int = 0) -> DecodedSamples:
     """Read (and with image_size, decode) every sample of the splits with `workers` data workers."""
     columns: dict[str, list] = {k: [] for k in ("shard", "position", "split", "labels", "folds", "keys", "images")}
     for index, split in enumerate(splits):
         urls = manifest.shard_urls(shards, split, allow_pipe)
-        loader = DataLoader(ShardReader(urls, image_size), batch_size=None, num_workers=min(workers, len(urls)))
+        loader = DataLoader(ShardReader(urls, image_size, cell_crop), batch_size=None, num_workers=min(workers, len(urls)))
         for part in sorted(loader, key=lambda p: p["shard"]):
             n = len(part["keys"])
             columns["shard"] += [part["shard"]] * n
@@ -96,12 +96,14 @@ def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], im
 
 
 def cache_path(cache_dir: Path, manifest: ShardManifest, splits: Sequence[str],
-               image_size: Sequence[int] | None) -> Path:
-    """The cache file of these splits at this size: named after their shards' sha256 and the size."""
-    content = json.dumps({"format": FORMAT, "size": list(image_size or []),
+               image_size: Sequence[int] | None, cell_crop: int = 0) -> Path:
+    """The cache file of these splits at this size (and cell window): named after their shards' sha256 and
+    the size; without a cell window the name is what it was before windows existed."""
+    crop = {"cell_crop": cell_crop} if cell_crop and image_size else {}
+    content = json.dumps({"format": FORMAT, "size": list(image_size or []), **crop,
                           "splits": {s: [sh.sha256 for sh in manifest.split(s).shards] for s in splits}})
     digest = hashlib.sha256(content.encode()).hexdigest()[:20]
-    size = "x".join(map(str, image_size)) if image_size else "index"
+    size = ("x".join(map(str, image_size)) + (f"-cell{cell_crop}" if crop else "")) if image_size else "index"
     return Path(cache_dir) / f"{'+'.join(splits)}-{size}-{digest}.pt"
 
 
@@ -141,12 +143,13 @@ def load_samples(path: Path) -> DecodedSamples | None:
 
 
 def load_or_build(manifest: ShardManifest, shards: str, splits: Sequence[str], image_size: Sequence[int] | None,
-                  *, cache_dir: Path, workers: int, allow_pipe: bool = False) -> tuple[DecodedSamples, Path, bool]:
+                  *, cache_dir: Path, workers: int, allow_pipe: bool = False,
+                  cell_crop: int = 0) -> tuple[DecodedSamples, Path, bool]:
     """The cached samples of the splits, built and saved first if missing; (samples, file, built)."""
-    path = cache_path(cache_dir, manifest, splits, image_size)
+    path = cache_path(cache_dir, manifest, splits, image_size, cell_crop)
     samples = load_samples(path) if path.exists() else None
     if samples is not None:
         return samples, path, False
-    samples = read_samples(manifest, shards, splits, image_size, workers, allow_pipe)
+    samples = read_samples(manifest, shards, splits, image_size, workers, allow_pipe, cell_crop)
     save_samples(samples, path)
     return samples, path, True
