@@ -103,8 +103,8 @@ class TrainConfig:
         for key, low in (("workers", 0), ("checkpoint_every", 0), ("shuffle_buffer", 1), ("val_fold", -1)):
             if getattr(self, key) < low:
                 raise UserError(f"config {key}={getattr(self, key)} must be at least {low}")
-        if self.cell_crop and self.cell_crop < 16:
-            raise UserError(f"config cell_crop={self.cell_crop}: 0 (the whole frame) or a window side of at least 16")
+        if self.cell_crop and not 16 <= self.cell_crop <= 4096:
+            raise UserError(f"config cell_crop={self.cell_crop}: 0 (the whole frame) or a window side of 16 to 4096 pixels")
         h, w = self.image_size
         if h < 16 or w < 16:
             raise UserError(f"config image_size={list(self.image_size)}: 4 max-pools need at least 16x16")

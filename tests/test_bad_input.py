@@ -364,8 +364,9 @@ def error_cases(tmp: Path, src: Path, shard_folder: Path) -> dict[str, tuple]:
         "train_label_smoothing": (train.main, [*run, "--label-smoothing", "2"], ["label_smoothing=2"]),
         "train_negative_workers": (train.main, [*run, "--workers", "-1"], ["workers=-1"]),
         "train_hue_too_large": (train.main, [*run, "--aug-hue", "0.7"], ["aug_hue=0.7", "[0, 0.5]"]),
-        "train_tiny_cell_window": (train.main, [*run, "--cell-crop", "8"], ["cell_crop=8", "at least 16"]),
+        "train_tiny_cell_window": (train.main, [*run, "--cell-crop", "8"], ["cell_crop=8", "16 to 4096"]),
         "train_negative_cell_window": (train.main, [*run, "--cell-crop", "-5"], ["cell_crop=-5"]),
+        "train_huge_cell_window": (train.main, [*run, "--cell-crop", "100000"], ["cell_crop=100000"]),
         "pack_out_is_a_file": (shards.main, ["pack", "--src", str(src), "--out", str(a_file)], ["is a file"]),
         "pack_zero_workers": (shards.main, ["pack", "--src", str(src), "--out", str(tmp / "o"), "--workers", "0"],
                               ["--workers"]),
@@ -380,6 +381,7 @@ def error_cases(tmp: Path, src: Path, shard_folder: Path) -> dict[str, tuple]:
 CASES = ["train_output_dir_is_a_file", "train_output_dir_under_a_file", "train_output_dir_not_writable",
          "train_negative_lr", "train_nan_lr", "train_dropout", "train_zero_width", "train_label_smoothing",
          "train_negative_workers", "train_hue_too_large", "train_tiny_cell_window", "train_negative_cell_window",
+         "train_huge_cell_window",
          "pack_out_is_a_file", "pack_out_not_writable", "pack_zero_workers"]
 
 
