@@ -1,7 +1,7 @@
 """Training throughput of the data paths against the model alone, in one run, same batch, precision and device.
 
     python benchmarks/bench_train.py --shards SHARDS [--batch-size 64] [--precision bf16] [--device cpu]
-        [--image-size 120,160] [--steps 20] [--rounds 2] [--workers 1] [--cache-dir DIR]
+        [--image-size 120,160] [--cell-crop 0] [--steps 20] [--rounds 2] [--workers 1] [--cache-dir DIR]
 
 Rows (each the median over --rounds, measured in turn so that machine noise hits them alike):
   model alone      the training step on synthetic, ready tensors: the ceiling
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--channels-last", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--image-size", default="120,160")
+    parser.add_argument("--cell-crop", type=int, default=0, help="the config's cell_crop (0: the whole frame)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
@@ -100,6 +101,7 @@ def main() -> None:
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"batch {batch}, {args.precision}, channels_last {bool(args.channels_last)}, {size[0]}x{size[1]}, "
+          f"cell_crop {args.cell_crop}, "
           f"{args.workers} data worker(s) for the stream paths, {args.steps} timed steps x {args.rounds} rounds")
 
     # Cache of the full TRAIN folder (train + val splits): build it (timed), then load it (timed).
@@ -107,10 +109,11 @@ def main() -> None:
     cache_dir = args.cache_dir or Path(tmp.name)
     start = time.perf_counter()
     samples, path, built = load_or_build(manifest, args.shards, ["train", "val"], size, cache_dir=cache_dir,
-                                         workers=max(1, os.cpu_count() or 1))
+                                         workers=max(1, os.cpu_count() or 1), cell_crop=args.cell_crop)
     build = time.perf_counter() - start
     start = time.perf_counter()
-    samples, _, _ = load_or_build(manifest, args.shards, ["train", "val"], size, cache_dir=cache_dir, workers=1)
+    samples, _, _ = load_or_build(manifest, args.shards, ["train", "val"], size, cache_dir=cache_dir, workers=1,
+                                  cell_crop=args.cell_crop)
     samples.images = samples.images.clone()  # into memory, as a training run has it after its first epoch
     load = time.perf_counter() - start
     print(f"decoded cache: {len(samples.keys)} images, {samples.images.numel() / 2**20:,.0f} MB; "
@@ -137,7 +140,7 @@ def main() -> None:
     cached = CachedBatches(samples.to(device), rows, rows[:0], plan, augment, 0, device)
     counts = {"train": len(manifest.split("train").shards)}
     streamed = StreamedBatches(manifest.shard_urls(args.shards, "train"), shard_positions(samples, counts, rows),
-                               [], None, plan, augment, size, 0, device, args.workers, 1000)
+                               [], None, plan, augment, size, 0, device, args.workers, 1000, args.cell_crop)
     fixed = augment(samples.images[rows[:batch]].to(device), samples.ids[rows[:batch]].to(device))
     labels = samples.labels[rows[:batch]].to(device)
 
