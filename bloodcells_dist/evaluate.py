@@ -32,7 +32,7 @@ from .metrics import format_metrics
 from .model import Ensemble
 from .scoring import eval_stem, save_confusion_png, score
 from .sources import find_split_folders
-from .transforms import build_transform
+from .transforms import eval_transform
 
 
 def folder_batches(root: Path, split: str, classes: list[str], transform, batch_size: int, rank: int,
@@ -102,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, meta = load_models(args.model)
     model = model.to(accelerator.device)
-    classes = meta["classes"]
-    transform = build_transform(meta["image_size"], cell_crop=meta["cell_crop"], mean=meta["mean"], std=meta["std"])
+    classes, transform = meta["classes"], eval_transform(meta)
     rank, world = accelerator.process_index, accelerator.num_processes
     unreadable: list[str] = []
     if manifest is not None:

@@ -82,8 +82,7 @@ def load_exported(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], d
 
 def export(model: torch.nn.Module, meta: dict, fmt: str, out: Path) -> None:
     """Write the eval-mode model as `fmt`, atomically, with classes, image size, mean and std embedded."""
-    info = json.dumps({**{k: meta[k] for k in ("classes", "image_size", "mean", "std")},
-                       "cell_crop": meta.get("cell_crop", 0)})
+    info = json.dumps({k: meta[k] for k in ("classes", "image_size", "cell_crop", "mean", "std")})
     example = torch.zeros(2, 3, *meta["image_size"])
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")  # torch.export.save wants the .pt2 suffix
     with torch.no_grad(), warnings.catch_warnings():  # deprecation notices for the tracer and legacy exporter

@@ -48,7 +48,7 @@ def hub_config(meta: dict) -> dict:
         "id2label": {str(i): c for i, c in enumerate(classes)},
         "label2id": {c: i for i, c in enumerate(classes)},
         "image_size": meta["image_size"],  # [height, width] the image is resized to
-        "cell_crop": meta.get("cell_crop", 0),  # >0: first the square window of this side centred on the nucleus
+        "cell_crop": meta["cell_crop"],  # >0: first the square window of this side centred on the nucleus
         "mean": meta["mean"],  # per RGB channel, applied to pixels scaled to [0, 1]
         "std": meta["std"],
         "widths": meta["model"]["widths"],  # channels of the 4 conv blocks
@@ -98,8 +98,8 @@ def model_card(config: dict, metrics: list[dict]) -> str:
     """README.md: Hub metadata, what the model is, its recipe, what was measured and on which split, its use."""
     train = config["training_config"]
     recipe_keys = ("train_splits", "val_split", "val_fold", "image_size", "cell_crop", "epochs", "batch_size",
-                   "grad_accum", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout",
-                   "aug_flip", "aug_rot90", "aug_affine", "aug_color", "mixed_precision", "seed")
+                   "grad_accum", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs",
+                   "label_smoothing", "dropout", "aug_flip", "aug_rot90", "aug_affine", "aug_color", "mixed_precision", "seed")
     recipe = {k: train[k] for k in recipe_keys if k in train}
     header = {
         "library_name": "bloodcells_dist",
@@ -216,8 +216,7 @@ def from_pretrained(name_or_path: str | Path, *, revision: str | None = None, ca
         raise UserError(f"{folder} is not a bloodcells_dist Hub model ({type(err).__name__}: "
                         f"{str(err).splitlines()[0]})") from None
     meta = {"classes": config["classes"], "image_size": config["image_size"], "cell_crop": config.get("cell_crop", 0),
-            "mean": config["mean"],
-            "std": config["std"], "model": {k: config[k] for k in ("widths", "hidden", "dropout")},
+            "mean": config["mean"], "std": config["std"], "model": {k: config[k] for k in ("widths", "hidden", "dropout")},
             "config": config.get("training_config", {})}
     return model.eval(), meta
 

@@ -24,7 +24,7 @@ from .checkpoint import load_model
 from .cli import UserError, run_main
 from .export import SUFFIXES, load_exported
 from .scoring import logits as model_logits
-from .transforms import build_transform
+from .transforms import eval_transform
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
@@ -63,11 +63,6 @@ def load_predictor(path: Path) -> tuple[Model, dict]:
     if path.is_file() and path.suffix != ".safetensors":
         raise UserError(f"--model {path}: expected a run folder, a Hub model folder, or a .safetensors, .pt2, .onnx or .pt file")
     return load_model(path)
-
-
-def eval_transform(meta: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The evaluation transform with the cell window, image size and normalisation recorded in the model."""
-    return build_transform(meta["image_size"], cell_crop=meta.get("cell_crop", 0), mean=meta["mean"], std=meta["std"])
 
 
 @torch.no_grad()

@@ -57,3 +57,8 @@ def build_transform(image_size: Sequence[int], *, cell_crop: int = 0, mean: Sequ
     """uint8 (3, H, W) decoded image -> normalised float (3, *image_size), as the data path feeds the model."""
     return v2.Compose([v2.Lambda(partial(prepare, image_size=image_size, cell_crop=cell_crop)),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def eval_transform(meta: dict) -> v2.Compose:
+    """The transform a saved model was trained for: its cell window, image size and normalisation."""
+    return build_transform(meta["image_size"], cell_crop=meta["cell_crop"], mean=meta["mean"], std=meta["std"])
