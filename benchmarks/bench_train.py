@@ -33,7 +33,7 @@ from bloodcells_dist.data.plan import EpochPlan
 from bloodcells_dist.data.stream import TrainStream, stream_loader
 from bloodcells_dist.manifest import ShardManifest
 from bloodcells_dist.model import BloodCellCNN
-from bloodcells_dist.transforms import MEAN, STD
+from bloodcells_dist.transforms import MEAN, STD, Preprocess
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--channels-last", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--image-size", default="120,160")
-    parser.add_argument("--cell-crop", type=int, default=0, help="the config's cell_crop (0: the whole frame)")
+    parser.add_argument("--cell-crop", type=float, default=0, help="the config's cell_crop (0: the whole frame)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
@@ -108,12 +108,12 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     cache_dir = args.cache_dir or Path(tmp.name)
     start = time.perf_counter()
-    samples, path, built = load_or_build(manifest, args.shards, ["train", "val"], size, cache_dir=cache_dir,
-                                         workers=max(1, os.cpu_count() or 1), cell_crop=args.cell_crop)
+    preprocess = Preprocess(size, cell_crop=args.cell_crop)
+    samples, path, built = load_or_build(manifest, args.shards, ["train", "val"], preprocess, cache_dir=cache_dir,
+                                         workers=max(1, os.cpu_count() or 1))
     build = time.perf_counter() - start
     start = time.perf_counter()
-    samples, _, _ = load_or_build(manifest, args.shards, ["train", "val"], size, cache_dir=cache_dir, workers=1,
-                                  cell_crop=args.cell_crop)
+    samples, _, _ = load_or_build(manifest, args.shards, ["train", "val"], preprocess, cache_dir=cache_dir, workers=1)
     samples.images = samples.images.clone()  # into memory, as a training run has it after its first epoch
     load = time.perf_counter() - start
     print(f"decoded cache: {len(samples.keys)} images, {samples.images.numel() / 2**20:,.0f} MB; "
@@ -140,13 +140,13 @@ def main() -> None:
     cached = CachedBatches(samples.to(device), rows, rows[:0], plan, augment, 0, device)
     counts = {"train": len(manifest.split("train").shards)}
     streamed = StreamedBatches(manifest.shard_urls(args.shards, "train"), shard_positions(samples, counts, rows),
-                               [], None, plan, augment, size, 0, device, args.workers, 1000, args.cell_crop)
+                               [], None, plan, augment, 0, device, args.workers, 1000, preprocess)
     fixed = augment(samples.images[rows[:batch]].to(device), samples.ids[rows[:batch]].to(device))
     labels = samples.labels[rows[:batch]].to(device)
 
     def old_batches() -> Iterator:
         stream = TrainStream(manifest.shard_urls(args.shards, "train"), shard_positions(samples, counts, rows),
-                             plan=plan, image_size=size, epoch=0, rank=0, shuffle_buffer=1000,
+                             plan=plan, preprocess=preprocess, epoch=0, rank=0, shuffle_buffer=1000,
                              transform=old_transform(size))
         for images, labs, _ in stream_loader(stream, args.workers, device.type == "cuda"):
             yield (images.to(device, non_blocking=True).contiguous(memory_format=memory_format),

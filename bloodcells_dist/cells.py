@@ -118,6 +118,7 @@ def ring_similarity(rings: np.ndarray, *, block: int = 256) -> np.ndarray:
     spectra = torch.fft.rfft(x, dim=-1)[..., :HARMONICS].permute(2, 0, 1).contiguous()  # (K, n, C*R)
     # Each image's correlation with itself, through the same kept harmonics: the normaliser.
     energy = torch.fft.irfft((spectra.abs() ** 2).sum(-1).T, n=ANGLES, dim=-1)[:, 0]
+    energy = energy.clamp(min=1e-12)  # a featureless ring image (one flat colour) matches nothing, never NaN
     out = np.empty((n, n), dtype=np.float32)
     for start in range(0, n, block):
         a = spectra[:, start:start + block]
@@ -128,8 +129,14 @@ def ring_similarity(rings: np.ndarray, *, block: int = 256) -> np.ndarray:
     return np.minimum(out, out.T)
 
 
+def describable(features: CellFeatures) -> bool:
+    """Whether an image's features can be matched: finite, and with some structure around the centre (an evenly
+    coloured image has none). The others are set apart, each its own group."""
+    return bool(np.isfinite(features.rings).all() and np.isfinite(features.colour).all() and features.rings.std() > 0)
+
+
 def cluster_cells(features: Sequence[CellFeatures], *, cut: float = CUT, small: float = SMALL_CELL) -> np.ndarray:
-    """Cell index (0..k-1) of each image of one class."""
+    """Cell index (0..k-1) of each image of one class; every image must be `describable`."""
     n = len(features)
     if n == 1:
         return np.zeros(1, dtype=int)
@@ -177,13 +184,22 @@ def describe_images(images: Sequence[tuple[str, str, Path]], *, workers: int = 2
 
 def recover_cells(images: Sequence[tuple[str, str, Path]], *, workers: int = 2,
                   progress: Callable[[str], None] = lambda _: None,
-                  features: Sequence[CellFeatures] | None = None) -> dict[str, str]:
-    """(relative path, class, file) for TRAIN images -> relative path -> cell id `CLASS/cellNNN`."""
+                  features: Sequence[CellFeatures] | None = None) -> tuple[dict[str, str], list[str]]:
+    """(relative path, class, file) of the images to group -> (relative path -> cell id `CLASS/cellNNN`, the
+    images set apart). An image whose features cannot be matched (`describable`) is set apart as a cell of its
+    own, `CLASS/apartNNN`, and listed."""
     if features is None:
         features = describe_images(images, workers=workers)
     mapping: dict[str, str] = {}
+    apart: list[str] = []
     for class_name in sorted({c for _, c, _ in images}):
-        members = sorted((rel, f) for (rel, c, _), f in zip(images, features) if c == class_name)
+        described = sorted((rel, f) for (rel, c, _), f in zip(images, features) if c == class_name)
+        members = [(rel, f) for rel, f in described if describable(f)]
+        for k, (rel, _) in enumerate(r for r in described if not describable(r[1])):
+            mapping[rel] = f"{class_name}/apart{k:03d}"
+            apart.append(rel)
+        if not members:
+            continue
         labels = cluster_cells([f for _, f in members])
         # Number cells by their first member's path: stable whatever order the files were listed in.
         first: dict[int, str] = {}
@@ -193,7 +209,7 @@ def recover_cells(images: Sequence[tuple[str, str, Path]], *, workers: int = 2,
         for (rel, _), label in zip(members, labels):
             mapping[rel] = f"{class_name}/cell{number[int(label)]:03d}"
         progress(f"{class_name}: {len(members)} images -> {len(number)} cells")
-    return mapping
+    return mapping, apart
 
 
 def tightness(images: Sequence[tuple[str, str, Path]], features: Sequence[CellFeatures],
@@ -241,16 +257,42 @@ def write_mapping(path: Path, mapping: dict[str, str], files: dict[str, Path]) -
     tmp.replace(path)
 
 
-def read_mapping(path: Path) -> dict[str, tuple[str, str]]:
-    """A mapping file -> relative path -> (cell id, sha256); a malformed file is a UserError."""
+@dataclass(frozen=True)
+class MappingRow:
+    """One line of a cell mapping file."""
+
+    line: int
+    class_name: str
+    cell: str
+    sha256: str
+
+
+def read_mapping(path: Path) -> dict[str, MappingRow]:
+    """A mapping file -> relative path -> its row. A file that is not such a CSV, a path listed twice, or a
+    cell of another class than the row's is a UserError naming the line(s)."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a cell mapping (not UTF-8 text)") from None
     except OSError as err:
         raise UserError(f"cannot read cell mapping {path}: {err.strerror}") from None
-    if not rows or set(MAPPING_FIELDS) - set(rows[0]):
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise UserError(f"{path} is not a cell mapping ({err})") from None
+    if "\x00" in text or not rows or set(MAPPING_FIELDS) - set(reader.fieldnames or []):
         raise UserError(f"{path} is not a cell mapping (expected a CSV with columns {', '.join(MAPPING_FIELDS)})")
-    return {row["path"]: (row["cell"], row["sha256"]) for row in rows}
+    mapping: dict[str, MappingRow] = {}
+    for line, row in rows:
+        if any(row.get(k) is None for k in MAPPING_FIELDS):
+            raise UserError(f"{path}: line {line} has fewer fields than the header")
+        if row["path"] in mapping:
+            raise UserError(f"{path}: {row['path']} is listed twice (lines {mapping[row['path']].line} and {line})")
+        if not row["cell"].startswith(f"{row['class']}/"):
+            raise UserError(f"{path}: line {line}: cell {row['cell']!r} is not a cell of class {row['class']!r}")
+        mapping[row["path"]] = MappingRow(line, row["class"], row["cell"], row["sha256"])
+    return mapping
 
 
 def contact_sheet(path: Path, mapping: dict[str, str], files: dict[str, Path], *, cells_per_class: int = 3,
@@ -271,33 +313,54 @@ def contact_sheet(path: Path, mapping: dict[str, str], files: dict[str, Path], *
     sheet.save(path)
 
 
+SHEET_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: recover the cells of a dataset root's TRAIN images and write the mapping."""
+    """Command line: recover the cells of a dataset's training images and write the mapping."""
     from .sources import scan_images  # the same file discovery as the packer
 
     parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.cells", description=__doc__.split("\n")[0])
-    parser.add_argument("--src", type=Path, required=True, help="dataset root (as for `shards pack`)")
+    parser.add_argument("--src", type=Path, required=True, help="dataset root or listing (as for `shards pack`)")
     parser.add_argument("--out", type=Path, required=True, help="CSV mapping to write (path, class, cell, sha256)")
-    parser.add_argument("--sheet", type=Path, help="also write a contact sheet PNG of a few cells' copies")
+    parser.add_argument("--sheet", type=Path, help="also write a contact sheet (.png or .jpg) of a few cells' copies")
     parser.add_argument("--workers", type=int, default=2, help="processes for reading images")
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
+    for flag, path in (("--out", args.out), ("--sheet", args.sheet)):  # before minutes of work, not after
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+        if path is not None and path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+    if args.sheet and args.sheet.suffix.lower() not in SHEET_SUFFIXES:
+        raise UserError(f"--sheet {args.sheet}: expected a {', '.join(SHEET_SUFFIXES)} file name")
     start = time.perf_counter()
-    images = scan_images(args.src).images
-    train = [img for img in images if img.split == "train"]
+    # The images a packer splits into train and val (and test): a TRAIN folder, or all where no split is given.
+    train = [img for img in scan_images(args.src).images if img.split in ("", "train")]
     if not train:
-        raise UserError(f"no TRAIN images under {args.src}")
+        raise UserError(f"no training images under {args.src} (the TRAIN folder, or images with no split)")
     listed = [(i.rel_path, i.class_name, i.path) for i in train]
-    features = describe_images(listed, workers=args.workers)
-    mapping = recover_cells(listed, progress=print, features=features)
-    print("\n".join(tightness(listed, features, mapping)))
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        described = list(pool.map(_features_of_file, [p for _, _, p in listed], chunksize=32))
+    for (rel, _, _), f in zip(listed, described):
+        if isinstance(f, str):
+            print(f"warning: skipped {rel}: {f}", file=sys.stderr)
+    kept = [(item, f) for item, f in zip(listed, described) if not isinstance(f, str)]
+    listed, features = [item for item, _ in kept], [f for _, f in kept]
+    mapping, apart = recover_cells(listed, progress=print, features=features)
+    for rel in apart:
+        print(f"warning: {rel} has no cell features to match (an evenly coloured image?): set apart as a cell "
+              "of its own", file=sys.stderr)
+    usable = [(item, f) for item, f in zip(listed, features) if describable(f)]
+    print("\n".join(tightness([i for i, _ in usable], [f for _, f in usable], mapping)))
     files = {i.rel_path: i.path for i in train}
     write_mapping(args.out, mapping, files)
     if args.sheet:
         contact_sheet(args.sheet, mapping, files)
-    print(f"{len(mapping)} images -> {len(set(mapping.values()))} cells in {time.perf_counter() - start:.1f} s; "
-          f"wrote {args.out}" + (f" and {args.sheet}" if args.sheet else ""))
+    skipped = len(described) - len(features)
+    print(f"{len(mapping)} images -> {len(set(mapping.values()))} cells ({len(apart)} set apart, {skipped} unreadable "
+          f"skipped) in {time.perf_counter() - start:.1f} s; wrote {args.out}" + (f" and {args.sheet}" if args.sheet else ""))
     return 0
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .cli import UserError
 from .model import BloodCellCNN
-from .transforms import MEAN, STD
+from .transforms import MEAN, STD, preprocess_from
 
 STATE_NAME = "trainer_state.json"  # written last inside a checkpoint: its presence marks it complete
 BEST_NAME = "best.safetensors"
@@ -120,16 +120,20 @@ def check_shared_run_dir(accelerator: Accelerator, run_dir: Path) -> None:
                         "--output-dir on a file system every machine mounts at the same path")
 
 
-def save_model(model: torch.nn.Module, path: Path, *, classes: list[str], config: dict) -> None:
-    """Weights plus class names, image size, cell window, normalisation and model shape, atomically."""
+def save_model(model: torch.nn.Module, path: Path, *, classes: list[str], config: dict, dataset: str = "",
+               mean: list[float] = MEAN, std: list[float] = STD) -> None:
+    """Weights plus class names, image size, cell window, fit, normalisation, model shape and the dataset's
+    name, atomically."""
     metadata = {
-        "classes": json.dumps(classes),
+        "classes": json.dumps(list(classes)),
         "image_size": json.dumps(list(config["image_size"])),
-        "cell_crop": json.dumps(int(config.get("cell_crop", 0))),
-        "mean": json.dumps(MEAN),
-        "std": json.dumps(STD),
+        "cell_crop": json.dumps(float(config.get("cell_crop", 0))),
+        "fit": json.dumps(config.get("fit", "crop")),
+        "mean": json.dumps(list(mean)),
+        "std": json.dumps(list(std)),
         "model": json.dumps({k: config[k] for k in ("widths", "hidden", "dropout")}),
         "config": json.dumps(config),
+        "dataset": json.dumps(dataset),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -153,6 +157,9 @@ def load_model(path: Path) -> tuple[BloodCellCNN, dict]:
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         meta.setdefault("cell_crop", 0)  # models saved before cell windows existed saw the whole frame
+        meta.setdefault("fit", "stretch")  # ...and before `fit` existed, images were stretched to the size
+        meta.setdefault("dataset", "")
+        preprocess_from(meta)  # a value no preprocessing can use is refused here, not at the first image
         model = BloodCellCNN(num_classes=len(meta["classes"]), image_size=meta["image_size"], **meta["model"])
         model.load_state_dict(load_file(str(path)))
     except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as err:

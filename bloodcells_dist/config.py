@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .cli import UserError
+from .transforms import Preprocess
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,10 @@ class TrainConfig:
     train_splits: tuple[str, ...] = ("train",)  # ("train", "val") trains the final model on both
     val_split: str = "val"  # "" to skip validation
     val_fold: int = -1  # >= 0: grouped k-fold CV, fold k of train_splits is validation, the rest trains
+    validate_on_train: bool = False  # allow val_split to be one of train_splits (it then scores samples it trained on; final.json says so)
     image_size: tuple[int, int] = (240, 320)  # (height, width) in pixels fed to the model
-    cell_crop: int = 0  # >0: a square window of this side (source pixels) centred on the cell's nucleus, then resized
+    cell_crop: float = 0.0  # a square window centred on the cell's nucleus, then resized: side in pixels (> 1) or as a fraction of the shorter side (<= 1); 0: the whole frame
+    fit: str = "crop"  # where the aspect differs from image_size: crop (cover, centre-crop) | pad (fit, pad with the mean colour) | stretch
     data: str = "auto"  # cache (decode once, hold in memory) | stream (decode every epoch) | auto: cache if it fits
     cache_dir: str = ""  # where decoded caches are saved; "" is $XDG_CACHE_HOME (or ~/.cache)/bloodcells_dist
     cache_max_mb: int = 0  # most memory the decoded cache may take per process; 0: half of what is free
@@ -59,7 +62,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mixup: float = 0.0  # mixup's Beta(a, a) parameter a (0.2-0.4 is usual); 0: off
     mixed_precision: str = "auto"  # auto (hardware and launch config decide, see precision.py) | no | fp16 | bf16
-    seed: int = 0
+    seed: int = 0  # every random draw (weights, data order, augmentation) follows from it; 0 <= seed < 2**63
     # bookkeeping
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     log_every: int = 10  # optimizer steps between metrics.jsonl lines
@@ -71,6 +74,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Reject values that cannot work, with a message naming the key."""
+        if len(self.image_size) != 2:
+            raise UserError(f"config image_size={list(self.image_size)}: give height and width, e.g. 96,96")
         choices = {"data": ("auto", "cache", "stream"), "schedule": ("cosine", "onecycle", "constant"),
                    "mixed_precision": ("auto", "no", "fp16", "bf16"),
                    "tracker": ("wandb", "none")}
@@ -100,14 +105,25 @@ class TrainConfig:
         for key, low, high in (("aug_hue", 0, 0.5), ("aug_erase", 0, 1)):  # closed ranges
             if not low <= getattr(self, key) <= high:
                 raise UserError(f"config {key}={getattr(self, key)}: must be in [{low}, {high}]")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"config seed={self.seed}: must be in [0, 2**63)")
+        if self.val_split and self.val_fold < 0 and self.val_split in self.train_splits and not self.validate_on_train:
+            raise UserError(f"config val_split={self.val_split!r} is also in train_splits {list(self.train_splits)}: "
+                            "validation would score (and pick the best weights on) samples the model trains on; "
+                            "set val_split '' to train without validation, or validate_on_train true if you mean it")
+        if len(set(self.train_splits)) != len(self.train_splits) or "" in self.train_splits:
+            raise UserError(f"config train_splits={list(self.train_splits)}: each split once, none empty")
         for key, low in (("workers", 0), ("checkpoint_every", 0), ("shuffle_buffer", 1), ("val_fold", -1)):
             if getattr(self, key) < low:
                 raise UserError(f"config {key}={getattr(self, key)} must be at least {low}")
-        if self.cell_crop and not 16 <= self.cell_crop <= 4096:
-            raise UserError(f"config cell_crop={self.cell_crop}: 0 (the whole frame) or a window side of 16 to 4096 pixels")
-        h, w = self.image_size
-        if h < 16 or w < 16:
-            raise UserError(f"config image_size={list(self.image_size)}: 4 max-pools need at least 16x16")
+        try:
+            self.preprocess()
+        except ValueError as err:
+            raise UserError(f"config {err}") from None
+
+    def preprocess(self) -> Preprocess:
+        """Window, resize and normalisation of this run's images (what its models record)."""
+        return Preprocess(image_size=self.image_size, cell_crop=self.cell_crop, fit=self.fit)
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (tuples as lists)."""
@@ -122,6 +138,26 @@ def to_dict(config: TrainConfig) -> dict:
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
 
+def number(kind: type, value: object) -> int | float:
+    """A value as the int or float a user means: 0.05, 5e-4, 1e-3 (which YAML 1.1 reads as text), 32, 1e2 for
+    an int; True and 3.5 for an int are refused."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if kind is int else float(value)
+        except ValueError:
+            try:
+                value = float(value)  # 1e2 for an int
+            except ValueError:
+                raise ValueError(f"expected {kind.__name__}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected {kind.__name__}")
+    if kind is float:
+        return float(value)
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError("expected a whole number")
+    return int(value)
+
+
 def coerce(key: str, value: object) -> object:
     """Turn a YAML or command-line value into the field's type, or raise a UserError naming the key."""
     kind = FIELD_TYPES[key]
@@ -131,19 +167,19 @@ def coerce(key: str, value: object) -> object:
         if typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0]
             items = value if isinstance(value, (list, tuple)) else [value]
-            return tuple(item(v) for v in items)
+            return tuple(number(item, v) if item in (int, float) else item(v) for v in items)
         if kind is bool:
             if not isinstance(value, bool):
                 raise ValueError("expected true or false")
             return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
+        if kind in (int, float):
+            return number(kind, value)
+        if kind is str and isinstance(value, str):
             return value
         if kind is str and value is None:
             return ""
         raise ValueError(f"expected {kind.__name__}")
-    except (ValueError, TypeError, yaml.YAMLError) as err:
+    except (ValueError, TypeError, OverflowError, yaml.YAMLError) as err:
         raise UserError(f"config {key}={value!r}: {err}") from None
 
 
@@ -194,3 +230,19 @@ def build_config(recipe: Path | None = None, overrides: dict | None = None, base
         check_keys(list(layer), "config")
         merged.update({k: coerce(k, v) for k, v in layer.items()})
     return TrainConfig(**merged)
+
+
+# What a resumed run may change: where things are and how it reports. The rest shapes the model, the data or
+# the schedule, and a resume continues exactly the run that was started.
+RESUMABLE = ("output_dir", "shards", "workers", "data", "cache_dir", "cache_max_mb", "log_every", "checkpoint_every",
+             "keep_checkpoints", "eval_every", "tracker", "wandb_project", "wandb_group")
+
+
+def check_resume_config(started: TrainConfig, resumed: TrainConfig) -> None:
+    """UserError naming the first key a resume would change that it may not (see RESUMABLE)."""
+    for key in FIELD_TYPES:
+        was, now = getattr(started, key), getattr(resumed, key)
+        if key not in RESUMABLE and was != now:
+            show = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+            raise UserError(f"cannot resume with {key}={show(now)!r}: the run was started with {show(was)!r}, and "
+                            f"{key} shapes its model, data or schedule; resume with the run's value, or start a new run")

@@ -31,34 +31,45 @@ from .manifest import ShardManifest
 from .metrics import format_metrics
 from .model import Ensemble
 from .scoring import eval_stem, save_confusion_png, score
-from .sources import find_split_folders
-from .transforms import eval_transform
+from .sources import scan_images
+from .transforms import UnreadableImage, eval_transform, preprocess_from, read_rgb
 
 
-def folder_batches(root: Path, split: str, classes: list[str], transform, batch_size: int, rank: int,
-                   world_size: int) -> tuple[Iterable, list[str]]:
-    """Batches straight from JPEG files under ROOT (a dataset root, or a folder of class folders), and the
-    files that could not be read (skipped, reported). Files are dealt to ranks round-robin."""
-    if any((root / c).is_dir() for c in classes):
-        class_roots = [root]
-    else:  # every folder of the split, TRAIN and train alike
-        class_roots = find_split_folders(root).get(split.lower(), [])
-    if not class_roots:
-        raise UserError(f"{root} has neither class folders ({', '.join(classes)}) nor a {split} split folder")
-    files = sorted((p, classes.index(p.parent.name.upper())) for class_root in class_roots for p in class_root.glob("*/*")
-                   if p.suffix.lower() in (".jpeg", ".jpg") and p.parent.name.upper() in classes)
+def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(file, label) of the labelled JPEGs under ROOT: a dataset root's split folder (`split`), a folder of class
+    folders, or a CSV listing (its rows of `split`, or all rows where it gives no split); class names match in
+    any case. Also the files left out, with why (not an image name, a class the model does not know)."""
+    scan = scan_images(root)
+    label_of = {c.lower(): i for i, c in enumerate(classes)}
+    given = {img.split for img in scan.images}
+    wanted = [img for img in scan.images if scan.layout == "classes" or given == {""} or img.split == split]
+    if not wanted:
+        raise UserError(f"{root} has no images of split {split!r} (it has: {', '.join(sorted(given - {''})) or 'none'})")
+    files = [(img.path, label_of[img.class_name.lower()]) for img in wanted if img.class_name.lower() in label_of]
+    left_out = [f"{s.path} ({s.reason})" for s in scan.skipped]
+    left_out += [f"{img.rel_path} (class {img.class_name!r} is not one of the model's)" for img in wanted
+                 if img.class_name.lower() not in label_of]
     if not files:
-        raise UserError(f"no .jpeg/.jpg images in class folders under {', '.join(map(str, class_roots))}")
+        raise UserError(f"no images of the model's classes ({', '.join(classes)}) under {root}")
+    return sorted(files), left_out
+
+
+def folder_batches(files: list[tuple[Path, int]], transform, batch_size: int, rank: int,
+                   world_size: int) -> tuple[Iterable, list[str]]:
+    """Batches straight from the files (dealt to ranks round-robin), read as predict reads them, and the files
+    that could not be read (skipped, reported)."""
     unreadable: list[str] = []
 
     def batches():
         images, labels = [], []
         for path, label in files[rank::world_size]:
             try:
-                images.append(transform(decode_image(path.read_bytes())))
-                labels.append(label)
-            except (RuntimeError, ValueError, OSError):  # corrupt, zero-byte (ValueError), unreadable
-                unreadable.append(str(path))
+                image = read_rgb(path)
+            except UnreadableImage as err:
+                unreadable.append(f"{path} ({err})")
+                continue
+            images.append(transform(image))  # outside the try: a bug here is ours, not an unreadable file
+            labels.append(label)
             if len(images) == batch_size:
                 yield torch.stack(images), torch.tensor(labels)
                 images, labels = [], []
@@ -73,7 +84,7 @@ def load_models(paths: Sequence[Path]) -> tuple[torch.nn.Module, dict]:
     loaded = [load_model(p) for p in paths]
     meta = loaded[0][1]
     for path, (_, other) in zip(paths[1:], loaded[1:]):
-        for key in ("classes", "image_size", "cell_crop", "mean", "std"):
+        for key in ("classes", "image_size", "cell_crop", "fit", "mean", "std"):
             if other[key] != meta[key]:
                 raise UserError(f"{path} has {key} {other[key]}, but {paths[0]} has {meta[key]}: "
                                 "an ensemble's models must agree")
@@ -89,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--shards", help="shard folder or URL prefix holding manifest.json")
     source.add_argument("--images", type=Path, help="dataset root or a folder of class folders of JPEGs")
     parser.add_argument("--split", default="test", help="split(s) to evaluate, comma-separated (default: test)")
-    parser.add_argument("--fold", type=int, default=-1, help="only the samples of this cross-validation fold")
+    parser.add_argument("--fold", type=int, help="only the samples of this cross-validation fold (0..folds-1)")
     parser.add_argument("--tta", action="store_true", help="average logits over flips and 180-degree rotation")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -97,6 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-pipe", action="store_true",
                         help="accept a pipe: shard location (webdataset runs it as a shell command); only if you trust it")
     args = parser.parse_args(argv)
+    splits = args.split.split(",")
+    if "" in splits or len(set(splits)) != len(splits):
+        raise UserError(f"--split {args.split}: name each split once (a split twice would count its samples twice)")
+    if args.fold is not None and args.fold < 0:
+        raise UserError(f"--fold {args.fold}: folds are numbered from 0; leave --fold out to score every sample")
+    args.fold = -1 if args.fold is None else args.fold
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError(f"--batch-size must be at least 1 and --workers at least 0 (got {args.batch_size}, {args.workers})")
     manifest = ShardManifest.load(args.shards, args.allow_pipe) if args.shards else None  # refuse bad shards early
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -110,17 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"shards hold classes {manifest.classes}, the model was trained on {classes}")
         if args.fold >= manifest.folds:
             raise UserError(f"--fold {args.fold}: the shards have folds 0..{manifest.folds - 1}")
-        urls = [u for s in args.split.split(",") for u in manifest.shard_urls(args.shards, s, args.allow_pipe)]
+        urls = [u for s in splits for u in manifest.shard_urls(args.shards, s, args.allow_pipe)]
         keep = partial(in_fold, fold=args.fold, keep=True) if args.fold >= 0 else None
-        stream = EvalStream(urls, image_size=meta["image_size"], batch_size=args.batch_size, rank=rank,
-                            world_size=world, sample_filter=keep, cell_crop=meta["cell_crop"])
+        stream = EvalStream(urls, preprocess=preprocess_from(meta), batch_size=args.batch_size, rank=rank,
+                            world_size=world, sample_filter=keep)
         normalise = DeviceAugment(mean=tuple(meta["mean"]), std=tuple(meta["std"]))
         batches = ((normalise(images.to(accelerator.device)), labels) for images, labels, _ in
                    stream_loader(stream, args.workers, accelerator.device.type == "cuda"))
     elif args.fold >= 0:
         raise UserError("--fold needs --shards: JPEG folders carry no fold index")
     else:
-        batches, unreadable = folder_batches(args.images, args.split, classes, transform, args.batch_size, rank, world)
+        files, left_out = folder_files(args.images, args.split, classes)
+        if left_out and accelerator.is_main_process:
+            print(f"warning: {len(left_out)} file(s) left out: " + "; ".join(left_out[:5]), file=sys.stderr)
+        batches, unreadable = folder_batches(files, transform, args.batch_size, rank, world)
     metrics = score(model, batches, accelerator, classes, tta=args.tta)
     skipped = accelerator.reduce(torch.tensor(len(unreadable), device=accelerator.device), "sum").item()
     if metrics["samples"] == 0:  # on every rank alike: the counts are summed over all of them

@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import load_model
 from .cli import UserError, run_main
+from .transforms import preprocess_from
 
 META_KEY = "meta.json"  # TorchScript extra file / ONNX metadata_props key holding what predict needs
 SUFFIXES = {"export": ".pt2", "onnx": ".onnx", "torchscript": ".pt"}
@@ -77,12 +78,20 @@ def load_exported(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], d
         raise UserError(f"{path} is not a readable model ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     if raw is None:
         raise UserError(f"{path} has no {META_KEY}: not written by bloodcells_dist.export")
-    return model, {"cell_crop": 0, **json.loads(raw)}  # files exported before cell windows: the whole frame
+    # Files exported before cell windows saw the whole frame, and before `fit` were stretched.
+    try:
+        meta = {"cell_crop": 0, "fit": "stretch", "dataset": "", **json.loads(raw)}
+        preprocess_from(meta)
+        if not isinstance(meta.get("classes"), list) or not meta["classes"]:
+            raise ValueError("no class list")
+    except (ValueError, TypeError) as err:  # an edited or foreign file: refuse it before the first image
+        raise UserError(f"{path}: its {META_KEY} is not usable ({err})") from None
+    return model, meta
 
 
 def export(model: torch.nn.Module, meta: dict, fmt: str, out: Path) -> None:
     """Write the eval-mode model as `fmt`, atomically, with classes, image size, mean and std embedded."""
-    info = json.dumps({k: meta[k] for k in ("classes", "image_size", "cell_crop", "mean", "std")})
+    info = json.dumps({k: meta[k] for k in ("classes", "image_size", "cell_crop", "fit", "mean", "std", "dataset")})
     example = torch.zeros(2, 3, *meta["image_size"])
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")  # torch.export.save wants the .pt2 suffix
     with torch.no_grad(), warnings.catch_warnings():  # deprecation notices for the tracer and legacy exporter

@@ -23,6 +23,7 @@ from . import __version__
 from .checkpoint import BEST_NAME, load_model, save_model
 from .cli import UserError, run_main
 from .model import BloodCellCNN
+from .transforms import preprocess_from
 
 CONFIG_NAME = "config.json"  # the Hub's names (huggingface_hub.constants.CONFIG_NAME / SAFETENSORS_SINGLE_FILE)
 WEIGHTS_NAME = "model.safetensors"
@@ -48,12 +49,14 @@ def hub_config(meta: dict) -> dict:
         "id2label": {str(i): c for i, c in enumerate(classes)},
         "label2id": {c: i for i, c in enumerate(classes)},
         "image_size": meta["image_size"],  # [height, width] the image is resized to
-        "cell_crop": meta["cell_crop"],  # >0: first the square window of this side centred on the nucleus
+        "cell_crop": meta["cell_crop"],  # >0: first a square window centred on the nucleus (pixels, or <= 1: share of the shorter side)
+        "fit": meta["fit"],  # crop | pad | stretch: how the image meets image_size when the aspects differ
         "mean": meta["mean"],  # per RGB channel, applied to pixels scaled to [0, 1]
         "std": meta["std"],
         "widths": meta["model"]["widths"],  # channels of the 4 conv blocks
         "hidden": meta["model"]["hidden"],  # FC1 and FC2 widths
         "dropout": meta["model"]["dropout"],
+        "dataset": meta.get("dataset", ""),  # the name its shards were packed under
         # The recipe, without this machine's paths.
         "training_config": {k: v for k, v in meta.get("config", {}).items() if k not in ("shards", "output_dir")},
     }
@@ -97,10 +100,12 @@ def measured_metrics(model_path: Path, meta: dict) -> list[dict]:
 def model_card(config: dict, metrics: list[dict]) -> str:
     """README.md: Hub metadata, what the model is, its recipe, what was measured and on which split, its use."""
     train = config["training_config"]
-    recipe_keys = ("train_splits", "val_split", "val_fold", "image_size", "cell_crop", "epochs", "batch_size",
+    recipe_keys = ("train_splits", "val_split", "val_fold", "image_size", "cell_crop", "fit", "epochs", "batch_size",
                    "grad_accum", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs",
-                   "label_smoothing", "dropout", "aug_flip", "aug_rot90", "aug_affine", "aug_color", "mixed_precision", "seed")
+                   "label_smoothing", "mixup", "dropout", "aug_flip", "aug_rot90", "aug_affine", "aug_color", "aug_hue",
+                   "aug_gain", "aug_erase", "mixed_precision", "seed")
     recipe = {k: train[k] for k in recipe_keys if k in train}
+    dataset = config.get("dataset") or "unknown"
     header = {
         "library_name": "bloodcells_dist",
         "pipeline_tag": "image-classification",
@@ -109,13 +114,15 @@ def model_card(config: dict, metrics: list[dict]) -> str:
     if metrics:
         header["model-index"] = [{"name": "bloodcells-cnn", "results": [
             {"task": {"type": "image-classification"},
-             "dataset": {"name": "blood-cells", "type": "blood-cells", "split": m["split"]},
+             "dataset": {"name": dataset, "type": dataset, "split": m["split"]},
              "metrics": [{"type": "accuracy", "value": round(m["accuracy"], 4)}]
              + ([{"type": "f1", "name": "macro F1", "value": round(m["macro_f1"], 4)}] if m.get("macro_f1") is not None else [])}
             for m in metrics]}]
     classes = config["classes"]
-    crop = (f" cropped to the {config['cell_crop']}x{config['cell_crop']}-pixel window centred on the cell's stained "
-            "nucleus (`bloodcells_dist.transforms.cell_window`), then" if config.get("cell_crop") else "")
+    side = config.get("cell_crop") or 0
+    side = f"{side:g}x{side:g}-pixel" if side > 1 else f"square ({side:g} of the shorter side)"
+    crop = (f" cropped to the {side} window centred on the cell's stained nucleus "
+            "(`bloodcells_dist.transforms.cell_window`), then" if config.get("cell_crop") else "")
     if metrics:
         rows = "\n".join(
             f"| {m['split']} | {m['source']} | {m['samples'] if m['samples'] is not None else ''} | {m['accuracy']:.4f} | "
@@ -135,7 +142,8 @@ A small CNN trained from scratch that sorts a stained white blood cell image int
 {', '.join(classes)}. The reference design: 4 x (3x3 conv, BatchNorm, ReLU, 2x2 max-pool) with widths
 {config['widths']}, then fully connected layers {config['hidden']} and the class logits.
 
-**Input**: an RGB image{crop} resized to {config['image_size'][0]}x{config['image_size'][1]} (height x width), scaled to
+**Input**: an RGB image{crop} resized to {config['image_size'][0]}x{config['image_size'][1]} (height x width; `fit`
+{config.get('fit', 'stretch')} where the aspect differs), scaled to
 [0, 1] and normalised with mean {config['mean']} and std {config['std']} (all in `config.json`).
 **Output**: logits over the classes in `config.json`'s `classes` / `id2label` order.
 
@@ -161,9 +169,9 @@ Trained with `bloodcells_dist` {config.get('bloodcells_dist_version', '')} (SGD,
 
 ## Intended use and limits
 
-For research, teaching and benchmarking of image classifiers on the public "blood-cells" dataset
-(or on `bloodcells_dist`'s synthetic stand-in, for a demo model). It has seen one dataset's
-staining, microscope and cropping; accuracy on other sources is unknown.
+For research, teaching and benchmarking of white-blood-cell image classifiers. Trained on the dataset
+"{dataset}"{" (`bloodcells_dist`'s synthetic stand-in: a demo model, not a model of real cells)" if dataset == "synthetic" else ""};
+it has seen that dataset's staining, microscope and cropping only; accuracy on other sources is unknown.
 
 **This is not a medical device.** It is not validated for, and must not be used in, diagnosis, screening or
 any clinical decision.
@@ -182,7 +190,8 @@ def save_pretrained(model_path: Path, out: Path, *, overwrite: bool = False) -> 
     out.mkdir(parents=True, exist_ok=True)
     config = hub_config(meta)
     save_model(model, out / WEIGHTS_NAME, classes=meta["classes"], config=meta.get("config") or {
-        "image_size": meta["image_size"], **meta["model"]})
+        "image_size": meta["image_size"], "cell_crop": meta["cell_crop"], "fit": meta["fit"], **meta["model"]},
+        dataset=meta.get("dataset", ""), mean=meta["mean"], std=meta["std"])
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     (out / CARD_NAME).write_text(model_card(config, measured_metrics(model_path, meta)))
     return out
@@ -207,8 +216,12 @@ def from_pretrained(name_or_path: str | Path, *, revision: str | None = None, ca
         raise UserError(f"{folder} has no {CONFIG_NAME} and {WEIGHTS_NAME}: not a saved Hub model folder")
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"{CONFIG_NAME} holds a {type(config).__name__}, not an object")
         if config.get("model_type") != MODEL_TYPE:
             raise ValueError(f"model_type is {config.get('model_type')!r}, not {MODEL_TYPE!r}")
+        check_labels(config)
+        preprocess_from(config, legacy_fit="stretch")
         model = BloodCellCNN(num_classes=len(config["classes"]), image_size=config["image_size"],
                              widths=config["widths"], hidden=config["hidden"], dropout=config["dropout"])
         model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))  # strict: every weight, nothing extra
@@ -216,9 +229,23 @@ def from_pretrained(name_or_path: str | Path, *, revision: str | None = None, ca
         raise UserError(f"{folder} is not a bloodcells_dist Hub model ({type(err).__name__}: "
                         f"{str(err).splitlines()[0]})") from None
     meta = {"classes": config["classes"], "image_size": config["image_size"], "cell_crop": config.get("cell_crop", 0),
-            "mean": config["mean"], "std": config["std"], "model": {k: config[k] for k in ("widths", "hidden", "dropout")},
-            "config": config.get("training_config", {})}
+            "fit": config.get("fit", "stretch"), "mean": config["mean"], "std": config["std"],
+            "model": {k: config[k] for k in ("widths", "hidden", "dropout")},
+            "config": config.get("training_config", {}), "dataset": config.get("dataset", "")}
     return model.eval(), meta
+
+
+def check_labels(config: dict) -> None:
+    """ValueError unless classes, num_classes, id2label and label2id tell the same class order."""
+    classes = config["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError("classes must be a non-empty list of names")
+    if "num_classes" in config and config["num_classes"] != len(classes):
+        raise ValueError(f"num_classes {config['num_classes']} but {len(classes)} classes")
+    if "id2label" in config and config["id2label"] != {str(i): c for i, c in enumerate(classes)}:
+        raise ValueError("id2label does not match classes (order or names)")
+    if "label2id" in config and config["label2id"] != {c: i for i, c in enumerate(classes)}:
+        raise ValueError("label2id does not match classes (order or names)")
 
 
 def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:

@@ -75,7 +75,7 @@ def card_header(manifest: ShardManifest, metadata: dict) -> dict:
         {"name": "__url__", "dtype": "string"},
     ]
     return {
-        "pretty_name": "Blood cells (WebDataset shards)",
+        "pretty_name": f"{manifest.dataset} (WebDataset shards)",
         "task_categories": ["image-classification"],
         "size_categories": [size_category(sum(s.samples for s in manifest.splits.values()))],
         "configs": [{"config_name": "default", "default": True,
@@ -105,20 +105,22 @@ def dataset_card(manifest: ShardManifest, metadata: dict) -> str:
     return f"""---
 {header}---
 
-# Blood cells, as WebDataset shards
+# {manifest.dataset}, as WebDataset shards
 
-White blood cell images (320x240 JPEG, the original bytes) of {len(manifest.classes)} classes, packed by
-`bloodcells_dist.shards pack` (tool version {manifest.tool_version}). Each sample holds `jpg` (the image),
-`cls` (the class index) and `json` (class name, split, source cell group, cross-validation fold, source path,
-width, height). `manifest.json` lists every shard with its sha256; `python -m bloodcells_dist.shards verify DIR`
-re-checks them.
+White blood cell images (JPEG, the original bytes) of {len(manifest.classes)} classes, packed by
+`bloodcells_dist.shards pack` (tool version {manifest.tool_version}) from a source laid out as
+`{manifest.layout}`. Each sample holds `jpg` (the image), `cls` (the class index) and `json` (class name,
+split, group, cross-validation fold, source path, width, height). `manifest.json` lists every shard with its
+sha256; `python -m bloodcells_dist.shards verify DIR` re-checks them; `audit.json` lists the duplicates, label
+conflicts and unreadable files the packer found and what it did with them.
 
 | split | {' | '.join(manifest.classes)} | all | shards |
 |---|{'---|' * len(manifest.classes)}---|---|
 {rows}
 
-`train` and `val` come from the source's TRAIN folder, split by source cell (all augmented copies of one cell
-on one side); `test` and `test_simple` are the source's TEST and TEST_SIMPLE folders, kept whole.
+Splits the source gives (a TEST folder, a listing's split column) are kept whole; the packer cuts the rest by
+group ({manifest.groups.get('method', 'none')}: {manifest.groups.get('why', '')}), so that no group
+(an augmented cell's copies, a patient, a file and its re-saved copies) is on two sides.
 
 ## Reading it
 

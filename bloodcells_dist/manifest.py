@@ -12,7 +12,8 @@ from urllib.parse import urlparse
 from .cli import UserError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = "bloodcells-shards/2"  # 2: samples grouped by recovered source cell
+AUDIT_NAME = "audit.json"  # the dataset audit `pack` ran, beside the manifest
+FORMAT = "bloodcells-shards/3"  # 2: samples grouped by recovered source cell; 3: any grouping, dataset name, audit
 SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar")  # a plain file name in the shard folder
 
 
@@ -74,7 +75,7 @@ class SplitInfo:
 
     samples: int
     samples_per_class: dict[str, int]
-    cells_per_class: dict[str, int]  # TRAIN splits: recovered source cells; test splits: images
+    groups_per_class: dict[str, int]  # groups (cells, patients, files) the split holds per class
     samples_per_fold: dict[str, int]  # fold index (as text, for JSON) -> samples, for cell-grouped k-fold CV
     shards: list[ShardInfo]
 
@@ -85,8 +86,13 @@ class ShardManifest:
 
     classes: list[str]
     splits: dict[str, SplitInfo]
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    dataset: str = "blood-cells"  # the name given at pack time (model cards name it)
+    layout: str = "splits"  # how the source was laid out: splits | classes | csv
+    groups: dict = field(default_factory=dict)  # method (cells | csv | files), why, what auto measured
+    skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable or stray inputs, with the reason
+    excluded: list[dict] = field(default_factory=list)  # readable images the audit's policy left out, and why
     clashes: list[dict] = field(default_factory=list)  # names differing only in case/suffix, and what was done
+    audit: dict = field(default_factory=dict)  # duplicate counts; the whole report is AUDIT_NAME
     folds: int = 5
     args: dict = field(default_factory=dict)
     tool_version: str = ""
@@ -122,6 +128,13 @@ class ShardManifest:
             raise UserError(f"cannot read {path}: {type(err).__name__}: {err}") from None
         try:
             raw = json.loads(text)
+            if raw.get("format") == "bloodcells-shards/2":  # same shards; the group was called a cell
+                raw["format"] = FORMAT
+                for split in raw["splits"].values():
+                    split["groups_per_class"] = split.pop("cells_per_class")
+                raw["groups"] = {"method": "cells" if raw.get("args", {}).get("val_split") != "random" else "none"}
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format {raw.get('format')!r}, this version reads {FORMAT}")
             splits = {
                 name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
                 for name, s in raw.pop("splits").items()

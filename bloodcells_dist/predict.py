@@ -16,15 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .checkpoint import load_model
 from .cli import UserError, run_main
 from .export import SUFFIXES, load_exported
 from .scoring import logits as model_logits
-from .transforms import eval_transform
+from .transforms import UnreadableImage, eval_transform, read_rgb
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
@@ -46,16 +43,6 @@ def find_images(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
-def read_rgb(path: Path) -> torch.Tensor:
-    """Any image file -> uint8 (3, H, W) RGB, grayscale and alpha included."""
-    data = path.read_bytes()
-    try:  # torchvision first: for JPEG it is the decoder the model was trained with
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):  # BMP, TIFF... or a broken file, which PIL names in plainer words
-        with Image.open(path) as image:
-            return pil_to_tensor(image.convert("RGB"))
-
-
 def load_predictor(path: Path) -> tuple[Model, dict]:
     """A model by suffix: a run or Hub folder or .safetensors file, or an exported .pt2, .onnx or .pt file."""
     if path.suffix in SUFFIXES.values():
@@ -74,9 +61,11 @@ def predict_rows(model: Model, classes: Sequence[str], transform: Callable, file
         images, errors = [], {}
         for i, path in enumerate(chunk):
             try:
-                images.append(transform(read_rgb(path)))
-            except Exception as err:  # whatever a decoder raises is this file's problem, not the run's
-                errors[i] = f"{type(err).__name__}: {' '.join(str(err).split())}"  # one line for the CSV cell
+                image = read_rgb(path)
+            except UnreadableImage as err:
+                errors[i] = f"unreadable: {err}"  # one line for the CSV cell
+                continue
+            images.append(transform(image))  # outside the try: a failure here is a bug, with its traceback
         logits = model_logits(model, torch.stack(images).to(device), tta) if images else torch.empty(0, len(classes))
         probs = iter(logits.float().softmax(1).cpu().tolist())
         for i, path in enumerate(chunk):
@@ -120,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             unreadable += bool(row[-1])
     print(f"{len(files)} images, {unreadable} unreadable" + (f"; wrote {args.out}" if args.out else ""),
           file=sys.stderr)
+    if unreadable:  # the rows are written (with the reason), but a script must not take this run for a clean one
+        print(f"error: {unreadable} of {len(files)} image(s) could not be read (their rows say why)", file=sys.stderr)
+        return 1
     return 0
 
 

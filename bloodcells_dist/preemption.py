@@ -9,7 +9,9 @@ and survive a signal sent to the whole process group (SLURM signals every proces
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from datetime import timedelta
 
 import torch.distributed
@@ -19,6 +21,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # A collective that waits longer than this fails instead of hanging (gloo's default is 30 min). Gloo notices
 # a killed peer on the same network at once (connection reset); this bounds the cases where nothing tells it.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+AT_STEP_ENV = "BLOODCELLS_AT_STEP"  # test hook: "N:kill", "N:stop" or "N:pause" at optimizer step N
 PEER_LOST_MARKERS = ("connection reset by peer", "connection closed by peer", "timed out", "broken pipe")
 
 
@@ -40,6 +43,21 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.received = signal.Signals(signum).name
+
+    def at_step(self, step: int) -> None:
+        """The interruption tests' deterministic hook (BLOODCELLS_AT_STEP="N:action", read at every step, so that
+        a test names the step instead of sleeping): after optimizer step N, `kill` is SIGKILL to this process,
+        `stop` acts as a stop signal, `pause` prints `paused at step N` and waits for a line on stdin."""
+        planned, _, action = os.environ.get(AT_STEP_ENV, "").partition(":")
+        if planned != str(step):
+            return
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "stop":
+            self.received = AT_STEP_ENV
+        elif action == "pause":
+            print(f"paused at step {step}", flush=True)
+            sys.stdin.readline()
 
     def requested(self, accelerator: Accelerator) -> bool:
         """Whether any rank received a stop signal. Collective when there are several processes."""

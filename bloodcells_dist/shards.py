@@ -1,7 +1,11 @@
-"""Pack the blood-cell JPEG folders into verified WebDataset tar shards, and verify a shard folder.
+"""Pack a folder of white-cell images (or a CSV listing) into verified WebDataset tar shards; verify a shard folder.
 
-    python -m bloodcells_dist.shards pack --src ROOT --out DIR [--seed S] [--val-fraction F] ...
+    python -m bloodcells_dist.shards pack --src ROOT_OR_LISTING --out DIR [--test-fraction F] [--groups auto] ...
     python -m bloodcells_dist.shards verify DIR
+
+`pack` reads the layouts of sources.py, audits the images (audit.py: unreadable files, duplicates, label
+conflicts), groups them (groups.py), splits them by whole groups (splits.py) and writes shards, the manifest,
+the audit report and the descriptions other readers look for (interop.py).
 """
 
 from __future__ import annotations
@@ -11,46 +15,36 @@ import ctypes
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
 import sys
 import time
-from collections import Counter
-from collections.abc import Sequence
-import multiprocessing
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import webdataset as wds
 
 from . import __version__
+from .audit import apply_policy, build_report, collect_facts, near_pairs, report_lines, write_report
 from .cli import UserError, run_main, writable_folder
+from .groups import METHODS, group_images
 from .interop import check_descriptions, stale_description_names, write_descriptions
-from .manifest import MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
-from .cells import file_sha256, read_mapping, recover_cells
+from .manifest import AUDIT_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from .progress import progress
-from .sources import LINK_OUT, Skipped, SourceImage, check_jpeg, scan_images, unique_keys
+from .sources import EVAL_SPLITS, LAYOUTS, LINK_OUT, Skipped, check_jpeg, scan_images, split_folder_root, unique_keys
+from .splits import FOLDS, POOL, Sample, assign_splits
 
 MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
 MIN_SHARD_SAMPLES = 16  # ...unless that would make shards smaller than this
 MAX_SHARD_SAMPLES = 2000  # big splits get more shards rather than bigger ones
-FOLDS = 5  # every cell gets a fold index for grouped k-fold cross-validation
 SPLITS = ("train", "val", "test", "test_simple")
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A checked image with its final split, label, source cell and fold."""
-
-    image: SourceImage
-    split: str
-    label: int
-    cell: str  # TRAIN: the recovered source cell ("CLASS/cellNNN"); TEST: the image's own key
-    fold: int
-    width: int
-    height: int
+DEFAULT_VAL_FRACTION = 0.2
+DATASET_INFO = "dataset.json"  # {"name": ...} at a source root names the dataset (the synthetic generator writes one)
 
 
 def default_shard_count(n: int) -> int:
@@ -64,68 +58,57 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def check_image(img: SourceImage) -> tuple[SourceImage, int, int] | Skipped:
-    """Read and decode-check one image: (image, width, height), or why it is skipped."""
-    try:
-        width, height = check_jpeg(img.path.read_bytes())
-    except (ValueError, OSError) as err:
-        return Skipped(img.rel_path, str(err))
-    return img, width, height
+def stderr_line(line: str) -> None:
+    """Progress notes of the packer go to stderr; its summary goes to stdout."""
+    print(line, file=sys.stderr, flush=True)
 
 
-def assign_splits(
-    checked: list[tuple[SourceImage, int, int]], classes: list[str], cells: dict[str, str], *, seed: int,
-    val_fraction: float, val_split: str
-) -> list[Sample]:
-    """Split TRAIN into train/val by whole cells (or by image with val_split='random'); give each cell a fold."""
-    by_class: dict[str, list[tuple[SourceImage, int, int]]] = {}
-    for item in checked:
-        by_class.setdefault(item[0].class_name, []).append(item)
-    cell_of = {img.path: cells.get(img.rel_path, img.key) for img, _, _ in checked}
-    samples = []
-    for class_name, items in sorted(by_class.items()):
-        groups = sorted({cell_of[img.path] for img, _, _ in items})
-        random.Random(f"{seed}:folds:{class_name}").shuffle(groups)
-        fold = {g: i % FOLDS for i, g in enumerate(groups)}
-        train_groups = sorted({cell_of[img.path] for img, _, _ in items if img.split == "train"})
-        random.Random(f"{seed}:val:{class_name}").shuffle(train_groups)
-        val_groups = set(train_groups[: round(val_fraction * len(train_groups))])
-        train_items = [it for it in items if it[0].split == "train"]
-        val_images = set()
-        if val_split == "random":  # image-level split: leaks copies of one cell into both sides
-            order = list(range(len(train_items)))
-            random.Random(f"{seed}:val:{class_name}").shuffle(order)
-            val_images = {train_items[i][0].path for i in order[: round(val_fraction * len(train_items))]}
-        for img, w, h in items:
-            split = img.split
-            if split == "train" and (cell_of[img.path] in val_groups if val_split == "cell" else img.path in val_images):
-                split = "val"
-            cell = cell_of[img.path]
-            samples.append(Sample(img, split, classes.index(class_name), cell, fold[cell], w, h))
-    return samples
+def dataset_name(src: Path, layout: str, name: str | None) -> str:
+    """--name, else the name in SRC/dataset.json, else "blood-cells" for the Kaggle download, else the folder's
+    (or listing's) name."""
+    if name:
+        return name
+    info = src / DATASET_INFO
+    if src.is_dir() and info.is_file():
+        try:
+            found = json.loads(info.read_text()).get("name")
+        except (ValueError, OSError, AttributeError):
+            found = None
+        if isinstance(found, str) and found.strip():
+            return found.strip()[:100]
+    if layout == "splits" and split_folder_root(src) == src / "dataset2-master" / "dataset2-master" / "images":
+        return "blood-cells"
+    return (src.stem if src.is_file() else src.resolve().name) or "dataset"
 
 
-def train_cells(checked: list[tuple[SourceImage, int, int]], mapping_file: Path | None, *, workers: int) -> dict[str, str]:
-    """Relative path -> source cell of every TRAIN image: read from a `cells` mapping, or recovered now."""
-    train = [img for img, _, _ in checked if img.split == "train"]
-    if mapping_file is None:
-        print(f"recovering the source cells of {len(train)} TRAIN images from their pixels "
-              "(python -m bloodcells_dist.cells writes them once for reuse with --cells)", file=sys.stderr)
-        return recover_cells([(i.rel_path, i.class_name, i.path) for i in train], workers=workers,
-                             progress=lambda line: print(line, file=sys.stderr))
-    known = read_mapping(mapping_file)
-    missing = [i.rel_path for i in train if i.rel_path not in known]
-    if missing:
-        raise UserError(f"{mapping_file} has no cell for {len(missing)} TRAIN image(s), first: {missing[0]} "
-                        "(rerun python -m bloodcells_dist.cells on this dataset)")
-    stale = [i.rel_path for i in train if file_sha256(i.path) != known[i.rel_path][1]]
-    if stale:
-        raise UserError(f"{mapping_file} was made from other bytes for {len(stale)} TRAIN image(s), first: "
-                        f"{stale[0]} (rerun python -m bloodcells_dist.cells on this dataset)")
-    wrong = [i.rel_path for i in train if not known[i.rel_path][0].startswith(f"{i.class_name}/")]
-    if wrong:
-        raise UserError(f"{mapping_file} puts {wrong[0]} in a cell of another class")
-    return {i.rel_path: known[i.rel_path][0] for i in train}
+def check_out_folder(src: Path, out: Path) -> None:
+    """Refuse an output folder that would be read back as input, or that is a system root."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    resolved, source = out.resolve(), (src.parent if src.is_file() else src).resolve()
+    if resolved.is_relative_to(source):
+        raise UserError(f"--out {out} is inside the source {source}: the next pack would read the shards as "
+                        "stray input; write them elsewhere")
+    if resolved == Path(resolved.anchor) or resolved.parent == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise UserError(f"--out {out} is a system or home folder ({resolved}); give a folder of its own, e.g. {resolved}/shards")
+
+
+def resolve_fractions(images, val_fraction: float | None, test_fraction: float) -> tuple[float, float]:
+    """(val, test) fractions of the pool to hold out: none where the data gives that split itself."""
+    given = {img.split for img in images}
+    if test_fraction and "test" in given:
+        raise UserError("--test-fraction: the data already gives a test split (a TEST folder or split=test rows); "
+                        "the packer never edits a test split the data gives")
+    if val_fraction is None:
+        val_fraction = 0.0 if "val" in given else DEFAULT_VAL_FRACTION
+    elif val_fraction and "val" in given:
+        raise UserError("--val-fraction: the data already gives a val split (a VAL folder or split=val rows)")
+    for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{flag} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} leave nothing to train on")
+    return val_fraction, test_fraction
 
 
 def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardInfo:
@@ -135,18 +118,22 @@ def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardI
         # Fixed owner, mode and mtime: same input -> byte-identical tar.
         with wds.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
             for s in samples:
+                image = s.facts.image
                 meta = {
                     "class_name": classes[s.label],
                     "split": s.split,
-                    "cell": s.cell,
+                    "group": s.group,
                     "fold": s.fold,
-                    "path": s.image.rel_path,
-                    "width": s.width,
-                    "height": s.height,
+                    "path": image.rel_path,
+                    "width": s.facts.width,
+                    "height": s.facts.height,
                 }
+                data = image.path.read_bytes()  # the original bytes, never re-encoded
+                if hashlib.sha256(data).hexdigest() != s.facts.sha256:
+                    raise UserError(f"{image.rel_path} changed while it was being packed; pack again")
                 tar.write({
-                    "__key__": s.image.key,
-                    "jpg": s.image.path.read_bytes(),  # the original bytes, never re-encoded
+                    "__key__": image.key,
+                    "jpg": data,
                     "cls": str(s.label).encode(),
                     "json": json.dumps(meta, sort_keys=True).encode(),
                 })
@@ -160,7 +147,7 @@ def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardI
 
 def clear_old_pack(out: Path, overwrite: bool) -> None:
     """Refuse to mix with an earlier pack unless asked; with --overwrite drop its manifest first, then its shards."""
-    old = sorted(out.glob("*.tar")) + ([out / MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else [])
+    old = sorted(out.glob("*.tar")) + [out / n for n in (MANIFEST_NAME, AUDIT_NAME) if (out / n).exists()]
     old += stale_description_names(out)  # timm/datasets/wids descriptions of the earlier pack
     if old and not overwrite:
         raise UserError(f"{out} already holds shards, a manifest or their descriptions (README.md, _info.json); "
@@ -174,7 +161,7 @@ def plan_shards(samples: list[Sample], out: Path, *, seed: int, shard_size: int 
     """Split name -> [(shard path, its samples)]: seeded order so every shard mixes classes, sizes within one."""
     plan = {}
     for split in SPLITS:
-        members = sorted((s for s in samples if s.split == split), key=lambda s: s.image.key)
+        members = sorted((s for s in samples if s.split == split), key=lambda s: s.facts.image.key)
         if not members:
             continue
         random.Random(f"{seed}:order:{split}").shuffle(members)
@@ -190,56 +177,81 @@ def pack_shards(
     out: Path,
     *,
     seed: int = 0,
-    val_fraction: float = 0.2,
-    val_split: str = "cell",
+    val_fraction: float | None = None,
+    test_fraction: float = 0.0,
+    val_split: str = "group",
+    layout: str = "auto",
+    groups: str = "auto",
     cells: Path | None = None,
+    name: str | None = None,
     shard_size: int | None = None,
     strict: bool = False,
     overwrite: bool = False,
     workers: int = 2,
+    log: Callable[[str], None] = stderr_line,
 ) -> ShardManifest:
-    """Pack the JPEG folders under `src` into shards and a manifest in `out`; return the manifest."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    """Pack the images of `src` (a folder in any layout of sources.py, or a CSV listing) into shards, a manifest
+    and an audit report in `out`; return the manifest."""
+    src, out = Path(src), Path(out)
+    if val_split not in ("group", "cell", "random"):
+        raise UserError(f"--val-split {val_split}: expected group or random")
+    if groups not in METHODS:
+        raise UserError(f"--groups {groups}: expected one of {', '.join(METHODS)}")
     if shard_size is not None and shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    scan = scan_images(src)
+    scan = scan_images(src, layout)
+    check_out_folder(src, out)
+    val_fraction, test_fraction = resolve_fractions(scan.images, val_fraction, test_fraction)
     writable_folder(out, "--out")  # before the slow checking
+    for note in scan.notes:
+        log(f"note: {note}")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=die_with_parent)
     with pool:
-        # Checking (PIL) and tar writing are Python-bound: processes, not threads, use both cores.
-        results = list(progress(pool.map(check_image, scan.images, chunksize=64), total=len(scan.images),
-                                desc="checking", unit="img"))
-        skipped = sorted(scan.skipped + [r for r in results if isinstance(r, Skipped)], key=lambda s: s.path)
-        checked = [r for r in results if not isinstance(r, Skipped)]
-        keyed, key_clashes = unique_keys([img for img, _, _ in checked])  # only readable files claim keys
-        checked = [(img, w, h) for img, (_, w, h) in zip(keyed, checked)]
+        # Checking (decoding, hashing) and tar writing are Python-bound: processes, not threads, use both cores.
+        facts, unreadable = collect_facts(scan.images, pool)
+        skipped = sorted(scan.skipped + unreadable, key=lambda s: s.path)
+        keyed, key_clashes = unique_keys([f.image for f in facts])  # only readable files claim keys
+        facts = [replace(f, image=img) for img, f in zip(keyed, facts)]
         clashes = scan.clashes + key_clashes
-        if strict and skipped:
-            raise UserError(f"--strict: {len(skipped)} bad input(s), nothing written; "
-                            f"first: {skipped[0].path}: {skipped[0].reason}")
-        if strict and clashes:
-            raise UserError(f"--strict: {len(clashes)} name clash(es), nothing written; "
-                            f"first: {' and '.join(clashes[0].paths)} {clashes[0].conflict}")
-        if not checked:
-            raise UserError(f"no readable JPEG images under {src} ({len(skipped)} skipped)")
+        kept, excluded = apply_policy(facts)
+        if strict and (skipped or clashes or excluded):
+            first = (f"{skipped[0].path}: {skipped[0].reason}" if skipped else
+                     f"{' and '.join(clashes[0].paths)} {clashes[0].conflict}" if clashes else
+                     f"{excluded[0]['path']}: {excluded[0]['reason']}")
+            raise UserError(f"--strict: {len(skipped)} bad input(s), {len(clashes)} name clash(es), {len(excluded)} "
+                            f"duplicate(s) or label conflict(s); nothing written; first: {first}")
+        if not kept:
+            raise UserError(f"no readable JPEG images in {src} ({len(skipped)} skipped, {len(excluded)} excluded)")
         for s in skipped:
-            print(f"warning: skipped {s.path}: {s.reason}", file=sys.stderr)
+            log(f"warning: skipped {s.path}: {s.reason}")
         for c in clashes:
-            print(f"warning: {' and '.join(c.paths)} {c.conflict}: {c.resolution}", file=sys.stderr)
+            log(f"warning: {' and '.join(c.paths)} {c.conflict}: {c.resolution}")
+        for e in excluded:
+            log(f"warning: excluded {e['path']}: {e['reason']}")
+        report = build_report(scan, facts, skipped, excluded, near_pairs(facts))
+        print("\n".join(report_lines(report)), flush=True)
 
-        classes = scan.classes  # every class folder, readable images or not: labels never shift
-        for c in sorted(set(classes) - {img.class_name for img, _, _ in checked}):
-            print(f"warning: class {c} has no readable images (kept in the class list, label {classes.index(c)})",
-                  file=sys.stderr)
-        cell_map = train_cells(checked, cells, workers=workers) if val_split == "cell" else {}
-        samples = assign_splits(checked, classes, cell_map, seed=seed, val_fraction=val_fraction,
-                                val_split=val_split)
+        classes = scan.classes  # every class the data names, usable images or not: labels never shift
+        for c in sorted(set(classes) - {f.image.class_name for f in kept}):
+            log(f"warning: class {c} has no usable images (kept in the class list, label {classes.index(c)})")
+        pool_facts = [f for f in kept if f.image.split in POOL]
+        if val_split == "random":
+            grouping = None
+            print("groups: none (--val-split random splits val by image, to show the leak)", flush=True)
+        else:
+            grouping = group_images(pool_facts, requested=groups, has_groups=scan.has_groups, cells_file=cells,
+                                    seed=seed, workers=workers, log=log)
+            print(f"groups: {grouping.method} ({grouping.why})", flush=True)
+            for rel in grouping.set_apart:
+                log(f"warning: {rel} has no cell features to match (an evenly coloured image?): set apart as a "
+                    "group of its own")
+        samples = assign_splits(kept, grouping.groups if grouping else {}, classes, seed=seed,
+                                val_fraction=val_fraction, test_fraction=test_fraction, val_split=val_split)
+        if not any(s.split in EVAL_SPLITS for s in samples):
+            log("note: no test split: the data gives none and --test-fraction is 0 (pass e.g. --test-fraction 0.15)")
         plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
         try:
             clear_old_pack(out, overwrite)
@@ -259,21 +271,30 @@ def pack_shards(
         splits[split] = SplitInfo(
             samples=len(members),
             samples_per_class={c: sum(1 for s in members if s.label == k) for k, c in enumerate(classes)},
-            cells_per_class={c: len({s.cell for s in members if s.label == k}) for k, c in enumerate(classes)},
+            groups_per_class={c: len({s.group for s in members if s.label == k}) for k, c in enumerate(classes)},
             samples_per_fold={str(f): sum(1 for s in members if s.fold == f) for f in range(FOLDS)},
             shards=[f.result() for f in futures[split]],
         )
     manifest = ShardManifest(
         classes=classes,
         splits=splits,
+        dataset=dataset_name(src, scan.layout, name),
+        layout=scan.layout,
+        groups=grouping.record() if grouping else {"method": "none", "why": "--val-split random"},
         skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
+        excluded=excluded,
         clashes=[{"paths": list(c.paths), "conflict": c.conflict, "resolution": c.resolution} for c in clashes],
+        audit={k: report[k] for k in ("exact_duplicates", "near_duplicates")} | {"report": AUDIT_NAME},
         folds=FOLDS,
-        args={"src": str(src.resolve()), "seed": seed, "val_fraction": val_fraction, "val_split": val_split,
-              "cells": str(cells) if cells else "recovered", "shard_size": shard_size, "strict": strict},
+        args={"src": str(src.resolve()), "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+              "val_split": val_split, "layout": layout, "groups": groups, "cells": str(cells) if cells else None,
+              "shard_size": shard_size, "strict": strict},
         tool_version=__version__,
     )
+    for key in ("exact_duplicates", "near_duplicates"):  # the manifest keeps the counts; the lists are in audit.json
+        manifest.audit[key] = {k: v for k, v in manifest.audit[key].items() if k != "list"}
     try:
+        write_report(report, out / AUDIT_NAME)
         write_descriptions(out, manifest)  # _info.json (timm), README.md (datasets, Hub), *.wids.json
         manifest.save(out)  # last: its presence means every shard and description above is complete
     except OSError as err:
@@ -300,7 +321,7 @@ def check_shard(path: Path, shard: ShardInfo, classes: list[str]) -> list[dict]:
             if not 0 <= label < len(classes) or classes[label] != meta["class_name"]:
                 raise ValueError(f"sample {sample['__key__']}: label {label} does not match class {meta['class_name']}")
             check_jpeg(sample["jpg"])
-            metas.append({**meta, "key": sample["__key__"]})
+            metas.append({**meta, "key": sample["__key__"], "sha256": hashlib.sha256(sample["jpg"]).hexdigest()})
     except ValueError:
         raise
     except Exception as err:  # tarfile and JSON errors alike mean a bad shard
@@ -315,14 +336,34 @@ def recount(metas: list[dict], classes: list[str], folds: int) -> dict:
     return {
         "samples": len(metas),
         "samples_per_class": {c: sum(1 for m in metas if m["class_name"] == c) for c in classes},
-        "cells_per_class": {c: len({m["cell"] for m in metas if m["class_name"] == c}) for c in classes},
+        "groups_per_class": {c: len({m["group"] for m in metas if m["class_name"] == c}) for c in classes},
         "samples_per_fold": {str(f): sum(1 for m in metas if m["fold"] == f) for f in range(folds)},
     }
 
 
+def check_crossings(metas: dict[str, list[dict]], test_carved: bool) -> None:
+    """UserError if an image's bytes sit in two splits (test splits the data gives may share them: the packer
+    never edits those), or if a group sits in train and val (or, where the packer made the test split, in test
+    and a training split)."""
+    first_split: dict[str, tuple[str, str]] = {}
+    for split, items in metas.items():
+        for m in items:
+            other = first_split.setdefault(m["sha256"], (split, m["key"]))
+            if other[0] != split and not (other[0] in EVAL_SPLITS and split in EVAL_SPLITS):
+                raise UserError(f"image {m['key']} of split {split} has the same bytes as {other[1]} of split "
+                                f"{other[0]}: a leak between splits")
+    made = ["train", "val"] + (["test"] if test_carved else [])
+    owner: dict[str, str] = {}
+    for split in made:
+        for m in metas.get(split, []):
+            if owner.setdefault(m["group"], split) != split:
+                raise UserError(f"group {m['group']} is in split {owner[m['group']]} and in split {split}: a leak")
+
+
 def verify_shards(folder: Path) -> ShardManifest:
     """Re-read every shard and recount from the samples everything readers rely on (split totals, samples per
-    class, cell and fold, the folds, the splits there are); raise UserError at the first difference."""
+    class, group and fold, the folds, the splits there are); check that no image or group crosses splits;
+    raise UserError at the first difference."""
     folder = Path(folder)
     manifest = ShardManifest.load(folder)
     if manifest.folds != FOLDS:
@@ -331,6 +372,7 @@ def verify_shards(folder: Path) -> ShardManifest:
     unlisted = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
     if unlisted:
         raise UserError(f"{folder}: shard(s) not in the manifest: {', '.join(unlisted[:3])} (edited manifest?)")
+    every: dict[str, list[dict]] = {}
     for split_name, split in manifest.splits.items():
         if split_name not in SPLITS:
             raise UserError(f"{folder}: unknown split {split_name!r} in the manifest (expected {', '.join(SPLITS)})")
@@ -347,11 +389,15 @@ def verify_shards(folder: Path) -> ShardManifest:
         strays = {m["split"] for m in metas} - {split_name}
         if strays or any(not 0 <= m["fold"] < FOLDS for m in metas):
             raise UserError(f"split {split_name}: holds samples of split {sorted(strays)} or a fold outside 0..{FOLDS - 1}")
+        for m in metas:
+            m.setdefault("group", m.get("cell"))  # format 2 named the group "cell"
         counted = recount(metas, manifest.classes, manifest.folds)
         for field_name, value in counted.items():
             if getattr(split, field_name) != value:
                 raise UserError(f"split {split_name}: {field_name} in the manifest is {getattr(split, field_name)}, "
                                 f"the shards hold {value}")
+        every[split_name] = metas
+    check_crossings(every, test_carved=bool(manifest.args.get("test_fraction")))
     try:
         check_descriptions(folder, manifest)
     except ValueError as err:
@@ -360,37 +406,51 @@ def verify_shards(folder: Path) -> ShardManifest:
 
 
 def print_summary(manifest: ShardManifest, seconds: float) -> None:
-    """Images per split and class, source cells, skipped count and throughput."""
+    """Images per split and class, groups, what was left out, and throughput."""
     total = sum(s.samples for s in manifest.splits.values())
     width = max(len(c) for c in manifest.classes)
-    print(f"{'split':<12} {'class':<{width}} {'images':>7} {'cells':>7}")
+    print(f"{'split':<12} {'class':<{width}} {'images':>7} {'groups':>7}")
     for name, split in manifest.splits.items():
         for c in manifest.classes:
-            print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.cells_per_class[c]:>7}")
-        print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.cells_per_class.values()):>7}  in {len(split.shards)} shards")
+            print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.groups_per_class[c]:>7}")
+        print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.groups_per_class.values()):>7}  "
+              f"in {len(split.shards)} shards")
     links = sum(1 for s in manifest.skipped if s["reason"] == LINK_OUT)
     link_note = f" ({links} symbolic link(s) leading out of the source root, not followed)" if links else ""
     clash_note = f", {len(manifest.clashes)} name clash(es) resolved (manifest: clashes)" if manifest.clashes else ""
-    print(f"packed {total} images, skipped {len(manifest.skipped)}{link_note}{clash_note}, in {seconds:.1f} s "
-          f"({total / seconds:,.0f} images/s)")
+    excluded = f", excluded {len(manifest.excluded)} duplicate(s) or label conflict(s)" if manifest.excluded else ""
+    print(f"packed {total} images of {manifest.dataset!r}, skipped {len(manifest.skipped)}{link_note}{excluded}"
+          f"{clash_note}, in {seconds:.1f} s ({total / seconds:,.0f} images/s); groups: {manifest.groups['method']}; "
+          f"audit report: {AUDIT_NAME}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `pack` or `verify`."""
     parser = argparse.ArgumentParser(prog="python -m bloodcells_dist.shards", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    pack = sub.add_parser("pack", help="pack JPEG folders into shards")
-    pack.add_argument("--src", type=Path, required=True, help="dataset root, or a folder holding TRAIN/TEST folders")
+    pack = sub.add_parser("pack", help="pack image folders or a CSV listing into shards")
+    pack.add_argument("--src", type=Path, required=True,
+                      help="dataset root (split folders or class folders) or a CSV listing path,label[,group][,split]")
     pack.add_argument("--out", type=Path, required=True, help="output folder for shards and manifest.json")
-    pack.add_argument("--seed", type=int, default=0, help="seed of the val split, folds and shard order")
-    pack.add_argument("--val-fraction", type=float, default=0.2, help="fraction of TRAIN cells (per class) for val")
-    pack.add_argument("--val-split", choices=["cell", "random"], default="cell",
-                      help="cell: whole source cells go to val and to folds (honest); "
-                           "random: images (leaks copies of a cell into both sides)")
+    pack.add_argument("--layout", choices=LAYOUTS, default="auto", help="how --src is laid out (default: detected)")
+    pack.add_argument("--name", help="the dataset's name, recorded in the manifest and model cards "
+                                     "(default: SRC/dataset.json's name, blood-cells for the Kaggle download, else the folder name)")
+    pack.add_argument("--seed", type=int, default=0, help="seed of the splits, folds and shard order")
+    pack.add_argument("--val-fraction", type=float, default=None,
+                      help=f"share of the groups of each class held out as val (default {DEFAULT_VAL_FRACTION}; "
+                           "0 where the data gives a val split)")
+    pack.add_argument("--test-fraction", type=float, default=0.0,
+                      help="share of the groups of each class held out as test, where the data gives no test split")
+    pack.add_argument("--groups", choices=METHODS, default="auto",
+                      help="the unit a split never cuts: recovered cells of augmented copies, the listing's group "
+                           "column, or single files; auto measures the data (see README, Your own data)")
+    pack.add_argument("--val-split", choices=["group", "cell", "random"], default="group",
+                      help="group: whole groups go to val (honest); random: images (leaks copies of a cell into both sides)")
     pack.add_argument("--cells", type=Path, help="cell mapping from `python -m bloodcells_dist.cells` "
-                      "(default: recover the cells while packing)")
+                      "(with --groups cells; default: recover the cells while packing)")
     pack.add_argument("--shard-size", type=int, help="samples per shard (default: at least 16 shards per big split)")
-    pack.add_argument("--strict", action="store_true", help="any bad input is an error and nothing is written")
+    pack.add_argument("--strict", action="store_true",
+                      help="any bad input, name clash, duplicate or label conflict is an error and nothing is written")
     pack.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     pack.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes for checking and writing")
     verify = sub.add_parser("verify", help="re-read and check every shard of a folder")
@@ -400,8 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     if args.command == "pack":
         manifest = pack_shards(args.src, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                               val_split=args.val_split, cells=args.cells, shard_size=args.shard_size, strict=args.strict,
-                               overwrite=args.overwrite, workers=args.workers)
+                               test_fraction=args.test_fraction, val_split=args.val_split, layout=args.layout,
+                               groups=args.groups, cells=args.cells, name=args.name, shard_size=args.shard_size,
+                               strict=args.strict, overwrite=args.overwrite, workers=args.workers)
         print_summary(manifest, time.perf_counter() - start)
     else:
         manifest = verify_shards(args.dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -222,6 +223,9 @@ def generate_dataset(out: Path, *, per_class: int = 200, seed: int = 0, copies: 
             counts[split][cls] = done
     with open(out / TRUTH_NAME, "w", newline="") as f:
         csv.writer(f).writerows([("path", "cell"), *sorted(truth)])
+    # Names the dataset for `pack` (and so for model cards): not the real "blood-cells".
+    (out / "dataset.json").write_text(json.dumps({"name": "synthetic", "generator": "bloodcells_dist.synthetic",
+                                                  "seed": seed}) + "\n")
     return counts
 
 

@@ -18,18 +18,19 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast, broadcast_object_list, set_seed
 
 from .checkpoint import (BEST_NAME, LAST_NAME, STATE_NAME, check_shared_run_dir, checkpoint_dir, find_checkpoint,
                          load_checkpoint, rng_isolated, save_checkpoint, save_model)
 from .cli import UserError, run_main, writable_folder
-from .config import TrainConfig, build_config, parse_overrides, read_yaml, to_dict
+from .config import TrainConfig, build_config, check_resume_config, parse_overrides, read_yaml, to_dict
 from .data import open_training_data
 from .data.plan import split_size, stable_seed
 from .manifest import ShardManifest
@@ -38,6 +39,7 @@ from .model import BloodCellCNN
 from .precision import detect_hardware, launch_precision, resolve_precision, warn_if_emulated
 from .preemption import COLLECTIVE_TIMEOUT, StopSignal, lost_peer
 from .progress import eta_line, progress, start_summary
+from .rundir import RunLock
 from .scoring import score
 from .tracking import MetricsLog, Tracker
 
@@ -138,6 +140,7 @@ def train_one_epoch(model, optimizer, batches: Iterable, accelerator: Accelerato
         if not accelerator.sync_gradients:
             continue
         state["step"] += 1
+        stop.at_step(state["step"])  # the interruption tests' hook (no-op unless BLOODCELLS_AT_STEP is set)
         if state["step"] % config.log_every == 0:
             stop_if_nonfinite(accelerator, first_bad, state, run_dir)  # before logging or saving anything
             # A collective every log_every steps, on every rank alike: the mean loss over all ranks.
@@ -202,6 +205,22 @@ def claim_run_dir(accelerator: Accelerator, run_dir: Path, overwrite: bool) -> N
     accelerator.wait_for_everyone()
 
 
+def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> RunLock:
+    """The main process takes the run folder's lock; every rank raises the same UserError if another run holds
+    it. Collective when there are several processes."""
+    lock, refusal = RunLock(run_dir), [None]
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except UserError as err:
+            refusal = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0]:
+        raise UserError(refusal[0])
+    return lock
+
+
 def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = False, allow_pipe: bool = False) -> dict:
     """Train as configured (continuing from a checkpoint if given); return the contents of final.json.
     allow_pipe: accept `pipe:` shard locations (shell commands); never from a config file."""
@@ -217,8 +236,12 @@ def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = Fal
     hardware = detect_hardware()
     precision, why = resolve_precision(config.mixed_precision, hardware, launch_precision())
     accelerator = make_accelerator(config, precision)
+    lock = lock_run_dir(accelerator, run_dir)  # before anything is written into the folder
     if accelerator.is_main_process:
         warn_if_emulated(precision, hardware)
+        if config.validate_on_train and config.val_split in config.train_splits and config.val_fold < 0:
+            warnings.warn(f"validate_on_train: validation on {config.val_split!r} scores samples the model trains "
+                          "on; its figures (and the best weights it picks) are optimistic", stacklevel=2)
     classes = manifest.classes
     world = accelerator.num_processes
 
@@ -290,12 +313,12 @@ def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = Fal
                 state.update(best_macro_f1=metrics["macro_f1"], best={**metrics, "epoch": epoch + 1})
                 if accelerator.is_main_process:
                     save_model(plain_model(accelerator, model), run_dir / BEST_NAME, classes=classes,
-                               config=to_dict(config))
+                               config=to_dict(config), dataset=manifest.dataset)
         elif last and not data.validates:  # final mode: no validation, keep the last weights
             sync_batchnorm_stats(model)  # collective: every rank
             if accelerator.is_main_process:
                 save_model(plain_model(accelerator, model), run_dir / BEST_NAME, classes=classes,
-                           config=to_dict(config))
+                           config=to_dict(config), dataset=manifest.dataset)
         state["epoch"] = epoch + 1  # the epoch end is done: a resume starts the next epoch
         save_checkpoint(accelerator, run_dir, state, config.keep_checkpoints)
         if epoch == first_epoch and not last:
@@ -303,16 +326,21 @@ def train(config: TrainConfig, resume: Path | None = None, overwrite: bool = Fal
 
     if stop.stopping:
         tracker.finish()
+        lock.release()
         accelerator.print(f"stopped by a signal ({stop.received or 'on another process'}) at step {state['step']}: "
                           f"checkpoint written; `--resume {run_dir}` continues the run")
         return {"stopped": True, "steps": state["step"]}
     if accelerator.is_main_process:  # the last epoch's weights, whatever validation said (cv --tta scores them)
-        save_model(plain_model(accelerator, model), run_dir / LAST_NAME, classes=classes, config=to_dict(config))
+        save_model(plain_model(accelerator, model), run_dir / LAST_NAME, classes=classes, config=to_dict(config),
+                   dataset=manifest.dataset)
     tracker.finish()
     final = {"final": state["final"], "best": state["best"], "steps": state["step"], "epochs": config.epochs,
-             "processes": world, "train_seconds": state["train_seconds"], "train_samples": n_train}
+             "processes": world, "train_seconds": state["train_seconds"], "train_samples": n_train,
+             "validated_on_training_data": bool(config.validate_on_train and config.val_fold < 0
+                                                and config.val_split in config.train_splits)}
     if accelerator.is_main_process:
         (run_dir / "final.json").write_text(json.dumps(final, indent=1) + "\n")
+    lock.release()
     if state["best"]:
         accelerator.print(f"best val macro F1 {state['best']['macro_f1']:.4f} (accuracy {state['best']['accuracy']:.4f}) "
                           f"at epoch {state['best']['epoch']}; run folder {run_dir}")
@@ -343,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = build_config(args.config, overrides, base=base)
     if args.resume is not None and args.overwrite:
         raise UserError("--resume continues a run and --overwrite deletes it: pass one of them")
+    if base is not None:
+        check_resume_config(build_config(base=base), config)
     try:
         train(config, resume=args.resume, overwrite=args.overwrite, allow_pipe=args.allow_pipe)
     except RuntimeError as err:

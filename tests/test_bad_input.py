@@ -118,7 +118,7 @@ def test_bad_only_and_empty_class_folders_keep_the_class_list_and_strays_are_lis
                             "TRAIN/notes.txt"}
     assert "class folder without" in skipped["TRAIN/D"]
     assert "beside the split folders" in skipped["README.txt"] and "beside the split folders" in skipped["extra"]
-    assert "class B has no readable images" in proc.stderr and "class D has no readable images" in proc.stderr
+    assert "class B has no usable images" in proc.stderr and "class D has no usable images" in proc.stderr
     assert f"skipped {len(skipped)}" in proc.stdout
     verify_shards(out)
 
@@ -224,7 +224,7 @@ MANIFEST_EDITS = {
     "split_total": (lambda m: m["splits"]["train"].update(samples=4000), "samples"),
     "per_class": (lambda m: m["splits"]["train"]["samples_per_class"].update(A=1), "samples_per_class"),
     "per_fold": (lambda m: m["splits"]["train"]["samples_per_fold"].update({"0": 0, "1": 99}), "samples_per_fold"),
-    "cells": (lambda m: m["splits"]["val"]["cells_per_class"].update(B=9), "cells_per_class"),
+    "cells": (lambda m: m["splits"]["val"]["groups_per_class"].update(B=9), "groups_per_class"),
     "deleted_split": (lambda m: m["splits"].pop("val"), "not in the manifest"),
     "folds": (lambda m: m.update(folds=7), "7 folds"),
     "renamed_split": (lambda m: m["splits"].update(val2=m["splits"].pop("val")), "unknown split"),
@@ -336,7 +336,9 @@ def test_links_out_of_the_source_root_are_not_followed(tmp_path):
     proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out), check=True)
     manifest = ShardManifest.load(out)
     assert {s["path"] for s in manifest.skipped} == {"TRAIN/LINKED", "TRAIN/A/_9_1.jpeg"}
-    assert sorted(packed(out)) == [f"TRAIN/A/_{i}_1.jpeg" for i in (0, 1, 2, 3, 8)]
+    assert sorted(packed(out)) == [f"TRAIN/A/_{i}_1.jpeg" for i in (0, 1, 2, 3)]
+    # the link inside the root was followed: its bytes are _0_1's, so the audit keeps one copy and lists it
+    assert [(e["path"], e["kept"]) for e in manifest.excluded] == [("TRAIN/A/_8_1.jpeg", "TRAIN/A/_0_1.jpeg")]
     assert manifest.classes == ["A"]
     assert "2 symbolic link(s) leading out of the source root, not followed" in proc.stdout
 
@@ -451,13 +453,24 @@ def test_random_mix_every_good_file_in_one_shard_every_bad_one_listed_once(seed,
     manifest = pack_shards(root, out, seed=seed, shard_size=rng.choice([1, 3, 50]), workers=1)
     verify_shards(out)
     found = packed(out)
-    assert set(found) == good and all(len(v) == 1 for v in found.values())
+    # The good files reuse 6 payloads, so many are duplicates: each good file is packed once or excluded once,
+    # with its reason; never both, never neither.
+    excluded = [e["path"] for e in manifest.excluded]
+    assert sorted(set(found) | set(excluded)) == sorted(good) and not set(found) & set(excluded)
+    assert len(excluded) == len(set(excluded)) and all(len(v) == 1 for v in found.values())
     assert all(v[0]["jpg"] == (root / p).read_bytes() for p, v in found.items())
     listed = [s["path"] for s in manifest.skipped]
     assert sorted(listed) == sorted(bad)  # each bad file once, nothing else (no empty folders here)
+    # What stayed: no bytes under two classes, no bytes twice on the training side
+    by_bytes: dict[bytes, list[dict]] = {}
+    for p, [v] in found.items():
+        by_bytes.setdefault(v["jpg"], []).append(v)
+    for copies in by_bytes.values():
+        assert len({c["class_name"] for c in copies if c["split"] != "test"}) <= 1
+        assert sum(c["split"] != "test" for c in copies) <= 1
     shard_of = {}
     for split in manifest.splits.values():
         for shard in split.shards:
             for s in wds.WebDataset(str(out / shard.file), shardshuffle=False, empty_check=False):
                 shard_of.setdefault(json.loads(s["json"])["path"], []).append(shard.file)
-    assert all(len(v) == 1 for v in shard_of.values()) and set(shard_of) == good
+    assert all(len(v) == 1 for v in shard_of.values()) and set(shard_of) == set(found)

@@ -42,7 +42,8 @@ def test_recovers_the_synthetic_cells(which, request):
     root = request.getfixturevalue(which)  # 16 copies per original; and the suite's 8 (some with only 4)
     with open(root / TRUTH_NAME, newline="") as f:
         truth = {row["path"]: row["cell"] for row in csv.DictReader(f)}
-    mapping = recover_cells(train_images(root))
+    mapping, apart = recover_cells(train_images(root))
+    assert apart == []
     paths = sorted(mapping)
     assert paths == sorted(p for p in truth if "/TRAIN/" in p), "every TRAIN image gets exactly one cell"
     found, true = sorted(set(mapping.values())), sorted({truth[p] for p in paths})
@@ -70,8 +71,8 @@ def test_cells_cli_mapping_is_reused_by_pack_and_checked(synthetic_root, tmp_pat
         for sample in wds.WebDataset(manifest.shard_urls(tmp_path / "shards", split), shardshuffle=False,
                                      empty_check=False):
             meta = json.loads(sample["json"])
-            packed[meta["path"]] = meta["cell"]
-    assert packed == {path: cell for path, (cell, _) in mapping.items()}
+            packed[meta["path"]] = meta["group"]
+    assert packed == {path: row.cell for path, row in mapping.items()}
     # A mapping made from other bytes is refused rather than trusted.
     rows = mapping_file.read_text().splitlines()
     rows[1] = re.sub(r",[0-9a-f]{64}$", "," + "0" * 64, rows[1])
@@ -96,8 +97,8 @@ def test_real_subset_splits_by_cell_and_cells_are_tight(tmp_path):
     for split in ("train", "val"):
         for sample in wds.WebDataset(manifest.shard_urls(out, split), shardshuffle=False, empty_check=False):
             meta = json.loads(sample["json"])
-            side[meta["cell"]].add(split)
-            fold[meta["cell"]].add(meta["fold"])
+            side[meta["group"]].add(split)
+            fold[meta["group"]].add(meta["fold"])
             meta_of[meta["path"]] = meta
     assert len(meta_of) == 500
     assert all(len(s) == 1 for s in side.values()), "a cell has copies in train and val"
@@ -110,6 +111,6 @@ def test_real_subset_splits_by_cell_and_cells_are_tight(tmp_path):
             groups[(m["class_name"], key(p, m))].append(colour[p])
         return float(np.median([np.std(v) for v in groups.values() if len(v) >= 3]))
 
-    by_cell = within_sd(lambda p, m: m["cell"])
+    by_cell = within_sd(lambda p, m: m["group"])
     by_i = within_sd(lambda p, m: Path(p).stem.split("_")[1])
     assert by_cell < 0.25 * by_i, f"nucleus blue sd within cells {by_cell:.2f}, within i {by_i:.2f}"

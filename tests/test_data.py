@@ -15,7 +15,7 @@ from bloodcells_dist.data.plan import EpochPlan, slot_ranges
 from bloodcells_dist.data.stream import EvalStream, TrainStream, stream_loader
 from bloodcells_dist.manifest import ShardManifest
 from bloodcells_dist.shards import pack_shards
-from bloodcells_dist.transforms import FILL, cell_window, nucleus_centre
+from bloodcells_dist.transforms import FILL, Preprocess, cell_window, nucleus_centre
 
 from .conftest import REAL_TRAIN, run_cli, train_args
 
@@ -70,7 +70,8 @@ def stream_batches(shards, samples, rows, plan, *, epoch, rank, workers, start=0
     manifest = ShardManifest.load(shards)
     counts = {"train": len(manifest.split("train").shards)}
     stream = TrainStream(manifest.shard_urls(shards, "train"), shard_positions(samples, counts, rows),
-                         plan=plan, image_size=(48, 64), epoch=epoch, rank=rank, shuffle_buffer=40, start=start)
+                         plan=plan, preprocess=Preprocess((48, 64)), epoch=epoch, rank=rank, shuffle_buffer=40,
+                         start=start)
     return list(stream_loader(stream, workers, pin_memory=False))
 
 
@@ -78,7 +79,7 @@ def stream_batches(shards, samples, rows, plan, *, epoch, rank, workers, start=0
 def decoded(synthetic_shards):
     """The synthetic train split decoded at 48x64, with fold 0 left out of training (as in CV)."""
     manifest = ShardManifest.load(synthetic_shards)
-    samples = read_samples(manifest, str(synthetic_shards), ["train"], (48, 64), workers=2)
+    samples = read_samples(manifest, str(synthetic_shards), ["train"], Preprocess((48, 64)), workers=2)
     return samples, samples.select(["train"], fold=0, keep=False)
 
 
@@ -211,16 +212,19 @@ def test_a_cell_window_is_its_own_cache(synthetic_root, tmp_path):
     shards, cache = tmp_path / "shards", tmp_path / "cache"
     pack_shards(synthetic_root, shards, seed=0)
     manifest = ShardManifest.load(shards)
-    # The whole frame keeps the file name it had before windows existed: no cache is rebuilt for nothing.
-    assert cache_path(cache, manifest, ["train"], (48, 64)) == cache_path(cache, manifest, ["train"], (48, 64), 0)
-    whole, _, _ = load_or_build(manifest, str(shards), ["train"], (48, 48), cache_dir=cache, workers=2)
-    window, path, built = load_or_build(manifest, str(shards), ["train"], (48, 48), cache_dir=cache, workers=2,
-                                        cell_crop=160)
+    # Every part of the preprocessing names its own file: the size, the window (pixels or a share), the fit.
+    names = {cache_path(cache, manifest, ["train"], p).name for p in (
+        Preprocess((48, 64)), Preprocess((48, 64), cell_crop=160), Preprocess((48, 64), cell_crop=0.5),
+        Preprocess((48, 64), fit="pad"), Preprocess((48, 48)))}
+    assert len(names) == 5
+    whole, _, _ = load_or_build(manifest, str(shards), ["train"], Preprocess((48, 48)), cache_dir=cache, workers=2)
+    window, path, built = load_or_build(manifest, str(shards), ["train"], Preprocess((48, 48), cell_crop=160),
+                                        cache_dir=cache, workers=2)
     assert built and "48x48-cell160" in path.name and window.keys == whole.keys
     assert not torch.equal(window.images, whole.images)
     # The stream decodes the same windows as the cache (and evaluation reads through the same stream).
-    stream = EvalStream(manifest.shard_urls(shards, "train"), image_size=(48, 48), batch_size=64, rank=0,
-                        world_size=1, cell_crop=160)
+    stream = EvalStream(manifest.shard_urls(shards, "train"), preprocess=Preprocess((48, 48), cell_crop=160),
+                        batch_size=64, rank=0, world_size=1)
     streamed = {k: image for images, _, keys in stream_loader(stream, 2, False) for k, image in zip(keys, images)}
     assert streamed.keys() == set(window.keys)
     assert all(torch.equal(streamed[k], image) for k, image in zip(window.keys, window.images))
@@ -240,18 +244,18 @@ def test_the_cache_is_reused_and_rebuilt_when_a_shard_or_the_size_changes(synthe
     shards, cache = tmp_path / "shards", tmp_path / "cache"
     pack_shards(synthetic_root, shards, seed=0)
     manifest = ShardManifest.load(shards)
-    first, path, built = load_or_build(manifest, str(shards), ["train", "val"], (48, 64), cache_dir=cache, workers=2)
+    first, path, built = load_or_build(manifest, str(shards), ["train", "val"], Preprocess((48, 64)), cache_dir=cache, workers=2)
     assert built and path.exists() and first.images.shape == (400, 3, 48, 64) and first.images.dtype == torch.uint8
-    again, same, built = load_or_build(manifest, str(shards), ["train", "val"], (48, 64), cache_dir=cache, workers=2)
+    again, same, built = load_or_build(manifest, str(shards), ["train", "val"], Preprocess((48, 64)), cache_dir=cache, workers=2)
     assert not built and same == path and torch.equal(again.images, first.images) and again.keys == first.keys
-    _, other, built = load_or_build(manifest, str(shards), ["train", "val"], (24, 32), cache_dir=cache, workers=2)
+    _, other, built = load_or_build(manifest, str(shards), ["train", "val"], Preprocess((24, 32)), cache_dir=cache, workers=2)
     assert built and other != path  # another image size: another cache
     pack_shards(synthetic_root, shards, seed=1, overwrite=True)  # same images, other shards
     changed = ShardManifest.load(shards)
-    samples, new, built = load_or_build(changed, str(shards), ["train", "val"], (48, 64), cache_dir=cache, workers=2)
+    samples, new, built = load_or_build(changed, str(shards), ["train", "val"], Preprocess((48, 64)), cache_dir=cache, workers=2)
     assert built and new != path and sorted(samples.keys) == sorted(first.keys)
     new.write_bytes(b"torn")  # a damaged cache file is rebuilt, never trusted
-    _, again_path, built = load_or_build(changed, str(shards), ["train", "val"], (48, 64), cache_dir=cache, workers=2)
+    _, again_path, built = load_or_build(changed, str(shards), ["train", "val"], Preprocess((48, 64)), cache_dir=cache, workers=2)
     assert built and again_path == new
 
 

@@ -121,7 +121,7 @@ def test_every_cell_has_exactly_one_fold(synthetic_shards):
         for sample in wds.WebDataset(manifest.shard_urls(synthetic_shards, split), shardshuffle=False,
                                      empty_check=False):
             meta = json.loads(sample["json"])
-            folds_of[meta["cell"]].add(meta["fold"])
+            folds_of[meta["group"]].add(meta["fold"])
             per_class_folds[meta["class_name"]].add(meta["fold"])
     assert all(len(f) == 1 for f in folds_of.values()), "a cell is in two folds"
     assert {f for fs in folds_of.values() for f in fs} == set(range(manifest.folds))

@@ -69,7 +69,7 @@ def leaked_fraction(root: Path, samples: dict[str, list[dict]]) -> float:
 
 def test_train_val_split_is_by_cell(synthetic_root, synthetic_shards):
     samples = read_all(synthetic_shards)
-    cells = {split: {json.loads(s["json"])["cell"] for s in items} for split, items in samples.items()}
+    cells = {split: {json.loads(s["json"])["group"] for s in items} for split, items in samples.items()}
     assert cells["train"] and cells["val"]
     assert not cells["train"] & cells["val"], "a recovered cell has copies on both sides of train/val"
     # The generator knows the truth: recovery is not perfect (>= 99%, test_cells), so a stray copy may
@@ -77,7 +77,7 @@ def test_train_val_split_is_by_cell(synthetic_root, synthetic_shards):
     assert leaked_fraction(synthetic_root, samples) <= 0.10  # measured 0.045: one of 52 cells split 4 + 4
     manifest = ShardManifest.load(synthetic_shards)
     for c in manifest.classes:  # stratified: every class has val cells, about 20% of them
-        n_val, n_train = manifest.splits["val"].cells_per_class[c], manifest.splits["train"].cells_per_class[c]
+        n_val, n_train = manifest.splits["val"].groups_per_class[c], manifest.splits["train"].groups_per_class[c]
         assert n_val >= 1 and 0.1 <= n_val / (n_val + n_train) <= 0.35
 
 
@@ -300,7 +300,7 @@ def test_real_subset_packs_and_verifies(tmp_path):
     verify_shards(out)
     assert sum(s.samples for s in manifest.splits.values()) == 200 and not manifest.skipped
     samples = read_all(out)
-    cells = {split: {json.loads(s["json"])["cell"] for s in items} for split, items in samples.items()}
+    cells = {split: {json.loads(s["json"])["group"] for s in items} for split, items in samples.items()}
     assert not cells["train"] & cells["val"]
     first = samples["train"][0]
     assert first["jpg"] == (root.parent / json.loads(first["json"])["path"]).read_bytes()

@@ -77,10 +77,9 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator
     # One process per machine builds the cache, with a data worker per CPU; the others wait and load its file.
     with accelerator.local_main_process_first():
         samples, path, built = load_or_build(manifest, config.shards, splits,
-                                             config.image_size if kind == "cache" else None,
+                                             config.preprocess() if kind == "cache" else None,
                                              cache_dir=Path(config.cache_dir or default_cache_dir()),
-                                             workers=min(os.cpu_count() or 1, 16), allow_pipe=allow_pipe,
-                                             cell_crop=config.cell_crop)
+                                             workers=min(os.cpu_count() or 1, 16), allow_pipe=allow_pipe)
     train_rows = samples.select(config.train_splits, fold, keep=False)
     val_rows = samples.select(val_splits, fold, keep=True) if val_splits else torch.zeros(0, dtype=torch.long)
     plan = EpochPlan(len(train_rows), config.batch_size, accelerator.num_processes, config.grad_accum,
@@ -100,5 +99,5 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator
     urls = lambda splits: [u for s in splits for u in manifest.shard_urls(config.shards, s, allow_pipe)]
     counts = {s: len(manifest.split(s).shards) for s in config.train_splits}
     return StreamedBatches(urls(config.train_splits), shard_positions(samples, counts, train_rows), urls(val_splits),
-                           fold_filter(fold, keep=True), plan, augment, tuple(config.image_size), rank, device,
-                           config.workers, config.shuffle_buffer, config.cell_crop)
+                           fold_filter(fold, keep=True), plan, augment, rank, device,
+                           config.workers, config.shuffle_buffer, config.preprocess())

@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 
+from ..transforms import Preprocess
 from .augment import DeviceAugment
 from .cache import DecodedSamples
 from .plan import EpochPlan
@@ -73,12 +74,11 @@ class StreamedBatches:
     val_filter: Callable[[dict], bool] | None
     plan: EpochPlan
     augment: DeviceAugment
-    image_size: tuple[int, int]
     rank: int
     device: torch.device
     workers: int
     shuffle_buffer: int
-    cell_crop: int = 0  # transforms.cell_window's side in source pixels; 0: the whole frame
+    preprocess: Preprocess
     kind: str = "stream"
 
     @property
@@ -88,9 +88,8 @@ class StreamedBatches:
 
     def train_batches(self, epoch: int, start: int = 0) -> Batches:
         """This rank's micro-batches of the epoch from micro-batch `start` on: (images, labels)."""
-        stream = TrainStream(self.train_urls, self.positions, plan=self.plan, image_size=self.image_size,
-                             epoch=epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer, start=start,
-                             cell_crop=self.cell_crop)
+        stream = TrainStream(self.train_urls, self.positions, plan=self.plan, preprocess=self.preprocess,
+                             epoch=epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer, start=start)
         for images, labels, ids in stream_loader(stream, self.workers, self.device.type == "cuda"):
             images = images.to(self.device, non_blocking=True)
             yield (self.augment(images, ids.to(self.device, non_blocking=True), seed=self.plan.seed, epoch=epoch),
@@ -98,9 +97,8 @@ class StreamedBatches:
 
     def eval_batches(self) -> Batches:
         """This rank's validation shards, each sample once, normalised."""
-        stream = EvalStream(self.val_urls, image_size=self.image_size, batch_size=self.plan.batch_size,
-                            rank=self.rank, world_size=self.plan.world_size, sample_filter=self.val_filter,
-                            cell_crop=self.cell_crop)
+        stream = EvalStream(self.val_urls, preprocess=self.preprocess, batch_size=self.plan.batch_size,
+                            rank=self.rank, world_size=self.plan.world_size, sample_filter=self.val_filter)
         for images, labels, _ in stream_loader(stream, self.workers, self.device.type == "cuda"):
             yield self.augment(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..manifest import ShardManifest
+from ..transforms import Preprocess
 from .stream import decode_resized, numbered, sample_id, worker_slot
 
 FORMAT = 1
@@ -58,28 +61,28 @@ class DecodedSamples:
 class ShardReader(IterableDataset):
     """Whole shards dealt to data workers: per shard its rows (and resized uint8 images when decoding)."""
 
-    def __init__(self, urls: Sequence[str], image_size: Sequence[int] | None, cell_crop: int = 0) -> None:
+    def __init__(self, urls: Sequence[str], preprocess: Preprocess | None) -> None:
         super().__init__()
-        self.urls, self.image_size, self.cell_crop = list(urls), image_size, cell_crop
+        self.urls, self.preprocess = list(urls), preprocess
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_slot()
         for shard in range(worker, len(self.urls), workers):
             rows = [(position, s["__key__"], int(s["cls"]), json.loads(s["json"])["fold"],
-                     decode_resized(s["jpg"], self.image_size, self.cell_crop) if self.image_size else None)
+                     decode_resized(s["jpg"], self.preprocess) if self.preprocess else None)
                     for _, position, s in numbered([self.urls[shard]])]
             yield {"shard": shard, "position": [r[0] for r in rows], "keys": [r[1] for r in rows],
                    "labels": [r[2] for r in rows], "folds": [r[3] for r in rows],
-                   "images": torch.stack([r[4] for r in rows]) if self.image_size and rows else None}
+                   "images": torch.stack([r[4] for r in rows]) if self.preprocess and rows else None}
 
 
-def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], image_size: Sequence[int] | None,
-                 workers: int, allow_pipe: bool = False, cell_crop: int = 0) -> DecodedSamples:
-    """Read (and with image_size, decode) every sample of the splits with `workers` data workers."""
+def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], preprocess: Preprocess | None,
+                 workers: int, allow_pipe: bool = False) -> DecodedSamples:
+    """Read (and with a preprocessing, decode) every sample of the splits with `workers` data workers."""
     columns: dict[str, list] = {k: [] for k in ("shard", "position", "split", "labels", "folds", "keys", "images")}
     for index, split in enumerate(splits):
         urls = manifest.shard_urls(shards, split, allow_pipe)
-        loader = DataLoader(ShardReader(urls, image_size, cell_crop), batch_size=None, num_workers=min(workers, len(urls)))
+        loader = DataLoader(ShardReader(urls, preprocess), batch_size=None, num_workers=min(workers, len(urls)))
         for part in sorted(loader, key=lambda p: p["shard"]):
             n = len(part["keys"])
             columns["shard"] += [part["shard"]] * n
@@ -95,16 +98,29 @@ def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], im
                           keys=columns["keys"], images=torch.cat(columns["images"]) if columns["images"] else None)
 
 
-def cache_path(cache_dir: Path, manifest: ShardManifest, splits: Sequence[str],
-               image_size: Sequence[int] | None, cell_crop: int = 0) -> Path:
-    """The cache file of these splits at this size (and cell window): named after their shards' sha256 and
-    the size; without a cell window the name is what it was before windows existed."""
-    crop = {"cell_crop": cell_crop} if cell_crop and image_size else {}
-    content = json.dumps({"format": FORMAT, "size": list(image_size or []), **crop,
-                          "splits": {s: [sh.sha256 for sh in manifest.split(s).shards] for s in splits}})
+def built_from(manifest: ShardManifest, splits: Sequence[str], preprocess: Preprocess | None) -> dict:
+    """What a cache is made of: its format, the preprocessing (None: the index alone) and every shard's sha256."""
+    return {"format": FORMAT, "preprocess": preprocess.to_dict() if preprocess else None,
+            "splits": {s: [sh.sha256 for sh in manifest.split(s).shards] for s in splits}}
+
+
+def cache_path(cache_dir: Path, manifest: ShardManifest, splits: Sequence[str], preprocess: Preprocess | None) -> Path:
+    """The cache file of these splits with this preprocessing (None: the index alone): named after their shards'
+    sha256 and the preprocessing, so a changed shard, size, window or fit builds another file."""
+    content = json.dumps(built_from(manifest, splits, preprocess))
     digest = hashlib.sha256(content.encode()).hexdigest()[:20]
-    size = ("x".join(map(str, image_size)) + (f"-cell{cell_crop}" if crop else "")) if image_size else "index"
-    return Path(cache_dir) / f"{'+'.join(splits)}-{size}-{digest}.pt"
+    return Path(cache_dir) / f"{'+'.join(splits)}-{preprocess.tag() if preprocess else 'index'}-{digest}.pt"
+
+
+def content_digest(samples: DecodedSamples) -> str:
+    """blake2b of everything a cache holds (index, keys, images): an edited label or image, a lost row, shows."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in ("shard", "position", "split", "labels", "folds", "ids"):
+        digest.update(getattr(samples, name).contiguous().numpy().tobytes())
+    digest.update("\n".join(samples.splits + samples.keys).encode())
+    if samples.images is not None:
+        digest.update(memoryview(samples.images.contiguous().numpy()).cast("B"))  # no copy of the images
+    return digest.hexdigest()
 
 
 def cache_bytes(manifest: ShardManifest, splits: Sequence[str], image_size: Sequence[int]) -> int:
@@ -123,33 +139,56 @@ def memory_budget(device: torch.device, local_processes: int, limit_mb: int) -> 
     return psutil.virtual_memory().available // (2 * max(local_processes, 1))
 
 
-def save_samples(samples: DecodedSamples, path: Path) -> None:
-    """Write atomically: a reader sees no file or the complete one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_samples(samples: DecodedSamples, path: Path, source: dict) -> str:
+    """Write atomically, with what it was built from and a digest of its contents; '' or why it was not saved
+    (an unwritable cache folder costs a rebuild next run, not this run)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({**vars(samples), "format": FORMAT}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**vars(samples), "format": FORMAT, "built_from": source, "digest": content_digest(samples)}, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        return f"cannot save the decoded cache in {path.parent} ({err.strerror or err}); it is rebuilt next run"
+    return ""
 
 
-def load_samples(path: Path) -> DecodedSamples | None:
-    """A saved cache (memory-mapped: processes of one machine share its pages), or None if unusable."""
+def load_samples(path: Path, source: dict, preprocess: Preprocess | None) -> tuple[DecodedSamples | None, str]:
+    """A saved cache (memory-mapped: processes of one machine share its pages) if it is what `source` says and its
+    contents match their digest; else (None, why it is not used)."""
     try:
         raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
-        return None
-    if raw.pop("format", None) != FORMAT:
-        return None
-    return DecodedSamples(**raw)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        return None, f"unreadable ({type(err).__name__})"
+    if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT or raw.pop("built_from", None) != source:
+        return None, "built from other shards or settings"
+    digest = raw.pop("digest", None)
+    try:
+        samples = DecodedSamples(**raw)
+    except TypeError:
+        return None, "not a cache of this version"
+    n = len(samples.keys)
+    rows = [getattr(samples, k) for k in ("shard", "position", "split", "labels", "folds", "ids")]
+    shape = None if preprocess is None else (n, 3, *preprocess.image_size)
+    if any(len(t) != n for t in rows) or (None if samples.images is None else tuple(samples.images.shape)) != shape:
+        return None, "rows or image size do not match"
+    if digest != content_digest(samples):
+        return None, "its contents do not match their digest (edited or damaged)"
+    return samples, ""
 
 
-def load_or_build(manifest: ShardManifest, shards: str, splits: Sequence[str], image_size: Sequence[int] | None,
-                  *, cache_dir: Path, workers: int, allow_pipe: bool = False,
-                  cell_crop: int = 0) -> tuple[DecodedSamples, Path, bool]:
+def load_or_build(manifest: ShardManifest, shards: str, splits: Sequence[str], preprocess: Preprocess | None,
+                  *, cache_dir: Path, workers: int, allow_pipe: bool = False) -> tuple[DecodedSamples, Path, bool]:
     """The cached samples of the splits, built and saved first if missing; (samples, file, built)."""
-    path = cache_path(cache_dir, manifest, splits, image_size, cell_crop)
-    samples = load_samples(path) if path.exists() else None
+    path, source = cache_path(cache_dir, manifest, splits, preprocess), built_from(manifest, splits, preprocess)
+    samples, why = load_samples(path, source, preprocess) if path.is_file() else (None, "")
     if samples is not None:
         return samples, path, False
-    samples = read_samples(manifest, shards, splits, image_size, workers, allow_pipe, cell_crop)
-    save_samples(samples, path)
+    if why:
+        print(f"data: the cache {path} is not used ({why}): rebuilding it", file=sys.stderr)
+    samples = read_samples(manifest, shards, splits, preprocess, workers, allow_pipe)
+    problem = save_samples(samples, path, source)
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
     return samples, path, True

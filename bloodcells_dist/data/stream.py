@@ -16,7 +16,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import decode_jpeg
 
-from ..transforms import prepare
+from ..transforms import Preprocess
 from .plan import EpochPlan, slot_ranges, stable_seed
 
 
@@ -25,10 +25,10 @@ def decode_image(data: bytes) -> torch.Tensor:
     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
-def decode_resized(data: bytes, image_size: Sequence[int], cell_crop: int = 0) -> torch.Tensor:
-    """JPEG bytes -> uint8 (3, *image_size): the cell window if cell_crop, then a bilinear, antialiased
-    resize (transforms.prepare, as predict and evaluate --images do)."""
-    return prepare(decode_image(data), image_size, cell_crop)
+def decode_resized(data: bytes, preprocess: Preprocess) -> torch.Tensor:
+    """JPEG bytes -> uint8 (3, *image_size): the cell window (if any), then the resize (Preprocess.resize, as
+    predict and evaluate --images do)."""
+    return preprocess.resize(decode_image(data))
 
 
 def sample_id(key: str) -> int:
@@ -63,11 +63,10 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], positions: Sequence[Sequence[int]], *, plan: EpochPlan,
-                 image_size: Sequence[int], epoch: int, rank: int, shuffle_buffer: int, start: int = 0,
-                 transform: Callable | None = None, cell_crop: int = 0) -> None:
+                 preprocess: Preprocess, epoch: int, rank: int, shuffle_buffer: int, start: int = 0,
+                 transform: Callable | None = None) -> None:
         super().__init__()
-        self.urls, self.positions, self.plan, self.image_size = list(urls), positions, plan, tuple(image_size)
-        self.cell_crop = cell_crop
+        self.urls, self.positions, self.plan, self.preprocess = list(urls), positions, plan, preprocess
         self.epoch, self.rank, self.shuffle_buffer, self.start = epoch, rank, shuffle_buffer, start
         self.transform = transform
 
@@ -102,7 +101,7 @@ class TrainStream(IterableDataset):
         """A sample's image (uint8 resized, or the per-sample transform's output), label and id."""
         uid = sample_id(sample["__key__"])
         if self.transform is None:
-            return decode_resized(sample["jpg"], self.image_size, self.cell_crop), int(sample["cls"]), uid
+            return decode_resized(sample["jpg"], self.preprocess), int(sample["cls"]), uid
         with torch.random.fork_rng(devices=[]):  # per-sample seed: independent of order and workers
             torch.manual_seed(stable_seed(self.plan.seed, self.epoch, uid))
             return self.transform(decode_image(sample["jpg"])), int(sample["cls"]), uid
@@ -111,11 +110,11 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Every sample of this rank's shards exactly once, in fixed order: (uint8 images, labels, keys)."""
 
-    def __init__(self, urls: Sequence[str], *, image_size: Sequence[int], batch_size: int, rank: int,
-                 world_size: int, sample_filter: Callable[[dict], bool] | None = None, cell_crop: int = 0) -> None:
+    def __init__(self, urls: Sequence[str], *, preprocess: Preprocess, batch_size: int, rank: int,
+                 world_size: int, sample_filter: Callable[[dict], bool] | None = None) -> None:
         super().__init__()
-        self.urls, self.image_size, self.batch_size = list(urls)[rank::world_size], tuple(image_size), batch_size
-        self.sample_filter, self.cell_crop = sample_filter, cell_crop
+        self.urls, self.preprocess, self.batch_size = list(urls)[rank::world_size], preprocess, batch_size
+        self.sample_filter = sample_filter
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         worker, workers = worker_slot()
@@ -128,7 +127,7 @@ class EvalStream(IterableDataset):
         if self.sample_filter is not None:
             stages.append(wds.select(self.sample_filter))  # only the validation fold
         stages += [
-            wds.map(lambda s: (decode_resized(s["jpg"], self.image_size, self.cell_crop), int(s["cls"]), s["__key__"])),
+            wds.map(lambda s: (decode_resized(s["jpg"], self.preprocess), int(s["cls"]), s["__key__"])),
             wds.batched(self.batch_size, partial=True),  # (images, labels, keys); the last batch may be short
         ]
         return iter(wds.DataPipeline(*stages))

@@ -1,0 +1,269 @@
+"""Any white-cell dataset (issue 18): layouts, CSV listings with groups, the audit, auto grouping, geometry,
+and 8 classes through every tool. The published PBC sample is read as it is, where ../shared has it."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from bloodcells_dist.audit import perceptual_hash
+from bloodcells_dist.cli import UserError
+from bloodcells_dist.manifest import ShardManifest
+from bloodcells_dist.shards import pack_shards, verify_shards
+from bloodcells_dist.sources import scan_images
+from bloodcells_dist.splits import FOLDS, assign_splits
+from bloodcells_dist.synthetic import generate_dataset
+from bloodcells_dist.transforms import FILL, Preprocess, fit_to, window_side
+
+from .conftest import REPO, run_cli
+from .test_bad_input import jpeg, make_root, one_error_line
+
+PBC_SAMPLE = REPO.parent / "shared" / "datasets" / "pbc-sample"
+PBC_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+
+
+def samples_of(folder: Path) -> list[dict]:
+    """Every packed sample's metadata, with its split, key and sha256."""
+    manifest = ShardManifest.load(folder)
+    out = []
+    for split in manifest.splits:
+        for s in wds.WebDataset(manifest.shard_urls(folder, split), shardshuffle=False, empty_check=False):
+            out.append({**json.loads(s["json"]), "key": s["__key__"], "label": int(s["cls"]),
+                        "sha256": hashlib.sha256(s["jpg"]).hexdigest()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def pbc_sample_shards(tmp_path_factory) -> tuple[Path, object]:
+    if not PBC_SAMPLE.is_dir():
+        pytest.skip("the PBC sample is not at ../shared/datasets/pbc-sample")
+    out = tmp_path_factory.mktemp("pbc") / "shards"
+    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(PBC_SAMPLE), "--out", str(out),
+                   "--test-fraction", "0.15", check=True)
+    return out, proc
+
+
+def test_the_pbc_sample_packs_as_class_folders_and_the_audit_lists_exactly_its_problems(pbc_sample_shards):
+    out, proc = pbc_sample_shards
+    manifest = verify_shards(out)
+    assert manifest.layout == "classes" and manifest.classes == PBC_CLASSES  # as the folders spell them
+    assert manifest.dataset == "pbc-sample" and set(manifest.splits) == {"train", "val", "test"}
+    assert manifest.groups["method"] == "files" and manifest.groups["measured"]["share"] < 0.1
+    assert "groups: files (auto: 0% of" in proc.stdout
+    # As published: one non-image named .jpg, a byte-identical pair within basophil, one across two classes.
+    assert manifest.skipped == [{"path": "neutrophil/.DS_169665.jpg", "reason": "not JPEG data (no JPEG start marker)"}]
+    report = json.loads((out / "audit.json").read_text())
+    sets = {tuple(f["path"] for f in g["files"]): g["kind"] for g in report["exact_duplicates"]["list"]}
+    assert sets == {("basophil/BA_251042.jpg", "basophil/BA_988506.jpg"): "within_class",
+                    ("eosinophil/EO_225902.jpg", "neutrophil/BNE_191112.jpg"): "across_classes"}
+    assert [(e["path"], e["reason"].split(":")[0]) for e in manifest.excluded] == [
+        ("basophil/BA_988506.jpg", "exact duplicate of basophil/BA_251042.jpg (one copy kept)"),
+        ("eosinophil/EO_225902.jpg", "label conflict"), ("neutrophil/BNE_191112.jpg", "label conflict")]
+    assert "across classes: eosinophil/EO_225902.jpg (eosinophil), neutrophil/BNE_191112.jpg (neutrophil)" in proc.stdout
+    samples = samples_of(out)
+    assert len(samples) == 196 - 1 - 3  # every file packed but the non-image and the three excluded
+    splits_of = defaultdict(set)
+    for s in samples:
+        splits_of[s["sha256"]].add(s["split"])
+    assert all(len(v) == 1 for v in splits_of.values()), "an image's bytes are in two splits"
+    per_class = Counter((s["class_name"], s["split"]) for s in samples)
+    for name in PBC_CLASSES:  # stratified: every class in every split, about 15% in test
+        total = sum(per_class[(name, s)] for s in ("train", "val", "test"))
+        assert per_class[(name, "test")] == round(0.15 * total) and per_class[(name, "val")] >= 1
+
+
+def test_the_audit_command_reports_without_packing(tmp_path):
+    if not PBC_SAMPLE.is_dir():
+        pytest.skip("the PBC sample is not at ../shared/datasets/pbc-sample")
+    report_file = tmp_path / "audit.json"
+    proc = run_cli("-m", "bloodcells_dist.audit", "--src", str(PBC_SAMPLE), "--out", str(report_file), check=True)
+    report = json.loads(report_file.read_text())
+    assert report["files"] == 196 and report["readable_images"] == 195
+    assert report["exact_duplicates"]["within_class"] == 1 and report["exact_duplicates"]["across_classes"] == 1
+    assert report["sizes"]["basophil"]["sizes"]["360x363"] == 22 and report["balance"]["images_per_class"]["ig"] == 25
+    assert "1 across classes (label conflicts)" in proc.stdout and "class balance:" in proc.stdout
+
+
+def patient_listing(root: Path, *, patients: int = 12, per_patient: int = 10) -> Path:
+    """A lab-style listing: images in per-patient folders, each patient with cells of several classes."""
+    rng = random.Random(1)
+    rows = []
+    for p in range(patients):
+        for i in range(per_patient):
+            rel = f"patient{p:02d}/img{i:03d}.jpg"
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(jpeg(p * 1000 + i, size=(40, 30)))
+            rows.append((rel, rng.choice(["blast", "Lymphocyte", "neutrophil"]), f"P{p:02d}", 40 + p))
+    listing = root / "listing.csv"
+    with open(listing, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "group", "age"), *rows])
+    return listing
+
+
+def test_a_csv_listing_with_patient_groups_never_splits_a_patient(tmp_path):
+    listing = patient_listing(tmp_path / "lab")
+    out = tmp_path / "shards"
+    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(listing), "--out", str(out),
+                   "--test-fraction", "0.2", "--val-fraction", "0.2", check=True)
+    manifest = verify_shards(out)
+    assert manifest.layout == "csv" and manifest.classes == ["Lymphocyte", "blast", "neutrophil"]
+    assert manifest.groups["method"] == "csv" and "listing columns ignored: age" in proc.stderr
+    samples = samples_of(out)
+    assert len(samples) == 120
+    split_of, fold_of = defaultdict(set), defaultdict(set)
+    for s in samples:
+        split_of[s["group"]].add(s["split"])
+        fold_of[s["group"]].add(s["fold"])
+    assert all(len(v) == 1 for v in split_of.values()) and all(len(v) == 1 for v in fold_of.values())
+    patients = Counter(next(iter(v)) for v in split_of.values())
+    assert patients["test"] >= 2 and patients["val"] >= 2 and patients["train"] >= 6  # 12 patients, whole
+    assert sorted({s["fold"] for s in samples}) == list(range(FOLDS))
+
+
+def test_a_listing_names_only_files_inside_its_folder_and_bad_rows_name_their_line(tmp_path):
+    lab = tmp_path / "lab"
+    (tmp_path / "secret.jpg").write_bytes(jpeg(1))
+    make_root(lab, {"a/1.jpg": jpeg(2), "a/2.jpg": jpeg(3), "b/1.jpg": jpeg(4), "b/2.jpg": jpeg(5)})
+    listing = lab / "list.csv"
+    listing.write_text("path,label,split\na/1.jpg,A,\na/2.jpg,A,train\nb/1.jpg,B,\nb/2.jpg,B,test\n"
+                       "../secret.jpg,A,\n/etc/passwd,B,\nmissing.jpg,B,\n")
+    out = tmp_path / "shards"
+    manifest = pack_shards(listing, out, val_fraction=0.0, workers=1)
+    reasons = {s["path"]: s["reason"] for s in manifest.skipped}
+    assert reasons == {"../secret.jpg": "outside the listing's folder (not read)",
+                       "/etc/passwd": "outside the listing's folder (not read)",
+                       "missing.jpg": "listed in list.csv (line 8) but not a file"}
+    assert {s["path"]: s["split"] for s in samples_of(out)} == {"a/1.jpg": "train", "a/2.jpg": "train",
+                                                                 "b/1.jpg": "train", "b/2.jpg": "test"}
+    for text, words in (("path,label\na/1.jpg,A\na/1.jpg,B\n", "listed twice (lines 2 and 3)"),
+                        ("path,label,split\na/1.jpg,A,holdout\n", "line 2: split 'holdout'"),
+                        ("path,label\na/1.jpg,A\n,B\n", "line 3 has an empty path or label"),
+                        ("file,class\na/1.jpg,A\n", "missing path, label"),
+                        ("path,label\na/1.jpg,A/B\n", "class name 'A/B'")):
+        listing.write_text(text)
+        with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            pack_shards(listing, tmp_path / "s2", workers=1)
+    listing.write_bytes(b"\x00\x01binary\xff")
+    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(listing), "--out", str(tmp_path / "s3"))
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, str(listing))
+
+
+def test_split_folders_at_the_root_with_a_val_folder_keep_their_splits(tmp_path):
+    root = make_root(tmp_path / "src", {**{f"Train/{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("xy")
+                                           for i in range(6)},
+                                        **{f"val/{c}/{i}.jpg": jpeg(100 + 10 * k + i) for k, c in enumerate("xy")
+                                           for i in range(2)},
+                                        "TEST/x/0.jpg": jpeg(500), "TEST/y/0.jpg": jpeg(501)})
+    manifest = pack_shards(root, tmp_path / "out", workers=1)
+    assert manifest.layout == "splits" and manifest.classes == ["x", "y"]
+    assert {k: v.samples for k, v in manifest.splits.items()} == {"train": 12, "val": 4, "test": 2}
+    with pytest.raises(UserError, match="already gives a val split"):
+        pack_shards(root, tmp_path / "out2", val_fraction=0.3, workers=1)
+    with pytest.raises(UserError, match="already gives a test split"):
+        pack_shards(root, tmp_path / "out3", test_fraction=0.2, workers=1)
+
+
+def test_auto_groups_finds_augmented_copies_and_originals(tmp_path):
+    copies = tmp_path / "copies"
+    generate_dataset(copies, per_class=48, seed=3, copies=8, test_per_class=0)
+    manifest = pack_shards(copies, tmp_path / "a", workers=2)
+    assert manifest.groups["method"] == "cells" and manifest.groups["measured"]["share"] > 0.5
+    assert manifest.dataset == "synthetic"  # named by the generator's dataset.json
+    originals = tmp_path / "originals"
+    generate_dataset(originals, per_class=24, seed=3, copies=1, test_per_class=0)
+    manifest = pack_shards(originals, tmp_path / "b", workers=2)
+    assert manifest.groups["method"] == "files" and manifest.groups["measured"]["share"] < 0.1
+
+
+def test_the_kaggle_layout_splits_as_before():
+    """The per-class deal reproduces, group for group, what the packer did before groups were generalised
+    (the old assign_splits, restated here), so the shipped blood-cells folds and figures stay as they were."""
+    rng = random.Random(0)
+    facts, groups = [], {}
+    from bloodcells_dist.audit import ImageFacts
+    from bloodcells_dist.sources import SourceImage
+    for k in range(300):
+        cls, split = rng.choice("ABC"), rng.choice(["train", "train", "train", "test"])
+        image = SourceImage(Path(f"/x/{k}"), f"{split}/{cls}/{k}.jpeg", split, cls, f"{cls}/{k}")
+        facts.append(ImageFacts(image, 4, 3, f"{k:064x}", 0))
+        if split == "train":
+            groups[image.rel_path] = f"{cls}/cell{rng.randrange(12):03d}"
+    for seed in (0, 5):
+        new = assign_splits(facts, groups, ["A", "B", "C"], seed=seed, val_fraction=0.2, test_fraction=0.0)
+        old = {}
+        for cls in "ABC":
+            items = [f for f in facts if f.image.class_name == cls]
+            cell_of = {f.image.rel_path: groups.get(f.image.rel_path, f.image.key) for f in items}
+            names = sorted(set(cell_of.values()))
+            random.Random(f"{seed}:folds:{cls}").shuffle(names)
+            fold = {g: i % 5 for i, g in enumerate(names)}
+            train_groups = sorted({cell_of[f.image.rel_path] for f in items if f.image.split == "train"})
+            random.Random(f"{seed}:val:{cls}").shuffle(train_groups)
+            val = set(train_groups[: round(0.2 * len(train_groups))])
+            for f in items:
+                split = "val" if f.image.split == "train" and cell_of[f.image.rel_path] in val else f.image.split
+                old[f.image.rel_path] = (split, fold[cell_of[f.image.rel_path]])
+        assert {s.facts.image.rel_path: (s.split, s.fold) for s in new} == old
+
+
+def test_fit_keeps_the_aspect_and_the_window_can_be_relative():
+    image = torch.arange(3 * 90 * 200, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 90, 200)
+    crop, pad = fit_to(image, (64, 64), "crop"), fit_to(image, (64, 64), "pad")
+    assert crop.shape == pad.shape == fit_to(image, (64, 64), "stretch").shape == (3, 64, 64)
+    assert (pad[:, 0] == torch.tensor(FILL, dtype=torch.uint8)[:, None]).all()  # 200x90 fits as 64x29 + padding
+    assert not (crop[:, 0] == torch.tensor(FILL, dtype=torch.uint8)[:, None]).all()
+    # A frame of the target's aspect (the blood-cells 320x240 at 120x160) is resized alike by every fit.
+    frame = image[:, :, :120][:, :90]
+    assert torch.equal(fit_to(frame, (60, 80), "crop"), fit_to(frame, (60, 80), "stretch"))
+    assert window_side(160, 240, 320) == window_side(0.667, 240, 320) == 160  # best.yaml's window, either way
+    assert window_side(0.667, 363, 360) == 240  # the same share of a PBC frame
+    with pytest.raises(ValueError, match="cell_crop=0.01"):
+        Preprocess(image_size=(32, 32), cell_crop=0.01)
+
+
+def test_eight_classes_through_train_evaluate_predict_export_and_hub(tmp_path):
+    """A class-folder dataset of 8 classes (synthetic images, relabelled: the point is the plumbing)."""
+    synthetic = tmp_path / "synthetic"
+    generate_dataset(synthetic, per_class=24, seed=4, copies=1, test_per_class=0)
+    names = ["Basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+    images = sorted(synthetic.rglob("*.jpeg"))
+    src = tmp_path / "lab"
+    for k, path in enumerate(images):
+        folder = src / names[k % 8]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, folder / f"{k:03d}.jpg")
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(src), "--out", str(shards), "--test-fraction", "0.25",
+            "--name", "eight-class-lab", check=True)
+    run_cli("-m", "bloodcells_dist.train", "--shards", str(shards), "--output-dir", str(run), "--image-size", "32,32",
+            "--widths", "4,8,8,8", "--hidden", "16,16", "--batch-size", "8", "--epochs", "2", "--tracker", "none",
+            "--workers", "0", "--mixed-precision", "no", check=True)
+    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(run), "--shards", str(shards), "--split", "test", check=True)
+    scored = json.loads((run / "eval-test.json").read_text())
+    assert list(scored["per_class"]) == names and len(scored["confusion_matrix"]) == 8 and scored["samples"] == 24
+    assert (run / "eval-test-confusion.png").stat().st_size > 5000
+    preds = run_cli("-m", "bloodcells_dist.predict", "--model", str(run), str(src / "ig"), check=True).stdout
+    header, *rows = list(csv.reader(preds.splitlines()))
+    assert header == ["path", "predicted_class", *(f"prob_{c}" for c in names), "error"] and len(rows) == 12
+    assert all(r[1] in names and abs(sum(map(float, r[2:10])) - 1) < 1e-4 for r in rows)
+    onnx = tmp_path / "model.onnx"
+    run_cli("-m", "bloodcells_dist.export", "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
+    exported = run_cli("-m", "bloodcells_dist.predict", "--model", str(onnx), str(src / "ig"), check=True).stdout
+    assert [r[1] for r in list(csv.reader(exported.splitlines()))[1:]] == [r[1] for r in rows]
+    hub = tmp_path / "hub"
+    run_cli("-m", "bloodcells_dist.hub", "save", "--model", str(run), "--out", str(hub), check=True)
+    config = json.loads((hub / "config.json").read_text())
+    assert config["classes"] == names and config["num_classes"] == 8 and config["dataset"] == "eight-class-lab"
+    card = (hub / "README.md").read_text()
+    assert "name: eight-class-lab" in card and "name: blood-cells" not in card and "recall platelet" in card
