@@ -1,9 +1,11 @@
-"""Packing throughput: `shards pack` (check + write, 1 and 2 processes) vs `tar -cf` of the same folder.
+"""Packing throughput: `bloodcells pack` (decode-check, hash, audit, write; 1 and 2 processes) vs `tar -cf` of
+the same files.
 
 `tar` is the I/O floor: it copies the bytes and nothing else. Ratios hold on a noisy shared machine;
-absolute times do not.
+absolute times do not. Grouping defaults to `files` (the cell recovery of `--groups cells` is timed apart by
+`bloodcells cells`, a few minutes on the real TRAIN folder).
 
-    python benchmarks/bench_pack.py [--src ../shared/blood-cells] [--repeats 3]
+    python benchmarks/bench_pack.py [--src ../shared/blood-cells] [--repeats 3] [--groups files]
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bloodcells_dist.shards import pack_shards
-from bloodcells_dist.sources import find_split_folders, scan_images
+from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.sources import scan_images
 
 
 def timed(fn) -> float:
@@ -30,14 +32,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--src", type=Path, default=Path("../shared/blood-cells"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--groups", default="files", help="the pack's --groups (default: files)")
     args = parser.parse_args()
-    n = len(scan_images(args.src)[0])
-    folders = [str(p) for p in find_split_folders(args.src).values()]
+    images = scan_images(args.src).images
+    n = len(images)
     with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp, "files.txt")
+        listing.write_text("".join(f"{img.path}\n" for img in images))
         runs = {
-            "tar -cf (I/O floor)": lambda: subprocess.run(["tar", "-cf", f"{tmp}/all.tar", *folders], check=True),
-            "pack, 1 process": lambda: pack_shards(args.src, Path(tmp, "w1"), overwrite=True, workers=1),
-            "pack, 2 processes": lambda: pack_shards(args.src, Path(tmp, "w2"), overwrite=True, workers=2),
+            "tar -cf (I/O floor)": lambda: subprocess.run(["tar", "-cf", f"{tmp}/all.tar", "-T", str(listing)],
+                                                          check=True, stderr=subprocess.DEVNULL),
+            "pack, 1 process": lambda: pack_shards(args.src, Path(tmp, "w1"), overwrite=True, workers=1,
+                                                   groups=args.groups, log=lambda _: None),
+            "pack, 2 processes": lambda: pack_shards(args.src, Path(tmp, "w2"), overwrite=True, workers=2,
+                                                     groups=args.groups, log=lambda _: None),
         }
         for fn in runs.values():  # warm the page cache so every variant reads from memory
             fn()

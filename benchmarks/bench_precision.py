@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bloodcells_dist.model import BloodCellCNN
+from bloodcells_dist.train.model import BloodCellCNN
 
 
 def images_per_second(size: tuple[int, int], batch: int, steps: int, *, bf16: bool, channels_last: bool,

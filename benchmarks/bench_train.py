@@ -29,11 +29,11 @@ from torchvision.transforms import v2
 from bloodcells_dist.data.augment import DeviceAugment
 from bloodcells_dist.data.batches import CachedBatches, StreamedBatches, shard_positions
 from bloodcells_dist.data.cache import load_or_build
-from bloodcells_dist.data.plan import EpochPlan
-from bloodcells_dist.data.stream import TrainStream, stream_loader
-from bloodcells_dist.manifest import ShardManifest
-from bloodcells_dist.model import BloodCellCNN
-from bloodcells_dist.transforms import MEAN, STD, Preprocess
+from bloodcells_dist.data.plan import EpochPlan, stable_seed
+from bloodcells_dist.data.preprocess import MEAN, STD, Preprocess
+from bloodcells_dist.data.stream import TrainStream, decode_image, sample_id, stream_loader
+from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.train.model import BloodCellCNN
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
@@ -61,6 +61,18 @@ def old_transform(size: tuple[int, int]) -> v2.Compose:
                        v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90(),
                        v2.RandomAffine(degrees=15, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=list(MEAN)),
                        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), v2.Normalize(MEAN, STD)])
+
+
+class PerSampleStream(TrainStream):
+    """The training stream with the previous per-sample pipeline in the data workers (this benchmark's only)."""
+
+    transform: v2.Compose
+
+    def decode(self, sample: dict) -> tuple[torch.Tensor, int, int]:
+        uid = sample_id(sample["__key__"])
+        with torch.random.fork_rng(devices=[]):  # per-sample seed: independent of order and workers
+            torch.manual_seed(stable_seed(self.plan.seed, self.epoch, uid))
+            return self.transform(decode_image(sample["jpg"])), int(sample["cls"]), uid
 
 
 def images_per_second(batches: Iterator, step, batch: int, steps: int, warmup: int, device: torch.device) -> float:
@@ -145,9 +157,9 @@ def main() -> None:
     labels = samples.labels[rows[:batch]].to(device)
 
     def old_batches() -> Iterator:
-        stream = TrainStream(manifest.shard_urls(args.shards, "train"), shard_positions(samples, counts, rows),
-                             plan=plan, preprocess=preprocess, epoch=0, rank=0, shuffle_buffer=1000,
-                             transform=old_transform(size))
+        stream = PerSampleStream(manifest.shard_urls(args.shards, "train"), shard_positions(samples, counts, rows),
+                                 plan=plan, preprocess=preprocess, epoch=0, rank=0, shuffle_buffer=1000)
+        stream.transform = old_transform(size)
         for images, labs, _ in stream_loader(stream, args.workers, device.type == "cuda"):
             yield (images.to(device, non_blocking=True).contiguous(memory_format=memory_format),
                    labs.to(device, non_blocking=True))

@@ -20,8 +20,8 @@ if [ "$stage" = smoke ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_data.py -k "gpu or distributions or augmentation_of_a_sample" 2>&1 | tail -4
   python3 - <<'PY'
 from pathlib import Path
-from bloodcells_dist.synthetic import generate_dataset
-from bloodcells_dist.shards import pack_shards
+from bloodcells_dist.pack.synthetic import generate_dataset
+from bloodcells_dist.pack.shards import pack_shards
 generate_dataset(Path("/tmp/syn"), per_class=100, seed=0, copies=8, test_per_class=25)
 pack_shards(Path("/tmp/syn"), Path("/tmp/syn-shards"), seed=0)
 PY
@@ -43,7 +43,7 @@ IFS=';' read -r -a variants <<< "${VARIANTS:-best|best|;b512|best|--batch-size 5
 for variant in "${variants[@]}"; do
   IFS='|' read -r recipe config extra <<< "$variant"
   [ "$(left)" -lt 60 ] && { echo "skipped $recipe: $(left) s left"; continue; }
-  timeout $(( $(left) - 10 )) python3 -m bloodcells_dist.cv --shards "$shards" --output-dir /tmp/cv-$recipe \
+  timeout $(( $(left) - 10 )) python3 -m bloodcells_dist.tools.cv --shards "$shards" --output-dir /tmp/cv-$recipe \
     --config launch/recipes/$config.yaml --tracker none --cache-dir /tmp/cache $extra 2>&1 | tail -12 | tee "$out/cv-$recipe.txt"
   cp /tmp/cv-$recipe/cv.json "$out/cv-$recipe.json" 2>/dev/null
   python3 - "$recipe" <<'PY'

@@ -1,7 +1,12 @@
-"""Command-line plumbing shared by every entry point: user errors end in one line, not a traceback."""
+"""Command-line plumbing shared by every entry point: user errors end in one line, not a traceback.
+
+The error policy: code catches only what a user can cause (a bad path, bad data, a bad setting, a file someone
+else wrote) and turns it into a UserError naming the problem; our own bugs keep their traceback.
+BLOODCELLS_DEBUG=1 re-raises everything, user errors included, with its traceback."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -10,6 +15,18 @@ from pathlib import Path
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad input, bad config): printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (a UserError, so `error: ...` and exit 2) instead of the usage block, and
+    no abbreviated flags (with 50 config flags, `--lr` must not silently match another)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def writable_folder(path: Path, flag: str) -> None:
@@ -22,11 +39,19 @@ def writable_folder(path: Path, flag: str) -> None:
         raise UserError(f"cannot write to {flag} {path}: permission denied")
 
 
+def debugging() -> bool:
+    """BLOODCELLS_DEBUG=1: every error keeps its traceback (user errors and tolerated tracker errors too)."""
+    return os.environ.get("BLOODCELLS_DEBUG", "") not in ("", "0")
+
+
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run `main`, turning a UserError or Ctrl-C into one clear line on stderr and a non-zero exit."""
+    """Run `main`, turning a UserError (a problem the user can fix) or Ctrl-C into one clear line on stderr and a
+    non-zero exit. Anything else is a bug of ours and keeps its traceback."""
     try:
         return main(argv)
     except UserError as err:
+        if debugging():
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
 import math
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from .cli import UserError
-from .transforms import Preprocess
+from .data.preprocess import Preprocess
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class TrainConfig:
 
     # data
     shards: str = "shards"  # shard folder or URL prefix holding manifest.json
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # the run folder: config, metrics, checkpoints, weights, final.json
     train_splits: tuple[str, ...] = ("train",)  # ("train", "val") trains the final model on both
     val_split: str = "val"  # "" to skip validation
     val_fold: int = -1  # >= 0: grouped k-fold CV, fold k of train_splits is validation, the rest trains
@@ -47,19 +50,19 @@ class TrainConfig:
     widths: tuple[int, ...] = (32, 64, 128, 256)  # conv channels per block
     hidden: tuple[int, int] = (256, 128)  # FC1 and FC2 widths; FC3 maps to the classes
     dropout: float = 0.0  # before FC2 and FC3
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC memory layout: faster convolutions on GPUs and recent CPUs
     compile: bool = False  # torch.compile the model
     # optimisation
-    epochs: int = 10
+    epochs: int = 10  # passes over the training samples
     batch_size: int = 32  # per process, per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 0.05  # peak learning rate, reached after warm-up
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD momentum; 0: plain SGD
+    nesterov: bool = True  # Nesterov momentum (with momentum > 0)
+    weight_decay: float = 5e-4  # L2 penalty of SGD, on every parameter
     schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_epochs: float = 0.5  # linear warm-up from 0 (cosine and constant schedules)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # share of the target spread over the other classes (0.1 is usual)
     mixup: float = 0.0  # mixup's Beta(a, a) parameter a (0.2-0.4 is usual); 0: off
     mixed_precision: str = "auto"  # auto (hardware and launch config decide, see precision.py) | no | fp16 | bf16
     seed: int = 0  # every random draw (weights, data order, augmentation) follows from it; 0 <= seed < 2**63
@@ -69,7 +72,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: only at epoch ends
     keep_checkpoints: int = 2  # newest checkpoints kept
     tracker: str = "wandb"  # wandb | none
-    wandb_project: str = "bloodcells_dist"
+    wandb_project: str = "bloodcells_dist"  # W&B project the runs go to (offline unless logged in)
     wandb_group: str = ""  # W&B run group; `cv` sets it to the cross-validation folder's name
 
     def __post_init__(self) -> None:
@@ -125,14 +128,13 @@ class TrainConfig:
         """Window, resize and normalisation of this run's images (what its models record)."""
         return Preprocess(image_size=self.image_size, cell_crop=self.cell_crop, fit=self.fit)
 
+    def to_dict(self) -> dict:
+        """Plain dict with lists for tuples, for YAML, JSON and trackers."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
     def to_yaml(self) -> str:
         """The resolved config as YAML (tuples as lists)."""
-        return yaml.safe_dump(to_dict(self), sort_keys=False)
-
-
-def to_dict(config: TrainConfig) -> dict:
-    """Plain dict with lists for tuples, for YAML, JSON and trackers."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
@@ -204,23 +206,58 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def parse_overrides(tokens: Sequence[str]) -> dict:
-    """`--key value` / `--key=value` pairs (dashes or underscores) into a dict of known keys."""
-    overrides, i = {}, 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise UserError(f"unexpected argument {token!r}: flags are --key value")
-        key, eq, value = token[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise UserError(f"flag --{key} needs a value")
-            value, i = tokens[i + 1], i + 1
-        check_keys([key], "command-line flags")
-        overrides[key] = value
-        i += 1
-    return overrides
+@dataclasses.dataclass(frozen=True)
+class FieldDoc:
+    """A TrainConfig key as the source documents it: its section, type, default and comment."""
+
+    name: str
+    section: str
+    kind: str
+    default: object
+    help: str
+
+
+def field_docs() -> list[FieldDoc]:
+    """Every TrainConfig key in source order, with the section comment above it and its own trailing comment:
+    the one description that --help and docs/config.md are generated from."""
+    lines = inspect.getsource(TrainConfig).splitlines()
+    defaults = TrainConfig()
+    docs, section = [], ""
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("# "):
+            section = stripped[2:]
+            continue
+        match = re.match(r"(\w+): ([^=]+?) = (.+?)(?:  # (.*))?$", stripped)
+        if match and match.group(1) in FIELD_TYPES:
+            name = match.group(1)
+            value = getattr(defaults, name)
+            docs.append(FieldDoc(name, section, match.group(2), list(value) if isinstance(value, tuple) else value,
+                                 match.group(4) or ""))
+    return docs
+
+
+METAVARS = {"int": "N", "float": "X", "bool": "true|false", "str": "TEXT", "tuple[int, int]": "N,N",
+            "tuple[int, ...]": "N,N,...", "tuple[str, ...]": "NAME,..."}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """A --key flag (dashes; underscores accepted) for every TrainConfig key, grouped by section, with its type,
+    default and comment. Only flags given on the command line appear in the parsed namespace."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for doc in field_docs():
+        group = groups.setdefault(doc.section, parser.add_argument_group(f"config: {doc.section}"))
+        default = ",".join(map(str, doc.default)) if isinstance(doc.default, list) else doc.default
+        group.add_argument(f"--{doc.name.replace('_', '-')}", dest=f"config.{doc.name}", default=argparse.SUPPRESS,
+                           metavar=METAVARS[doc.kind], help=f"{doc.help} (default: {default!s})".replace("%", "%%"))
+        if "_" in doc.name:  # --key_name works too, unlisted
+            group.add_argument(f"--{doc.name}", dest=f"config.{doc.name}", default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
+
+
+def config_overrides(namespace: argparse.Namespace) -> dict:
+    """The config keys given as flags: {key: text as typed}."""
+    return {k.removeprefix("config."): v for k, v in vars(namespace).items() if k.startswith("config.")}
 
 
 def build_config(recipe: Path | None = None, overrides: dict | None = None, base: dict | None = None) -> TrainConfig:
@@ -243,6 +280,6 @@ def check_resume_config(started: TrainConfig, resumed: TrainConfig) -> None:
     for key in FIELD_TYPES:
         was, now = getattr(started, key), getattr(resumed, key)
         if key not in RESUMABLE and was != now:
-            show = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+            show = lambda v: list(v) if isinstance(v, tuple) else v
             raise UserError(f"cannot resume with {key}={show(now)!r}: the run was started with {show(was)!r}, and "
                             f"{key} shapes its model, data or schedule; resume with the run's value, or start a new run")

@@ -17,16 +17,17 @@ import simplejpeg
 import webdataset as wds
 from PIL import Image
 
-from bloodcells_dist import shards, train
-from bloodcells_dist.checkpoint import save_model
 from bloodcells_dist.cli import UserError, run_main
-from bloodcells_dist.config import TrainConfig, to_dict
-from bloodcells_dist.manifest import ShardManifest
-from bloodcells_dist.model import BloodCellCNN
-from bloodcells_dist.shards import pack_shards, verify_shards
-from bloodcells_dist.tracking import MetricsLog
+from bloodcells_dist.data.preprocess import Preprocess
+from bloodcells_dist.pack import shards
+from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.tools import evaluate
+from bloodcells_dist.train import trainer as train
+from bloodcells_dist.train.spec import ModelSpec, save_weights
+from bloodcells_dist.train.tracking import MetricsLog
 
-from .conftest import run_cli, train_args
+from .conftest import cli, run_cli
 
 TINY_CPU = ["--epochs", "1", "--image-size", "24,32", "--widths", "4,4,4,4", "--hidden", "8,8", "--batch-size", "4",
             "--workers", "0", "--tracker", "none"]  # if a refused run started anyway, it ends in seconds
@@ -87,12 +88,12 @@ def test_split_folders_differing_in_case_are_both_read(tmp_path):
                                         **{f"train/A/_{i}_2.jpeg": jpeg(10 + i) for i in range(4)},
                                         "train/B/_0_1.jpeg": jpeg(20)})
     out = tmp_path / "out"
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out), check=True)
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), check=True)
     assert set(packed(out)) == {p.relative_to(root).as_posix() for p in root.rglob("*.jpeg")}  # all 11
     assert "TRAIN and train are one split 'train'" in proc.stderr
     assert ShardManifest.load(out).clashes[0]["paths"] == ["TRAIN", "train"]
     assert "1 name clash(es)" in proc.stdout
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(tmp_path / "s"), "--strict")
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(tmp_path / "s"), "--strict")
     assert proc.returncode == 2
     one_error_line(proc.stderr, "TRAIN and train")
 
@@ -109,7 +110,7 @@ def test_bad_only_and_empty_class_folders_keep_the_class_list_and_strays_are_lis
         "TRAIN/notes.txt": b"stray beside the class folders",
     })
     out = tmp_path / "out"
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out), check=True)
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), check=True)
     manifest = ShardManifest.load(out)
     assert manifest.classes == ["A", "B", "C", "D"]  # B and D keep their places: C is still label 2
     assert {s["label"] for p, [s] in packed(out).items() if p.startswith("TRAIN/C/")} == {2}
@@ -250,7 +251,7 @@ def test_manifest_shard_files_must_be_plain_tar_names_in_the_folder(name, messag
     edit_manifest(folder, lambda m: m["splits"]["test"]["shards"][0].update(file=name))
     with pytest.raises(UserError, match=message):
         ShardManifest.load(folder)
-    proc = run_cli("-m", "bloodcells_dist.shards", "verify", str(folder))
+    proc = cli(shards.main, "verify", str(folder))
     assert proc.returncode == 2 and "not a valid shard manifest" in one_error_line(proc.stderr)
 
 
@@ -262,40 +263,25 @@ def test_val_fold_out_of_range_is_an_error(small_shards, tmp_path, capsys):
     assert not (tmp_path / "run" / "best.safetensors").exists()
 
 
-def test_a_non_finite_loss_stops_training_naming_the_step(synthetic_shards, tmp_path):
-    run = tmp_path / "run"
-    proc = run_cli(*train_args(synthetic_shards, run, "--lr", "1000000.0", "--log-every", "1",
-                               "--checkpoint-every", "2", "--epochs", "1", "--workers", "0"))
-    assert proc.returncode == 2
-    line = one_error_line(proc.stderr, "non-finite loss", "last good checkpoint")
-    step = int(line.split(" at step ")[1].split()[0])
-    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-    assert kept and all(int(name[5:]) < step for name in kept) and kept[-1] in line
-    assert not (run / "best.safetensors").exists() and not (run / "final.json").exists()
-    losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == step - 1 and all(x == x and abs(x) != float("inf") for x in losses)
-
-
 @pytest.fixture(scope="module")
 def untrained_model(tmp_path_factory) -> Path:
     """A tiny model file (untrained: evaluate and export do not care about its accuracy)."""
-    config = TrainConfig(image_size=(24, 32), widths=(4, 4, 4, 4), hidden=(8, 8))
+    spec = ModelSpec(classes=("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"), preprocess=Preprocess((24, 32)),
+                     widths=(4, 4, 4, 4), hidden=(8, 8))
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    save_model(BloodCellCNN(num_classes=4, image_size=config.image_size, widths=config.widths, hidden=config.hidden),
-               path, classes=["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"], config=to_dict(config))
+    save_weights(spec.build(), spec, path)
     return path
 
 
 def test_evaluate_images_counts_a_zero_byte_jpeg_and_refuses_all_unreadable(untrained_model, tmp_path):
     folder = make_root(tmp_path / "images", {"MONOCYTE/a.jpeg": jpeg(0), "MONOCYTE/b.jpeg": jpeg(1),
                                              "NEUTROPHIL/empty.jpeg": b""})
-    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(untrained_model), "--images", str(folder),
-                   "--out", str(tmp_path / "eval"), check=True)
+    proc = cli(evaluate.main, "--model", str(untrained_model), "--images", str(folder), "--out", str(tmp_path / "eval"),
+               check=True)
     result = json.loads((tmp_path / "eval" / "eval-test.json").read_text())
     assert result["samples"] == 2 and result["unreadable"] == 1 and "1 unreadable image(s) skipped" in proc.stderr
     bad = make_root(tmp_path / "bad", {"MONOCYTE/empty.jpeg": b"", "NEUTROPHIL/junk.jpeg": b"\xff\xd8\xffjunk"})
-    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(untrained_model), "--images", str(bad),
-                   "--out", str(tmp_path / "eval2"))
+    proc = cli(evaluate.main, "--model", str(untrained_model), "--images", str(bad), "--out", str(tmp_path / "eval2"))
     assert proc.returncode == 2
     one_error_line(proc.stderr, "no sample could be evaluated", "2 unreadable")
 
@@ -318,7 +304,7 @@ def test_pipe_locations_are_refused_without_the_opt_in(small_shards, tmp_path, c
     for argv in calls:
         assert run_main(train.main, argv) == 2, argv
         one_error_line(capsys.readouterr().err, "pipe:", "--allow-pipe")
-    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(tmp_path / "none"), "--shards", pipe)
+    proc = cli(evaluate.main, "--model", str(tmp_path / "none"), "--shards", pipe)
     assert proc.returncode == 2 and "--allow-pipe" in one_error_line(proc.stderr)
     assert not pwned.exists(), "a pipe: location ran its command"
     # with the opt-in, the user's own command is what reads the shards
@@ -333,7 +319,7 @@ def test_links_out_of_the_source_root_are_not_followed(tmp_path):
     (root / "TRAIN" / "A" / "_9_1.jpeg").symlink_to(outside / "X" / "_0_1.jpeg")  # a file leading out
     (root / "TRAIN" / "A" / "_8_1.jpeg").symlink_to(root / "TRAIN" / "A" / "_0_1.jpeg")  # inside: followed
     out = tmp_path / "out"
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out), check=True)
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), check=True)
     manifest = ShardManifest.load(out)
     assert {s["path"] for s in manifest.skipped} == {"TRAIN/LINKED", "TRAIN/A/_9_1.jpeg"}
     assert sorted(packed(out)) == [f"TRAIN/A/_{i}_1.jpeg" for i in (0, 1, 2, 3)]
@@ -397,13 +383,14 @@ def test_user_errors_are_one_line_and_exit_2(case, small_src, small_shards, tmp_
     one_error_line(capsys.readouterr().err, *words)
 
 
+@pytest.mark.e2e
 def test_export_onnx_without_the_optional_packages_names_the_extra(untrained_model, tmp_path):
     # None in sys.modules: `import onnx` raises ModuleNotFoundError and find_spec says "not installed",
     # exactly as on a machine without the packages.
     blocker = ("import sys\n"
                "sys.modules.update(onnx=None, onnxruntime=None)\n"
                "from bloodcells_dist.cli import run_main\n"
-               "from bloodcells_dist import export\n"
+               "from bloodcells_dist.tools import export\n"
                "sys.exit(run_main(export.main, sys.argv[1:]))\n")
     proc = run_cli("-c", blocker, "--model", str(untrained_model), "--format", "onnx", "--out",
                    str(tmp_path / "m.onnx"))
@@ -463,7 +450,7 @@ def test_random_mix_every_good_file_in_one_shard_every_bad_one_listed_once(seed,
     assert sorted(listed) == sorted(bad)  # each bad file once, nothing else (no empty folders here)
     # What stayed: no bytes under two classes, no bytes twice on the training side
     by_bytes: dict[bytes, list[dict]] = {}
-    for p, [v] in found.items():
+    for [v] in found.values():
         by_bytes.setdefault(v["jpg"], []).append(v)
     for copies in by_bytes.values():
         assert len({c["class_name"] for c in copies if c["split"] != "test"}) <= 1

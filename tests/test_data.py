@@ -12,12 +12,14 @@ from bloodcells_dist.data.augment import DRAWS, DeviceAugment, sample_uniforms
 from bloodcells_dist.data.batches import shard_positions
 from bloodcells_dist.data.cache import cache_path, load_or_build, read_samples
 from bloodcells_dist.data.plan import EpochPlan, slot_ranges
+from bloodcells_dist.data.preprocess import FILL, Preprocess, cell_window, nucleus_centre
+from bloodcells_dist.data.selection import Selection
 from bloodcells_dist.data.stream import EvalStream, TrainStream, stream_loader
-from bloodcells_dist.manifest import ShardManifest
-from bloodcells_dist.shards import pack_shards
-from bloodcells_dist.transforms import FILL, Preprocess, cell_window, nucleus_centre
+from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.train import trainer
 
-from .conftest import REAL_TRAIN, run_cli, train_args
+from .conftest import REAL_TRAIN, cli, train_args
 
 # (ranks, data workers per rank) measured in the issue: 5% to 36% of the samples were never seen.
 SLOTS = [(1, 1), (1, 2), (2, 2), (8, 2), (8, 12)]
@@ -80,7 +82,7 @@ def decoded(synthetic_shards):
     """The synthetic train split decoded at 48x64, with fold 0 left out of training (as in CV)."""
     manifest = ShardManifest.load(synthetic_shards)
     samples = read_samples(manifest, str(synthetic_shards), ["train"], Preprocess((48, 64)), workers=2)
-    return samples, samples.select(["train"], fold=0, keep=False)
+    return samples, samples.select(Selection(("train",), fold=0, keep=False))
 
 
 @pytest.mark.parametrize("ranks, workers", [(1, 1), (1, 2), (2, 2)])
@@ -210,7 +212,7 @@ def test_a_shifted_copy_of_a_real_cell_gets_the_same_window():
 
 def test_a_cell_window_is_its_own_cache(synthetic_root, tmp_path):
     shards, cache = tmp_path / "shards", tmp_path / "cache"
-    pack_shards(synthetic_root, shards, seed=0)
+    pack_shards(synthetic_root, shards, seed=0, groups="files")
     manifest = ShardManifest.load(shards)
     # Every part of the preprocessing names its own file: the size, the window (pixels or a share), the fit.
     names = {cache_path(cache, manifest, ["train"], p).name for p in (
@@ -242,7 +244,7 @@ def test_device_augmentation_on_gpu_matches_cpu():
 
 def test_the_cache_is_reused_and_rebuilt_when_a_shard_or_the_size_changes(synthetic_root, tmp_path):
     shards, cache = tmp_path / "shards", tmp_path / "cache"
-    pack_shards(synthetic_root, shards, seed=0)
+    pack_shards(synthetic_root, shards, seed=0, groups="files")
     manifest = ShardManifest.load(shards)
     first, path, built = load_or_build(manifest, str(shards), ["train", "val"], Preprocess((48, 64)), cache_dir=cache, workers=2)
     assert built and path.exists() and first.images.shape == (400, 3, 48, 64) and first.images.dtype == torch.uint8
@@ -250,7 +252,7 @@ def test_the_cache_is_reused_and_rebuilt_when_a_shard_or_the_size_changes(synthe
     assert not built and same == path and torch.equal(again.images, first.images) and again.keys == first.keys
     _, other, built = load_or_build(manifest, str(shards), ["train", "val"], Preprocess((24, 32)), cache_dir=cache, workers=2)
     assert built and other != path  # another image size: another cache
-    pack_shards(synthetic_root, shards, seed=1, overwrite=True)  # same images, other shards
+    pack_shards(synthetic_root, shards, seed=1, overwrite=True, groups="files")  # same images, other shards
     changed = ShardManifest.load(shards)
     samples, new, built = load_or_build(changed, str(shards), ["train", "val"], Preprocess((48, 64)), cache_dir=cache, workers=2)
     assert built and new != path and sorted(samples.keys) == sorted(first.keys)
@@ -263,8 +265,8 @@ def test_a_cache_that_does_not_fit_falls_back_to_the_stream_with_a_message(synth
     train = ShardManifest.load(synthetic_shards).split("train").samples
     assert round(train * 3 * 48 * 64 / 2**20) == 3  # MB of decoded training images, against a 1 MB allowance
     quick = ["--epochs", "1", "--workers", "1", "--cache-max-mb", "1", "--val-split", ""]
-    proc = run_cli(*train_args(synthetic_shards, tmp_path / "auto", *quick), check=True)
+    proc = cli(trainer.main, *train_args(synthetic_shards, tmp_path / "auto", *quick)[2:], check=True)
     assert "data: stream (the decoded cache needs 3 MB, more than the 1 MB this process may use" in proc.stdout
     assert json.loads((tmp_path / "auto" / "final.json").read_text())["steps"] == train // 8
-    proc = run_cli(*train_args(synthetic_shards, tmp_path / "cache", *quick, "--data", "cache"))
+    proc = cli(trainer.main, *train_args(synthetic_shards, tmp_path / "cache", *quick, "--data", "cache")[2:])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: data: cache:")

@@ -15,16 +15,15 @@ import pytest
 import torch
 import webdataset as wds
 
-from bloodcells_dist.audit import perceptual_hash
 from bloodcells_dist.cli import UserError
-from bloodcells_dist.manifest import ShardManifest
-from bloodcells_dist.shards import pack_shards, verify_shards
-from bloodcells_dist.sources import scan_images
-from bloodcells_dist.splits import FOLDS, assign_splits
-from bloodcells_dist.synthetic import generate_dataset
-from bloodcells_dist.transforms import FILL, Preprocess, fit_to, window_side
+from bloodcells_dist.data.preprocess import FILL, Preprocess, fit_to, window_side
+from bloodcells_dist.pack import audit, shards
+from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.splits import FOLDS, assign_splits
+from bloodcells_dist.pack.synthetic import generate_dataset
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, cli, run_cli
 from .test_bad_input import jpeg, make_root, one_error_line
 
 PBC_SAMPLE = REPO.parent / "shared" / "datasets" / "pbc-sample"
@@ -47,8 +46,8 @@ def pbc_sample_shards(tmp_path_factory) -> tuple[Path, object]:
     if not PBC_SAMPLE.is_dir():
         pytest.skip("the PBC sample is not at ../shared/datasets/pbc-sample")
     out = tmp_path_factory.mktemp("pbc") / "shards"
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(PBC_SAMPLE), "--out", str(out),
-                   "--test-fraction", "0.15", check=True)
+    proc = cli(shards.main, "pack", "--src", str(PBC_SAMPLE), "--out", str(out), "--test-fraction", "0.15",
+               check=True)
     return out, proc
 
 
@@ -85,7 +84,7 @@ def test_the_audit_command_reports_without_packing(tmp_path):
     if not PBC_SAMPLE.is_dir():
         pytest.skip("the PBC sample is not at ../shared/datasets/pbc-sample")
     report_file = tmp_path / "audit.json"
-    proc = run_cli("-m", "bloodcells_dist.audit", "--src", str(PBC_SAMPLE), "--out", str(report_file), check=True)
+    proc = cli(audit.main, "--src", str(PBC_SAMPLE), "--out", str(report_file), check=True)
     report = json.loads(report_file.read_text())
     assert report["files"] == 196 and report["readable_images"] == 195
     assert report["exact_duplicates"]["within_class"] == 1 and report["exact_duplicates"]["across_classes"] == 1
@@ -113,8 +112,8 @@ def patient_listing(root: Path, *, patients: int = 12, per_patient: int = 10) ->
 def test_a_csv_listing_with_patient_groups_never_splits_a_patient(tmp_path):
     listing = patient_listing(tmp_path / "lab")
     out = tmp_path / "shards"
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(listing), "--out", str(out),
-                   "--test-fraction", "0.2", "--val-fraction", "0.2", check=True)
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(out), "--test-fraction", "0.2",
+               "--val-fraction", "0.2", check=True)
     manifest = verify_shards(out)
     assert manifest.layout == "csv" and manifest.classes == ["Lymphocyte", "blast", "neutrophil"]
     assert manifest.groups["method"] == "csv" and "listing columns ignored: age" in proc.stderr
@@ -154,7 +153,7 @@ def test_a_listing_names_only_files_inside_its_folder_and_bad_rows_name_their_li
         with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
             pack_shards(listing, tmp_path / "s2", workers=1)
     listing.write_bytes(b"\x00\x01binary\xff")
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(listing), "--out", str(tmp_path / "s3"))
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(tmp_path / "s3"))
     assert proc.returncode == 2
     one_error_line(proc.stderr, str(listing))
 
@@ -174,14 +173,15 @@ def test_split_folders_at_the_root_with_a_val_folder_keep_their_splits(tmp_path)
         pack_shards(root, tmp_path / "out3", test_fraction=0.2, workers=1)
 
 
+@pytest.mark.e2e  # two cell recoveries: seconds each
 def test_auto_groups_finds_augmented_copies_and_originals(tmp_path):
     copies = tmp_path / "copies"
-    generate_dataset(copies, per_class=48, seed=3, copies=8, test_per_class=0)
+    generate_dataset(copies, per_class=32, seed=3, copies=8, test_per_class=0)
     manifest = pack_shards(copies, tmp_path / "a", workers=2)
     assert manifest.groups["method"] == "cells" and manifest.groups["measured"]["share"] > 0.5
     assert manifest.dataset == "synthetic"  # named by the generator's dataset.json
     originals = tmp_path / "originals"
-    generate_dataset(originals, per_class=24, seed=3, copies=1, test_per_class=0)
+    generate_dataset(originals, per_class=16, seed=3, copies=1, test_per_class=0)
     manifest = pack_shards(originals, tmp_path / "b", workers=2)
     assert manifest.groups["method"] == "files" and manifest.groups["measured"]["share"] < 0.1
 
@@ -191,8 +191,8 @@ def test_the_kaggle_layout_splits_as_before():
     (the old assign_splits, restated here), so the shipped blood-cells folds and figures stay as they were."""
     rng = random.Random(0)
     facts, groups = [], {}
-    from bloodcells_dist.audit import ImageFacts
-    from bloodcells_dist.sources import SourceImage
+    from bloodcells_dist.pack.audit import ImageFacts
+    from bloodcells_dist.pack.sources import SourceImage
     for k in range(300):
         cls, split = rng.choice("ABC"), rng.choice(["train", "train", "train", "test"])
         image = SourceImage(Path(f"/x/{k}"), f"{split}/{cls}/{k}.jpeg", split, cls, f"{cls}/{k}")
@@ -232,6 +232,7 @@ def test_fit_keeps_the_aspect_and_the_window_can_be_relative():
         Preprocess(image_size=(32, 32), cell_crop=0.01)
 
 
+@pytest.mark.e2e
 def test_eight_classes_through_train_evaluate_predict_export_and_hub(tmp_path):
     """A class-folder dataset of 8 classes (synthetic images, relabelled: the point is the plumbing)."""
     synthetic = tmp_path / "synthetic"
@@ -244,25 +245,25 @@ def test_eight_classes_through_train_evaluate_predict_export_and_hub(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, folder / f"{k:03d}.jpg")
     shards, run = tmp_path / "shards", tmp_path / "run"
-    run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(src), "--out", str(shards), "--test-fraction", "0.25",
+    run_cli("-m", "bloodcells_dist", "pack", "--src", str(src), "--out", str(shards), "--test-fraction", "0.25",
             "--name", "eight-class-lab", check=True)
     run_cli("-m", "bloodcells_dist.train", "--shards", str(shards), "--output-dir", str(run), "--image-size", "32,32",
             "--widths", "4,8,8,8", "--hidden", "16,16", "--batch-size", "8", "--epochs", "2", "--tracker", "none",
             "--workers", "0", "--mixed-precision", "no", check=True)
-    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(run), "--shards", str(shards), "--split", "test", check=True)
+    run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(run), "--shards", str(shards), "--split", "test", check=True)
     scored = json.loads((run / "eval-test.json").read_text())
     assert list(scored["per_class"]) == names and len(scored["confusion_matrix"]) == 8 and scored["samples"] == 24
     assert (run / "eval-test-confusion.png").stat().st_size > 5000
-    preds = run_cli("-m", "bloodcells_dist.predict", "--model", str(run), str(src / "ig"), check=True).stdout
+    preds = run_cli("-m", "bloodcells_dist", "predict", "--model", str(run), str(src / "ig"), check=True).stdout
     header, *rows = list(csv.reader(preds.splitlines()))
     assert header == ["path", "predicted_class", *(f"prob_{c}" for c in names), "error"] and len(rows) == 12
     assert all(r[1] in names and abs(sum(map(float, r[2:10])) - 1) < 1e-4 for r in rows)
     onnx = tmp_path / "model.onnx"
-    run_cli("-m", "bloodcells_dist.export", "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
-    exported = run_cli("-m", "bloodcells_dist.predict", "--model", str(onnx), str(src / "ig"), check=True).stdout
+    run_cli("-m", "bloodcells_dist", "export", "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
+    exported = run_cli("-m", "bloodcells_dist", "predict", "--model", str(onnx), str(src / "ig"), check=True).stdout
     assert [r[1] for r in list(csv.reader(exported.splitlines()))[1:]] == [r[1] for r in rows]
     hub = tmp_path / "hub"
-    run_cli("-m", "bloodcells_dist.hub", "save", "--model", str(run), "--out", str(hub), check=True)
+    run_cli("-m", "bloodcells_dist", "hub", "save", "--model", str(run), "--out", str(hub), check=True)
     config = json.loads((hub / "config.json").read_text())
     assert config["classes"] == names and config["num_classes"] == 8 and config["dataset"] == "eight-class-lab"
     card = (hub / "README.md").read_text()

@@ -1,23 +1,24 @@
-"""Evaluation of a trained model (shards or JPEG folders, 1 or 2 processes) and grouped k-fold folds."""
+"""Evaluation of a trained model (shards or JPEG folders, 1 or 2 processes) and grouped k-fold folds (e2e)."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
-import socket
-import subprocess
-import sys
-import time
+import threading
 from collections import defaultdict
 
 import pytest
 import torch
 import webdataset as wds
 
-from bloodcells_dist.checkpoint import load_model
-from bloodcells_dist.manifest import ShardManifest
-from bloodcells_dist.model import Ensemble
+from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.train.model import Ensemble
+from bloodcells_dist.train.spec import load_model
 
 from .conftest import free_port, launch, run_cli, train_args
+
+pytestmark = pytest.mark.e2e
 
 
 def evaluation(folder, name="eval-test") -> dict:
@@ -27,11 +28,11 @@ def evaluation(folder, name="eval-test") -> dict:
 def test_evaluate_counts_every_test_sample_once_with_one_and_two_processes(reference_run, synthetic_shards, tmp_path):
     expected = ShardManifest.load(synthetic_shards).splits["test"]
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
+    proc = run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
                    "--split", "test", "--out", str(one), check=True)
     assert "macro F1" in proc.stdout and "confusion matrix" in proc.stdout
     launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
-           "-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
+           "-m", "bloodcells_dist", "evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
            "--split", "test", "--out", str(two))
     a, b = evaluation(one), evaluation(two)
     assert a["samples"] == b["samples"] == expected.samples == 99
@@ -42,12 +43,12 @@ def test_evaluate_counts_every_test_sample_once_with_one_and_two_processes(refer
 
 
 def test_evaluate_from_jpeg_folders_matches_shards(reference_run, synthetic_root, synthetic_shards, tmp_path):
-    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
+    run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
             "--out", str(tmp_path / "shards"), check=True)
-    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--images", str(synthetic_root),
+    run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(reference_run), "--images", str(synthetic_root),
             "--split", "test", "--out", str(tmp_path / "images"), check=True)
     assert evaluation(tmp_path / "shards")["confusion_matrix"] == evaluation(tmp_path / "images")["confusion_matrix"]
-    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
+    proc = run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
                    "--tta", "--out", str(tmp_path / "tta"), check=True)
     assert evaluation(tmp_path / "tta", "eval-test-tta")["samples"] == 99 and "accuracy" in proc.stdout
 
@@ -56,21 +57,21 @@ def test_a_cell_window_model_crops_alike_in_evaluate_predict_export_and_the_hub(
                                                                                 tmp_path):
     run = tmp_path / "run"
     run_cli(*train_args(synthetic_shards, run, "--epochs", "2", "--cell-crop", "160", "--image-size", "48,48"), check=True)
-    assert load_model(run)[1]["cell_crop"] == 160
-    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(run), "--shards", str(synthetic_shards),
+    assert load_model(run)[1].preprocess.cell_crop == 160
+    run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(run), "--shards", str(synthetic_shards),
             "--out", str(tmp_path / "shards"), check=True)
-    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(run), "--images", str(synthetic_root),
+    run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(run), "--images", str(synthetic_root),
             "--split", "test", "--out", str(tmp_path / "images"), check=True)
     confusion = evaluation(tmp_path / "shards")["confusion_matrix"]
     assert confusion == evaluation(tmp_path / "images")["confusion_matrix"]
     test = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TEST"
     onnx, hub = tmp_path / "model.onnx", tmp_path / "hub"
-    run_cli("-m", "bloodcells_dist.export", "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
-    run_cli("-m", "bloodcells_dist.hub", "save", "--model", str(run), "--out", str(hub), check=True)
+    run_cli("-m", "bloodcells_dist", "export", "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
+    run_cli("-m", "bloodcells_dist", "hub", "save", "--model", str(run), "--out", str(hub), check=True)
     assert "160x160-pixel window centred on the cell" in (hub / "README.md").read_text()
     classes = ShardManifest.load(synthetic_shards).classes
     for model in (run, onnx, hub):  # predict crops as training did: it reproduces evaluate's confusion matrix
-        rows = run_cli("-m", "bloodcells_dist.predict", "--model", str(model), str(test), check=True).stdout
+        rows = run_cli("-m", "bloodcells_dist", "predict", "--model", str(model), str(test), check=True).stdout
         predicted = defaultdict(lambda: [0] * len(classes))
         for row in rows.splitlines()[1:]:
             path, guess = row.split(",")[:2]
@@ -84,7 +85,7 @@ def test_an_ensemble_averages_its_models_probabilities(reference_run, synthetic_
     with torch.no_grad():
         mean = (first(images).softmax(1) + second(images).softmax(1)) / 2
         assert torch.allclose(Ensemble([first, second])(images).exp(), mean, atol=1e-5)
-    base = ["-m", "bloodcells_dist.evaluate", "--shards", str(synthetic_shards), "--split", "test"]
+    base = ["-m", "bloodcells_dist", "evaluate", "--shards", str(synthetic_shards), "--split", "test"]
     run_cli(*base, "--model", str(reference_run), "--out", str(tmp_path / "one"), check=True)
     proc = run_cli(*base, "--model", str(reference_run), "--model", str(reference_run / "best.safetensors"),
                    "--out", str(tmp_path / "two"), check=True)
@@ -95,20 +96,21 @@ def test_an_ensemble_averages_its_models_probabilities(reference_run, synthetic_
     other = tmp_path / "other"
     run_cli(*train_args(synthetic_shards, other, "--epochs", "1", "--image-size", "32,48"), check=True)
     proc = run_cli(*base, "--model", str(reference_run), "--model", str(other))
-    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {other} has image_size [32, 48]")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {other} has preprocess ")
+    assert "image_size=(32, 48)" in proc.stderr
 
 
 def test_evaluate_bad_model_path_is_one_line(synthetic_shards, tmp_path):
-    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(tmp_path / "nope"), "--shards",
+    proc = run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(tmp_path / "nope"), "--shards",
                    str(synthetic_shards))
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no model at")
 
 
 def test_evaluate_bad_fold_is_one_line(reference_run, synthetic_root, synthetic_shards):
-    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards",
+    proc = run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(reference_run), "--shards",
                    str(synthetic_shards), "--split", "train,val", "--fold", "5")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --fold 5: the shards have folds 0..4"
-    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--images",
+    proc = run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(reference_run), "--images",
                    str(synthetic_root), "--fold", "0")
     assert proc.returncode == 2 and "--fold needs --shards" in proc.stderr
 
@@ -128,7 +130,6 @@ def test_every_cell_has_exactly_one_fold(synthetic_shards):
     assert all(fs == set(range(5)) for fs in per_class_folds.values())  # stratified: every class in every fold
 
 
-@pytest.mark.slow
 def test_val_fold_trains_on_the_other_folds(synthetic_shards, tmp_path):
     manifest = ShardManifest.load(synthetic_shards)
     in_fold = sum(manifest.splits[s].samples_per_fold["2"] for s in ("train", "val"))
@@ -136,36 +137,31 @@ def test_val_fold_trains_on_the_other_folds(synthetic_shards, tmp_path):
     proc = run_cli(*train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--val-fold", "2",
                                "--train-splits", "train,val"), check=True)
     result = json.loads((run / "final.json").read_text())
-    assert result["final"]["samples"] == in_fold
+    assert result["last_validation"]["samples"] == in_fold
     assert result["train_samples"] == manifest.splits["train"].samples + manifest.splits["val"].samples - in_fold
     assert f"{result['train_samples']} training samples" in proc.stdout
 
 
 def test_shards_stream_from_a_url(reference_run, synthetic_shards, tmp_path):
     """Manifest and shards read over HTTP (a stand-in for object storage), not from a file system."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(synthetic_shards)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(synthetic_shards))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # listening once constructed: no wait
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):  # wait for the server to listen
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        run_cli("-m", "bloodcells_dist.evaluate", "--model", str(reference_run), "--shards", url, "--split", "test",
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(reference_run), "--shards", url, "--split", "test",
                 "--out", str(tmp_path), check=True)
     finally:
-        server.terminate()
-        server.wait()
+        server.shutdown()
+        thread.join()
     assert evaluation(tmp_path)["samples"] == 99
 
 
-@pytest.mark.slow
 def test_cross_validation_runs_folds_and_summarises(synthetic_shards, tmp_path):
     runs = tmp_path / "cv"
-    args = ["-m", "bloodcells_dist.cv", "--shards", str(synthetic_shards), "--output-dir", str(runs),
+    args = ["-m", "bloodcells_dist", "cv", "--shards", str(synthetic_shards), "--output-dir", str(runs),
             "--folds", "0,3", "--tta", *train_args(synthetic_shards, runs, "--epochs", "1", "--workers", "1")[6:]]
     proc = run_cli(*args, check=True)
     summary = json.loads((runs / "cv.json").read_text())
@@ -173,7 +169,7 @@ def test_cross_validation_runs_folds_and_summarises(synthetic_shards, tmp_path):
     accs = [summary["folds"][k]["accuracy"] for k in ("0", "3")]
     assert summary["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
     assert "2 folds: accuracy" in proc.stdout and "with TTA: accuracy" in proc.stdout
-    finals = [json.loads((runs / f"fold-{k}" / "final.json").read_text())["final"] for k in (0, 3)]
+    finals = [json.loads((runs / f"fold-{k}" / "final.json").read_text())["last_validation"] for k in (0, 3)]
     pooled = summary["confusion_matrix"]  # every held-out image of both folds, once
     assert sum(map(sum, pooled)) == sum(f["samples"] for f in finals)
     classes = ShardManifest.load(synthetic_shards).classes

@@ -14,11 +14,13 @@ import webdataset as wds
 from PIL import Image
 
 from bloodcells_dist.cli import UserError
-from bloodcells_dist.interop import CARD, TIMM_INFO, wids_index_name
-from bloodcells_dist.manifest import ShardManifest
-from bloodcells_dist.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.interop import CARD, TIMM_INFO, wids_index_name
+from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.pack.shards import pack_shards, verify_shards
 
 from .conftest import run_cli
+
+pytestmark = pytest.mark.e2e  # the readers' own libraries and the command lines
 
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
@@ -68,7 +70,7 @@ def test_pack_writes_descriptions_that_verify_checks(four_split_shards, tmp_path
         verify_shards(copy)
     shutil.copy(four_split_shards / TIMM_INFO, copy / TIMM_INFO)
     (copy / wids_index_name("test_simple")).unlink()
-    proc = run_cli("-m", "bloodcells_dist.shards", "verify", str(copy))
+    proc = run_cli("-m", "bloodcells_dist", "verify", str(copy))
     assert proc.returncode == 2 and "test_simple.wids.json is missing" in proc.stderr
 
 
@@ -135,9 +137,9 @@ def hub_folder(reference_run, synthetic_shards, tmp_path_factory) -> tuple[Path,
     run.mkdir()
     for name in ("best.safetensors", "final.json", "config.yaml"):
         shutil.copy(reference_run / name, run / name)
-    run_cli("-m", "bloodcells_dist.evaluate", "--model", str(run), "--shards", str(synthetic_shards), check=True)
+    run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(run), "--shards", str(synthetic_shards), check=True)
     hub = tmp_path_factory.mktemp("hub") / "bloodcells-cnn"
-    proc = run_cli("-m", "bloodcells_dist.hub", "save", "--model", str(run), "--out", str(hub), check=True)
+    proc = run_cli("-m", "bloodcells_dist", "hub", "save", "--model", str(run), "--out", str(hub), check=True)
     assert "hub push" in proc.stdout
     return run, hub
 
@@ -152,17 +154,17 @@ def test_hub_folder_round_trip_without_the_run_folder(hub_folder, tmp_path):
     assert "shards" not in config["training_config"]  # no local paths in a public file
     moved = tmp_path / "elsewhere"
     shutil.copytree(hub, moved)
-    # A fresh process, the run folder out of reach: only the Hub folder is read.
-    code = ("import sys, torch; from bloodcells_dist.hub import from_pretrained; "
-            "m, meta = from_pretrained(sys.argv[1]); x = torch.ones(2, 3, *meta['image_size']); "
-            "torch.save(m(x).detach(), sys.argv[2]); print(meta['classes'])")
-    proc = run_cli("-c", code, str(moved), str(tmp_path / "logits.pt"), check=True)
-    assert str(CLASSES) in proc.stdout
-    from bloodcells_dist.checkpoint import load_model
+    # A fresh process, the run folder out of reach: only the Hub folder is read, through the mixin's method.
+    code = ("import sys, torch; from bloodcells_dist.train.model import BloodCellCNN; "
+            "m = BloodCellCNN.from_pretrained(sys.argv[1]).eval(); x = torch.ones(2, 3, 48, 64); "
+            "torch.save(m(x).detach(), sys.argv[2])")
+    run_cli("-c", code, str(moved), str(tmp_path / "logits.pt"), check=True)
+    from bloodcells_dist.train.spec import load_model
 
-    model, meta = load_model(run)
+    model, spec = load_model(run)
+    assert load_model(moved)[1].classes == tuple(CLASSES)
     with torch.no_grad():
-        want = model(torch.ones(2, 3, *meta["image_size"]))
+        want = model(torch.ones(2, 3, *spec.preprocess.image_size))
     assert torch.allclose(torch.load(tmp_path / "logits.pt"), want, atol=1e-6)
 
 
@@ -171,18 +173,20 @@ def test_model_card_has_metrics_with_splits_recipe_use_and_no_medical_claim(hub_
     run, hub = hub_folder
     card = huggingface_hub.ModelCard.load(hub / "README.md")
     assert card.data.library_name == "bloodcells_dist" and card.data.pipeline_tag == "image-classification"
+    assert card.data.license == "mit" and card.data.datasets == ["synthetic"]
     results = {r.dataset_split: r.metric_value for r in card.data.eval_results if r.metric_type == "accuracy"}
     test = json.loads((run / "eval-test.json").read_text())
     best = json.loads((run / "final.json").read_text())["best"]
     assert results == {"test": round(test["accuracy"], 4), "val": round(best["accuracy"], 4)}
     text = card.text
-    for phrase in ("not a medical device", "Intended use", "Training recipe", "lr: ", "epochs: ", "| test |"):
+    for phrase in ("not a medical device", "Intended use", "Training recipe", "lr: ", "epochs: ", "| test |",
+                   "mixup: ", "aug_hue: ", "git_commit: ", "without bias", "synthetic stand-in"):
         assert phrase in text, phrase
 
 
 def test_the_model_card_leaves_out_an_ensembles_score(hub_folder, tmp_path):
-    from bloodcells_dist.checkpoint import load_model
-    from bloodcells_dist.hub import measured_metrics
+    from bloodcells_dist.tools.hub import measured_metrics
+    from bloodcells_dist.train.spec import load_model
 
     run, _ = hub_folder
     copy = tmp_path / "run"
@@ -195,19 +199,19 @@ def test_the_model_card_leaves_out_an_ensembles_score(hub_folder, tmp_path):
 
 def test_predict_and_evaluate_accept_a_hub_folder(hub_folder, synthetic_shards, synthetic_root, tmp_path):
     run, hub = hub_folder
-    proc = run_cli("-m", "bloodcells_dist.evaluate", "--model", str(hub), "--shards", str(synthetic_shards),
+    proc = run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(hub), "--shards", str(synthetic_shards),
                    "--out", str(tmp_path), check=True)
     got, want = (json.loads(p.read_text()) for p in (tmp_path / "eval-test.json", run / "eval-test.json"))
     assert got["confusion_matrix"] == want["confusion_matrix"] and "accuracy" in proc.stdout
     images = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TEST" / "MONOCYTE"
-    a = run_cli("-m", "bloodcells_dist.predict", "--model", str(hub), str(images), check=True).stdout
-    b = run_cli("-m", "bloodcells_dist.predict", "--model", str(run), str(images), check=True).stdout
+    a = run_cli("-m", "bloodcells_dist", "predict", "--model", str(hub), str(images), check=True).stdout
+    b = run_cli("-m", "bloodcells_dist", "predict", "--model", str(run), str(images), check=True).stdout
     assert a == b and len(a.splitlines()) == 1 + len(list(images.glob("*.jpeg")))
 
 
 def test_push_to_hub_offline_is_one_clear_error(hub_folder):
     _, hub = hub_folder
-    proc = run_cli("-m", "bloodcells_dist.hub", "push", str(hub), "--repo-id", "someone/bloodcells-cnn",
+    proc = run_cli("-m", "bloodcells_dist", "hub", "push", str(hub), "--repo-id", "someone/bloodcells-cnn",
                    env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_not_a_real_token"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: push to someone/bloodcells-cnn")

@@ -8,23 +8,23 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from bloodcells_dist.manifest import ShardManifest
-from bloodcells_dist.shards import pack_shards, verify_shards
-from bloodcells_dist.synthetic import TRUTH_NAME
 from bloodcells_dist.cli import UserError
+from bloodcells_dist.pack import shards
+from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.synthetic import TRUTH_NAME
 
-from .conftest import REAL_TRAIN, REPO, run_cli
+from .conftest import REAL_TRAIN, REPO, cli, true_cells
 
 
 def read_all(folder: Path) -> dict[str, list[dict]]:
@@ -103,7 +103,7 @@ def test_manifest_counts(synthetic_root, synthetic_shards):
 
 def test_default_shard_counts(synthetic_root, tmp_path):
     """Splits over a few hundred samples get >= 16 shards (8 ranks x 2 workers); small ones keep >= 16 per shard."""
-    manifest = pack_shards(synthetic_root, tmp_path, seed=0, val_fraction=0.1)
+    manifest = pack_shards(synthetic_root, tmp_path, seed=0, val_fraction=0.1, groups="files")
     assert manifest.splits["train"].samples > 256 and len(manifest.splits["train"].shards) == 16
     assert len(manifest.splits["test"].shards) == 99 // 16
     sizes = [s.samples for s in manifest.splits["train"].shards]
@@ -112,19 +112,20 @@ def test_default_shard_counts(synthetic_root, tmp_path):
 
 def test_pack_is_deterministic(synthetic_root, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    pack_shards(synthetic_root, a, seed=3, shard_size=40)
-    pack_shards(synthetic_root, b, seed=3, shard_size=40, workers=1)
+    cells = true_cells(synthetic_root, tmp_path / "cells.csv")
+    pack_shards(synthetic_root, a, seed=3, shard_size=40, cells=cells)
+    pack_shards(synthetic_root, b, seed=3, shard_size=40, cells=cells, workers=1)
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir()) and "manifest.json" in files
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between two packs"
     c = tmp_path / "c"
-    pack_shards(synthetic_root, c, seed=4, shard_size=40)
+    pack_shards(synthetic_root, c, seed=4, shard_size=40, cells=cells)
     assert (a / "manifest.json").read_bytes() != (c / "manifest.json").read_bytes()
 
 
 def test_verify_accepts_good_and_catches_flipped_byte_and_truncation(synthetic_root, tmp_path):
-    pack_shards(synthetic_root, tmp_path, seed=0)
+    pack_shards(synthetic_root, tmp_path, seed=0, groups="files")
     verify_shards(tmp_path)
     shard = sorted(tmp_path.glob("train-*.tar"))[1]
     original = shard.read_bytes()
@@ -132,7 +133,7 @@ def test_verify_accepts_good_and_catches_flipped_byte_and_truncation(synthetic_r
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0xFF
     shard.write_bytes(bytes(flipped))
-    proc = run_cli("-m", "bloodcells_dist.shards", "verify", str(tmp_path))
+    proc = cli(shards.main, "verify", str(tmp_path))
     assert proc.returncode != 0
     assert shard.name in proc.stderr and "sha256" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -147,7 +148,7 @@ def test_verify_accepts_good_and_catches_flipped_byte_and_truncation(synthetic_r
 
 def test_verify_catches_bad_content_with_matching_checksum(synthetic_root, tmp_path):
     """A shard rewritten with a wrong label and its checksum updated still fails: labels are checked."""
-    manifest = pack_shards(synthetic_root, tmp_path, seed=0, shard_size=50)
+    manifest = pack_shards(synthetic_root, tmp_path, seed=0, shard_size=50, groups="files")
     shard = tmp_path / manifest.splits["test"].shards[0].file
     samples = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
     with wds.TarWriter(str(shard), encoder=False) as tar:
@@ -201,7 +202,7 @@ def bad_root(synthetic_root, tmp_path) -> tuple[Path, dict[str, str]]:
 def test_bad_inputs_are_skipped_counted_and_listed(bad_root, tmp_path):
     root, expected = bad_root
     out = tmp_path / "out"
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out), check=True)
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), "--groups", "files", check=True)
     manifest = ShardManifest.load(out)
     skipped = {s["path"]: s["reason"] for s in manifest.skipped}
     assert set(skipped) == set(expected)
@@ -216,7 +217,7 @@ def test_bad_inputs_are_skipped_counted_and_listed(bad_root, tmp_path):
 def test_strict_turns_bad_input_into_an_error_and_writes_nothing(bad_root, tmp_path):
     root, _ = bad_root
     out = tmp_path / "out"
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out), "--strict")
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), "--strict")
     assert proc.returncode != 0
     assert "--strict" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
@@ -230,7 +231,7 @@ def test_unusable_root_is_one_clear_error(case, tmp_path):
     if case == "no_images":
         (root / "TRAIN" / "MONOCYTE").mkdir(parents=True)
     out = tmp_path / "out"
-    proc = run_cli("-m", "bloodcells_dist.shards", "pack", "--src", str(root), "--out", str(out))
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
@@ -238,54 +239,46 @@ def test_unusable_root_is_one_clear_error(case, tmp_path):
 
 
 def test_existing_shards_need_overwrite(synthetic_root, tmp_path):
-    pack_shards(synthetic_root, tmp_path, seed=0)
+    pack_shards(synthetic_root, tmp_path, seed=0, groups="files")
     with pytest.raises(UserError, match="--overwrite"):
-        pack_shards(synthetic_root, tmp_path, seed=0)
-    pack_shards(synthetic_root, tmp_path, seed=1, shard_size=100, overwrite=True)
+        pack_shards(synthetic_root, tmp_path, seed=0, groups="files")
+    pack_shards(synthetic_root, tmp_path, seed=1, shard_size=100, overwrite=True, groups="files")
     verify_shards(tmp_path)
     manifest = ShardManifest.load(tmp_path)
     listed = {s.file for split in manifest.splits.values() for s in split.shards}
     assert {p.name for p in tmp_path.glob("*.tar")} == listed  # no stale shards of the first pack
 
 
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes (Linux /proc) that contain `text`."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text.encode() in cmdline.read_bytes():
-                found.append(cmdline.read_bytes().decode(errors="replace"))
-        except OSError:  # the process ended while we looked
-            pass
-    return found
-
-
+@pytest.mark.e2e
 def test_interrupted_pack_leaves_nothing_verify_accepts(synthetic_root, tmp_path):
-    """SIGKILL an overwriting pack as soon as it starts writing: the old manifest is gone, verify refuses."""
+    """SIGKILL an overwriting pack once it has written 3 shards: the old manifest is gone, verify refuses, and
+    no worker process outlives the packer."""
     out = tmp_path / "out"
-    pack_shards(synthetic_root, out, seed=0)
-    before = {p.name for p in out.iterdir()}
-    proc = subprocess.Popen([sys.executable, "-m", "bloodcells_dist.shards", "pack", "--src", str(synthetic_root),
-                             "--out", str(out), "--overwrite", "--shard-size", "5", "--workers", "1"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        names = {p.name for p in out.iterdir()}
-        if "manifest.json" not in names and names - before:  # writing has begun
+    pack_shards(synthetic_root, out, seed=0, groups="files")
+    proc = subprocess.Popen([sys.executable, "-m", "bloodcells_dist", "pack", "--src", str(synthetic_root),
+                             "--out", str(out), "--overwrite", "--shard-size", "5", "--groups", "files"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "BLOODCELLS_AT_SHARD": "3:pause"})
+    for line in proc.stdout:  # blocking reads until the packer waits, 3 shards written
+        if line.startswith("paused after 3 shards"):
             break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    else:
+        raise AssertionError("the pack ended before its third shard")
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers, "the packer should be writing with worker processes"
+    proc.kill()
     proc.wait()
-    assert not (out / "manifest.json").exists(), "the pack finished before it could be interrupted"
-    time.sleep(0.5)
-    assert not processes_mentioning(str(out)), "the packer's worker processes outlived it"
+    gone, alive = psutil.wait_procs(workers, timeout=30)  # PR_SET_PDEATHSIG: they die with the packer
+    assert not alive, "the packer's worker processes outlived it"
+    assert not (out / "manifest.json").exists() and len(list(out.glob("train-*.tar"))) >= 3
     with pytest.raises(UserError, match="manifest.json not found"):
         verify_shards(out)
-    pack_shards(synthetic_root, out, seed=0, overwrite=True)  # a rerun cleans up and completes
+    pack_shards(synthetic_root, out, seed=0, overwrite=True, groups="files")  # a rerun cleans up and completes
     assert not list(out.glob(".*tmp*"))
     verify_shards(out)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not REAL_TRAIN.is_dir(), reason=f"real dataset not found at {REAL_TRAIN}")
 def test_real_subset_packs_and_verifies(tmp_path):
     """200 real TRAIN images (50 per class, whole cells), copied into a temporary root (links out of a root

@@ -1,4 +1,6 @@
-"""The trainer with real processes: plain python, `accelerate launch` over gloo, kill -9 and resume, W&B offline."""
+"""The trainer as users launch it: plain python, `accelerate launch` over gloo, kill -9 and resume, W&B offline.
+
+End-to-end (marked e2e): each test starts real processes. The in-process layer is test_trainer.py."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from bloodcells_dist import train
-from bloodcells_dist.checkpoint import load_model
-from bloodcells_dist.cli import UserError
-from bloodcells_dist.config import build_config, parse_overrides
-from bloodcells_dist.manifest import ShardManifest
-from bloodcells_dist.shards import pack_shards
-from bloodcells_dist.synthetic import generate_dataset
+from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.synthetic import generate_dataset
+from bloodcells_dist.train.spec import load_model
 
 from .conftest import ACCELERATE, REF_EXTRA, REPO, free_port, launch, run_cli, train_args
+
+pytestmark = pytest.mark.e2e
+
 
 def final(run: Path) -> dict:
     return json.loads((run / "final.json").read_text())
@@ -34,26 +35,20 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if "running_" not in k and "num_batches" not in k}
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "launch" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_is_a_valid_config(recipe):
-    config = build_config(recipe)
-    assert config.epochs > 0 and len(config.widths) == 4 and len(config.hidden) == 2  # the reference design
-
-
 def test_one_process_learns_and_writes_the_run_folder(reference_run, synthetic_shards):
     result = final(reference_run)
     manifest = ShardManifest.load(synthetic_shards)
     # 4 classes: chance 0.25. 92 validation images: one image is 1.1 points (this run: 38 of 92).
     assert result["best"]["accuracy"] > 0.40, f"no better than chance: {result['best']}"
-    assert result["final"]["samples"] == manifest.splits["val"].samples
+    assert result["last_validation"]["samples"] == manifest.splits["val"].samples
     records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert losses[-1] < losses[0] and all(r["train/images_per_s"] > 0 for r in records if "train/loss" in r)
     assert len([r for r in records if "val/accuracy" in r]) == 8
     saved = yaml.safe_load((reference_run / "config.yaml").read_text())
     assert saved["widths"] == [8, 16, 32, 32] and saved["epochs"] == 8 and saved["tracker"] == "none"
-    model, meta = load_model(reference_run)
-    assert meta["classes"] == manifest.classes and meta["image_size"] == [48, 64]
+    model, spec = load_model(reference_run)
+    assert list(spec.classes) == manifest.classes and spec.preprocess.image_size == (48, 64)
     assert model(torch.zeros(2, 3, 48, 64)).shape == (2, 4)
     last = load_file(str(reference_run / "last.safetensors"))  # the last epoch's weights, beside the best ones
     assert last.keys() == load_file(str(reference_run / "best.safetensors")).keys()
@@ -69,27 +64,24 @@ def stream_reference_run(synthetic_shards, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("data", ["cache", pytest.param("stream", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("data", ["cache", "stream"])
 def test_kill_9_mid_epoch_then_resume_matches_uninterrupted_run(data, request, synthetic_shards, tmp_path):
     reference_run = request.getfixturevalue("reference_run" if data == "cache" else "stream_reference_run")
     run = tmp_path / "run"
     steps_per_epoch = final(reference_run)["steps"] // 8
-    step = 7 * (2 * steps_per_epoch // 7 + 2)  # the second mid-epoch checkpoint of epoch 3
-    assert step % steps_per_epoch and step // steps_per_epoch == 2
-    target = run / "checkpoints" / f"step-{step:08d}"
-    proc = subprocess.Popen([sys.executable, *train_args(synthetic_shards, run, *REF_EXTRA, "--data", data)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (run / "final.json").exists(), "run ended before the kill"
+    checkpointed = 7 * (2 * steps_per_epoch // 7 + 2)  # the second mid-epoch checkpoint of epoch 3
+    assert checkpointed % steps_per_epoch and checkpointed // steps_per_epoch == 2
+    # SIGKILL three steps past that checkpoint: those steps are lost and must be redone alike on resume.
+    killed = run_cli(*train_args(synthetic_shards, run, *REF_EXTRA, "--data", data),
+                     env={"BLOODCELLS_AT_STEP": f"{checkpointed + 3}:kill"})
+    assert killed.returncode == -signal.SIGKILL and not (run / "final.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*"))[-1] == f"step-{checkpointed:08d}"
 
     resumed = run_cli("-m", "bloodcells_dist.train", "--resume", str(run), check=True)
     assert "resumed from" in resumed.stdout and f"data: {data} (" in resumed.stdout
     ref, got = final(reference_run), final(run)
-    assert got["final"] == ref["final"] and got["best"] == ref["best"] and got["steps"] == ref["steps"]
+    assert got["last_validation"] == ref["last_validation"] and got["best"] == ref["best"]
+    assert got["steps"] == ref["steps"]
     a, b = weights(reference_run / "best.safetensors"), weights(run / "best.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     vals = lambda r: [json.loads(x)["val/accuracy"] for x in (r / "metrics.jsonl").read_text().splitlines()
@@ -97,7 +89,6 @@ def test_kill_9_mid_epoch_then_resume_matches_uninterrupted_run(data, request, s
     assert vals(run) == vals(reference_run)  # no duplicated or missing epochs in the resumed log
 
 
-@pytest.mark.slow
 def test_two_processes_count_every_val_sample_once(synthetic_shards, tmp_path):
     """An odd number of samples (99) in 6 uneven shards, 3 per rank: each counted exactly once."""
     manifest = ShardManifest.load(synthetic_shards)
@@ -108,13 +99,12 @@ def test_two_processes_count_every_val_sample_once(synthetic_shards, tmp_path):
            *train_args(synthetic_shards, run, "--epochs", "1", "--workers", "2", "--val-split", "test"))
     result = final(run)
     assert result["processes"] == 2
-    assert result["final"]["samples"] == test.samples
-    assert sum(map(sum, result["final"]["confusion_matrix"])) == test.samples
+    assert result["last_validation"]["samples"] == test.samples
+    assert sum(map(sum, result["last_validation"]["confusion_matrix"])) == test.samples
     for c, n in test.samples_per_class.items():
-        assert result["final"]["per_class"][c]["support"] == n
+        assert result["last_validation"]["per_class"][c]["support"] == n
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """DDP averages gradients: 2 processes x batch B == 1 process x 2B, given the same BatchNorm batches.
 
@@ -133,53 +123,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     run_cli(*train_args(shards, tmp_path / "one", *fixed, "--grad-accum", "2"), check=True,
             env={"OMP_NUM_THREADS": "1"})
     assert final(tmp_path / "two")["steps"] == final(tmp_path / "one")["steps"] == 80 // 16
-    a, b = weights(tmp_path / "two" / "best.safetensors"), weights(tmp_path / "one" / "best.safetensors")
+    a, b = weights(tmp_path / "two" / "last.safetensors"), weights(tmp_path / "one" / "last.safetensors")
     assert a.keys() == b.keys() and len(a) == 18  # 4 x (conv, BN weight, BN bias) + 3 x (FC weight, bias)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{k} differs")
 
 
-def test_final_mode_trains_on_train_and_val_without_validation(synthetic_shards, tmp_path):
-    # The final mode of launch/recipes/best.yaml: every TRAIN cell trains, the last weights are kept.
-    run = tmp_path / "final"
-    run_cli(*train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--train-splits", "train,val",
-                        "--val-split", ""), check=True)
-    splits = ShardManifest.load(synthetic_shards).splits
-    result = final(run)
-    assert result["train_samples"] == splits["train"].samples + splits["val"].samples
-    assert result["final"] is None and result["best"] is None  # nothing validated
-    best, last = load_file(str(run / "best.safetensors")), load_file(str(run / "last.safetensors"))
-    assert all(torch.equal(best[k], last[k]) for k in last)
-
-
-def test_a_folder_holding_a_run_is_refused_unless_overwrite(synthetic_shards, tmp_path):
-    run = tmp_path / "run"
-    args = train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--train-splits", "train,val",
-                      "--val-split", "")
-    run_cli(*args, check=True)
-    first = (run / "metrics.jsonl").read_text().splitlines()
-    again = run_cli(*args)
-    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr
-    assert "already holds a run" in again.stderr and "--overwrite" in again.stderr
-    assert (run / "metrics.jsonl").read_text().splitlines() == first  # untouched
-    run_cli(*args, "--overwrite", check=True)
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and len(steps) == len(first)  # one run's log, not two appended
-
-
-@pytest.mark.slow
 def test_bf16_channels_last_on_cpu_runs_end_to_end(synthetic_shards, tmp_path):
     # What launch/recipes/best.yaml uses on CPU.
     run = tmp_path / "run"
     run_cli(*train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1", "--mixed-precision", "bf16",
                         "--channels-last", "true"), check=True)
     result = final(run)
-    assert result["final"]["samples"] == ShardManifest.load(synthetic_shards).splits["val"].samples
+    assert result["last_validation"]["samples"] == ShardManifest.load(synthetic_shards).splits["val"].samples
     losses = [json.loads(x)["train/loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
-    assert losses and all(l == l and l < 10 for l in losses)  # finite
+    assert losses and all(x == x and x < 10 for x in losses)  # finite
 
 
-@pytest.mark.slow
 def test_one_shard_streams_to_two_ranks_times_two_workers(synthetic_root, tmp_path):
     """Fewer shards than (rank, worker) slots: each slot reads its own range of the one shard, no reuse."""
     shards = tmp_path / "shards"
@@ -190,10 +150,9 @@ def test_one_shard_streams_to_two_ranks_times_two_workers(synthetic_root, tmp_pa
     assert "data: stream (as configured; 2 data worker(s) per process" in proc.stdout
     manifest = ShardManifest.load(shards)
     assert final(run)["steps"] == manifest.splits["train"].samples // 16
-    assert final(run)["final"]["samples"] == manifest.splits["val"].samples
+    assert final(run)["last_validation"]["samples"] == manifest.splits["val"].samples
 
 
-@pytest.mark.slow
 def test_two_machines_on_loopback(synthetic_shards, tmp_path):
     """Machine ranks 0 and 1 on 127.0.0.1, one process each, as on two hosts sharing a file system."""
     port, run = free_port(), tmp_path / "run"
@@ -205,10 +164,9 @@ def test_two_machines_on_loopback(synthetic_shards, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     assert final(run)["processes"] == 2
-    assert final(run)["final"]["samples"] == ShardManifest.load(synthetic_shards).splits["val"].samples
+    assert final(run)["last_validation"]["samples"] == ShardManifest.load(synthetic_shards).splits["val"].samples
 
 
-@pytest.mark.slow
 def test_wandb_offline_by_default_and_a_broken_tracker_does_not_stop_training(synthetic_shards, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["HOME"] = str(tmp_path)  # no ~/.netrc login: the default must be offline
@@ -227,7 +185,7 @@ def test_wandb_offline_by_default_and_a_broken_tracker_does_not_stop_training(sy
                           env={**env, "WANDB_MODE": "no-such-mode"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "tracker disabled" in proc.stderr
-    assert final(broken)["final"]["samples"] > 0
+    assert final(broken)["last_validation"]["samples"] > 0
 
 
 def test_cpu_flag_with_several_processes_is_a_clear_error(synthetic_shards, tmp_path):
@@ -237,65 +195,3 @@ def test_cpu_flag_with_several_processes_is_a_clear_error(synthetic_shards, tmp_
     assert "error: this is a single process of a multi-process launch" in proc.stderr
     assert "launch/cpu_2proc.yaml" in proc.stderr
     assert "bloodcells_dist/" not in proc.stderr  # no traceback of ours (the launcher prints its own)
-
-
-def test_config_layers_and_unknown_keys(tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("epochs: 3\nlr: 0.2\nwidths: [4, 8, 8, 8]\n")
-    config = build_config(recipe, parse_overrides(["--lr", "0.01", "--image-size", "60,80"]))
-    assert (config.epochs, config.lr, config.widths, config.image_size) == (3, 0.01, (4, 8, 8, 8), (60, 80))
-    recipe.write_text("epochs: 3\nlearning_rate: 0.2\n")
-    with pytest.raises(UserError, match="learning_rate"):
-        build_config(recipe)
-    proc = run_cli("-m", "bloodcells_dist.train", "--shards", "x", "--bogus-key", "1")
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown config key(s) in command-line flags: bogus_key"
-    with pytest.raises(UserError, match="schedule"):
-        build_config(overrides={"schedule": "linear"})
-
-
-class Recorder(torch.nn.Module):
-    """A linear classifier that keeps the last images it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(3 * 4 * 4, 4)
-
-    def forward(self, images):
-        self.seen = images.detach().clone()
-        return self.fc(images.flatten(1))
-
-
-def test_mixup_blends_each_image_with_a_partner_and_the_loss_by_the_same_amount():
-    torch.manual_seed(0)
-    images, labels = torch.randn(16, 3, 4, 4), torch.arange(16) % 4
-    model, plain = Recorder(), build_config(overrides=parse_overrides(["--label-smoothing", "0.1"]))
-    loss = train.mixup_loss(model, images, labels, plain, (5, 0, 0))
-    assert torch.equal(model.seen, images)  # mixup off: the batch as it is
-    assert loss == torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=0.1)
-    config = build_config(overrides=parse_overrides(["--mixup", "0.4", "--label-smoothing", "0.1"]))
-    loss = train.mixup_loss(model, images, labels, config, (5, 0, 0))
-    mixed, logits = model.seen, model.fc(model.seen.flatten(1))
-    # Each image is lam x itself + (1 - lam) x one partner (itself, for a fixed point of the pairing).
-    found = []
-    for i in range(16):
-        if torch.allclose(mixed[i], images[i], atol=1e-5):
-            found.append((i, None))
-            continue
-        for j in set(range(16)) - {i}:
-            d = images[i] - images[j]
-            lam = float(((mixed[i] - images[j]) * d).sum() / (d * d).sum())  # the best lam for partner j
-            if torch.allclose(lam * images[i] + (1 - lam) * images[j], mixed[i], atol=1e-5):
-                found.append((j, lam))
-                break
-    assert len(found) == 16
-    pair = torch.tensor([j for j, _ in found])
-    lams = [lam for _, lam in found if lam is not None]
-    lam = lams[0]
-    assert 0 < lam < 1 and max(lams) - min(lams) < 1e-4 and len(lams) > 8
-    assert sorted(pair.tolist()) == list(range(16))  # a permutation: every image is someone's partner
-    ce = lambda y: torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
-    assert torch.allclose(loss, lam * ce(labels) + (1 - lam) * ce(labels[pair]), atol=1e-5)
-    again = train.mixup_loss(model, images, labels, config, (5, 0, 0))
-    assert torch.equal(model.seen, mixed) and torch.equal(again, loss)  # the same key mixes alike (resume)
-    train.mixup_loss(model, images, labels, config, (6, 0, 0))
-    assert not torch.equal(model.seen, mixed)  # the next step draws anew

@@ -1,36 +1,45 @@
-"""The read side of the shards: which samples train and validate, in what order, from where, augmented how.
+"""The read side of the shards, through two front doors:
 
-    data = open_training_data(config, manifest, accelerator)    # picks the cache or the stream, says which
-    for images, labels in data.train_batches(epoch, start): ...  # this rank's micro-batches, model-ready
+    data = open_training_data(config, manifest, accelerator)     # picks the cache or the stream, says which
+    for images, labels in data.train_batches(epoch, start): ...   # this rank's micro-batches, model-ready
     metrics = score(model, data.eval_batches(), accelerator, classes)
+    for images, labels in open_eval_data(shards, manifest, selection, preprocess, accelerator, ...): ...  # evaluate
 
-plan.py     the epoch plan: sample order, global batches, each rank's slice, step counts, stream ranges
-cache.py    the decoded cache (built once, saved, reused) and the sample index
-stream.py   reading shards as they stream, for data larger than memory or in object storage
-augment.py  batched augmentation on the device, seeded by (seed, epoch, sample id)
-batches.py  an epoch's batches from the cache or the stream, through the same interface
+selection.py  which samples: splits and cross-validation folds (the one place that knows about folds)
+preprocess.py window, resize and normalisation of an image (what a model records and predict replays); read_rgb
+nucleus.py    the stained nucleus of a white cell, which the window centres on
+plan.py       the epoch plan: sample order, global batches, each rank's slice, step counts, stream ranges
+cache.py      the decoded cache (built once, checked, reused) and the sample index
+stream.py     reading shards as they stream, for data larger than memory or in object storage
+augment.py    batched augmentation on the device, seeded by (seed, epoch, sample id)
+batches.py    an epoch's batches from the cache or the stream, through the same interface
 
-The packer (writing shards) is bloodcells_dist/shards.py; per-sample transforms for single files
-(predict, evaluate --images) are in bloodcells_dist/transforms.py.
+The packer that writes the shards is bloodcells_dist/pack/.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from ..cli import UserError
-from ..config import TrainConfig
-from ..manifest import ShardManifest
+from ..pack.manifest import ShardManifest
 from .augment import DeviceAugment
-from .batches import CachedBatches, StreamedBatches, fold_filter, shard_positions
+from .batches import CachedBatches, StreamedBatches, shard_positions, streamed_eval_batches
 from .cache import cache_bytes, load_or_build, memory_budget
 from .plan import EpochPlan
+from .preprocess import Preprocess
+from .selection import Selection, training_selections
+
+if TYPE_CHECKING:  # config.py imports preprocess.py: only a type here, no import circle
+    from ..config import TrainConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,7 +52,7 @@ def default_cache_dir() -> Path:
 def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str],
                 accelerator: Accelerator) -> tuple[str, str]:
     """("cache" or "stream", why), decided on the main process and shared, so every rank reads alike."""
-    choice = [None]
+    choice: list = [None]
     if accelerator.is_main_process:
         need = cache_bytes(manifest, splits, config.image_size)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -69,24 +78,23 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator
                        allow_pipe: bool = False) -> CachedBatches | StreamedBatches:
     """The training and validation batches of this rank, from the decoded cache when it fits, else the stream.
     allow_pipe: accept `pipe:` shard locations (see ShardManifest.shard_urls)."""
-    fold = config.val_fold
-    val_splits = list(config.train_splits) if fold >= 0 else ([config.val_split] if config.val_split else [])
-    splits = list(dict.fromkeys([*config.train_splits, *val_splits]))
+    train, val = training_selections(config.train_splits, config.val_split, config.val_fold)
+    splits = list(dict.fromkeys([*train.splits, *(val.splits if val else ())]))
+    preprocess = config.preprocess()
     kind, why = choose_path(config, manifest, splits, accelerator)
     started = time.perf_counter()
     # One process per machine builds the cache, with a data worker per CPU; the others wait and load its file.
     with accelerator.local_main_process_first():
-        samples, path, built = load_or_build(manifest, config.shards, splits,
-                                             config.preprocess() if kind == "cache" else None,
+        samples, path, built = load_or_build(manifest, config.shards, splits, preprocess if kind == "cache" else None,
                                              cache_dir=Path(config.cache_dir or default_cache_dir()),
                                              workers=min(os.cpu_count() or 1, 16), allow_pipe=allow_pipe)
-    train_rows = samples.select(config.train_splits, fold, keep=False)
-    val_rows = samples.select(val_splits, fold, keep=True) if val_splits else torch.zeros(0, dtype=torch.long)
+    train_rows = samples.select(train)
+    val_rows = samples.select(val) if val else torch.zeros(0, dtype=torch.long)
     plan = EpochPlan(len(train_rows), config.batch_size, accelerator.num_processes, config.grad_accum,
                      seed=config.seed, shuffle=config.shuffle)
     augment = DeviceAugment(flip=config.aug_flip, rot90=config.aug_rot90, affine=config.aug_affine,
                             color=config.aug_color, hue=config.aug_hue, gain=config.aug_gain, erase=config.aug_erase,
-                            channels_last=config.channels_last,
+                            mean=preprocess.mean, std=preprocess.std, channels_last=config.channels_last,
                             dtype=DTYPES.get(accelerator.mixed_precision, torch.float32))
     device, rank = accelerator.device, accelerator.process_index
     seconds = time.perf_counter() - started
@@ -96,8 +104,20 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator
         return CachedBatches(samples.to(device), train_rows, val_rows, plan, augment, rank, device)
     accelerator.print(f"data: stream ({why}; {config.workers} data worker(s) per process decode, "
                       f"augmentation in batches on {device.type})")
-    urls = lambda splits: [u for s in splits for u in manifest.shard_urls(config.shards, s, allow_pipe)]
-    counts = {s: len(manifest.split(s).shards) for s in config.train_splits}
-    return StreamedBatches(urls(config.train_splits), shard_positions(samples, counts, train_rows), urls(val_splits),
-                           fold_filter(fold, keep=True), plan, augment, rank, device,
-                           config.workers, config.shuffle_buffer, config.preprocess())
+    urls = lambda names: [u for s in names for u in manifest.shard_urls(config.shards, s, allow_pipe)]
+    counts = {s: len(manifest.split(s).shards) for s in train.splits}
+    return StreamedBatches(urls(train.splits), shard_positions(samples, counts, train_rows),
+                           urls(val.splits) if val else [], val, plan, augment, rank, device, config.workers,
+                           config.shuffle_buffer, preprocess)
+
+
+def open_eval_data(shards: str, manifest: ShardManifest, selection: Selection, preprocess: Preprocess,
+                   accelerator: Accelerator, *, batch_size: int, workers: int,
+                   allow_pipe: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the selected samples, each counted once over all ranks, preprocessed as a model
+    was trained and normalised on its device: (images, labels) batches."""
+    urls = [u for s in selection.splits for u in manifest.shard_urls(shards, s, allow_pipe)]
+    normalise = DeviceAugment(mean=preprocess.mean, std=preprocess.std)
+    return streamed_eval_batches(urls, selection=selection, preprocess=preprocess, batch_size=batch_size,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes, workers=workers,
+                                 normalise=normalise, device=accelerator.device)

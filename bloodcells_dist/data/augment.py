@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 
-from ..transforms import MEAN, STD
 from .plan import stable_seed
+from .preprocess import MEAN, STD
 
 MASK32 = 0xFFFFFFFF
 # Draws per sample, in this order (a fixed slot each, so switching one augmentation off changes no other).
@@ -36,7 +36,7 @@ YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(YIQ, dtype=torch.float64)).tolist()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def constant(values: tuple, device: torch.device) -> torch.Tensor:
     """A small constant tensor on the device, made once: a copy per batch would sync a GPU with the host."""
     return torch.tensor(values, dtype=torch.float32, device=device)

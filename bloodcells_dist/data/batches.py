@@ -6,17 +6,17 @@ validation sample is counted exactly once across ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
-from ..transforms import Preprocess
 from .augment import DeviceAugment
 from .cache import DecodedSamples
 from .plan import EpochPlan
-from .stream import EvalStream, TrainStream, in_fold, stream_loader
+from .preprocess import Preprocess
+from .selection import Selection
+from .stream import EvalStream, TrainStream, stream_loader
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -40,8 +40,11 @@ class CachedBatches:
         return len(self.val_rows) > 0
 
     def __post_init__(self) -> None:
+        if self.samples.images is None:
+            raise ValueError("CachedBatches needs decoded samples (read_samples with a preprocessing)")
+        self.images: torch.Tensor = self.samples.images
         # The index lives where the images do: gathering a batch then never waits on a host-to-GPU copy.
-        device = self.samples.images.device
+        device = self.images.device
         self.train_rows, self.val_rows = self.train_rows.to(device), self.val_rows.to(device)
         self.labels, self.ids = self.samples.labels.to(device), self.samples.ids.to(device)
 
@@ -58,7 +61,7 @@ class CachedBatches:
 
     def gather(self, rows: torch.Tensor, epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images of the rows, augmented for `epoch` (None: only normalised), and their labels."""
-        images = self.samples.images[rows].to(self.device, non_blocking=True)
+        images = self.images[rows].to(self.device, non_blocking=True)
         ids = None if epoch is None else self.ids[rows].to(self.device, non_blocking=True)
         return (self.augment(images, ids, seed=self.plan.seed, epoch=epoch or 0),
                 self.labels[rows].to(self.device, non_blocking=True))
@@ -71,7 +74,7 @@ class StreamedBatches:
     train_urls: list[str]
     positions: list[list[int]]  # per training shard: positions of its training samples
     val_urls: list[str]
-    val_filter: Callable[[dict], bool] | None
+    val_selection: Selection | None
     plan: EpochPlan
     augment: DeviceAugment
     rank: int
@@ -97,10 +100,20 @@ class StreamedBatches:
 
     def eval_batches(self) -> Batches:
         """This rank's validation shards, each sample once, normalised."""
-        stream = EvalStream(self.val_urls, preprocess=self.preprocess, batch_size=self.plan.batch_size,
-                            rank=self.rank, world_size=self.plan.world_size, sample_filter=self.val_filter)
-        for images, labels, _ in stream_loader(stream, self.workers, self.device.type == "cuda"):
-            yield self.augment(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
+        return streamed_eval_batches(self.val_urls, selection=self.val_selection, preprocess=self.preprocess,
+                                     batch_size=self.plan.batch_size, rank=self.rank, world_size=self.plan.world_size,
+                                     workers=self.workers, normalise=self.augment, device=self.device)
+
+
+def streamed_eval_batches(urls: list[str], *, selection: Selection | None, preprocess: Preprocess, batch_size: int,
+                          rank: int, world_size: int, workers: int, normalise: DeviceAugment,
+                          device: torch.device) -> Batches:
+    """Every selected sample of the shards exactly once over all ranks (this rank's shards), normalised on the
+    device: validation during training and `evaluate --shards` alike."""
+    stream = EvalStream(urls, preprocess=preprocess, batch_size=batch_size, rank=rank, world_size=world_size,
+                        selection=selection)
+    for images, labels, _ in stream_loader(stream, workers, device.type == "cuda"):
+        yield normalise(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
 
 def shard_positions(index: DecodedSamples, shard_counts: dict[str, int], rows: torch.Tensor) -> list[list[int]]:
@@ -115,7 +128,3 @@ def shard_positions(index: DecodedSamples, shard_counts: dict[str, int], rows: t
         positions[offsets[split] + shard].append(position)
     return positions
 
-
-def fold_filter(fold: int, keep: bool) -> Callable[[dict], bool] | None:
-    """A picklable sample filter for k-fold CV (partial, not lambda: data workers may be spawned)."""
-    return partial(in_fold, fold=fold, keep=keep) if fold >= 0 else None

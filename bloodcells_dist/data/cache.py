@@ -21,8 +21,9 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..manifest import ShardManifest
-from ..transforms import Preprocess
+from ..pack.manifest import ShardManifest
+from .preprocess import Preprocess
+from .selection import Selection
 from .stream import decode_resized, numbered, sample_id, worker_slot
 
 FORMAT = 1
@@ -43,13 +44,9 @@ class DecodedSamples:
     keys: list[str]
     images: torch.Tensor | None = None
 
-    def select(self, splits: Sequence[str], fold: int = -1, keep: bool = True) -> torch.Tensor:
-        """Row indices of the given splits; with fold >= 0 only that fold's rows (keep) or the others."""
-        wanted = torch.tensor([self.splits.index(s) for s in splits])
-        mask = torch.isin(self.split, wanted)
-        if fold >= 0:
-            mask &= (self.folds == fold) if keep else (self.folds != fold)
-        return mask.nonzero().flatten()
+    def select(self, selection: Selection) -> torch.Tensor:
+        """Row indices of the selected samples."""
+        return selection.rows(self.split, self.folds, self.splits)
 
     def to(self, device: torch.device) -> DecodedSamples:
         """The images on `device` (the index stays on the host)."""
@@ -73,7 +70,7 @@ class ShardReader(IterableDataset):
                     for _, position, s in numbered([self.urls[shard]])]
             yield {"shard": shard, "position": [r[0] for r in rows], "keys": [r[1] for r in rows],
                    "labels": [r[2] for r in rows], "folds": [r[3] for r in rows],
-                   "images": torch.stack([r[4] for r in rows]) if self.preprocess and rows else None}
+                   "images": torch.stack([r[4] for r in rows if r[4] is not None]) if self.preprocess and rows else None}
 
 
 def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], preprocess: Preprocess | None,
@@ -119,7 +116,7 @@ def content_digest(samples: DecodedSamples) -> str:
         digest.update(getattr(samples, name).contiguous().numpy().tobytes())
     digest.update("\n".join(samples.splits + samples.keys).encode())
     if samples.images is not None:
-        digest.update(memoryview(samples.images.contiguous().numpy()).cast("B"))  # no copy of the images
+        digest.update(samples.images.contiguous().numpy().data.cast("B"))  # a view: no copy of the images
     return digest.hexdigest()
 
 

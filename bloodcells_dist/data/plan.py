@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cli import UserError
-from ..manifest import ShardManifest
+from ..pack.manifest import ShardManifest
 
 
 def stable_seed(*parts: object) -> int:

@@ -2,22 +2,21 @@
 
 For datasets larger than memory and shards in object storage. Data workers decode and resize; the
 augmentation runs on the batch in the training process (augment.py), so a sample is augmented the same
-way here as from the cache. A per-sample `transform` may replace that (the old pipeline, kept for the
-benchmark).
+way here as from the cache.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import decode_jpeg
 
-from ..transforms import Preprocess
 from .plan import EpochPlan, slot_ranges, stable_seed
+from .preprocess import Preprocess
+from .selection import Selection
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -42,11 +41,6 @@ def worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def in_fold(sample: dict, fold: int, keep: bool) -> bool:
-    """Whether a sample of fold `fold` is kept (keep=True) or dropped (keep=False) for k-fold CV."""
-    return (json.loads(sample["json"])["fold"] == fold) == keep
-
-
 def numbered(urls: Sequence[str]) -> Iterator[tuple[int, int, dict]]:
     """(shard index, position in the shard, sample) for every sample of the shards, in order."""
     for shard, url in enumerate(urls):
@@ -63,12 +57,10 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], positions: Sequence[Sequence[int]], *, plan: EpochPlan,
-                 preprocess: Preprocess, epoch: int, rank: int, shuffle_buffer: int, start: int = 0,
-                 transform: Callable | None = None) -> None:
+                 preprocess: Preprocess, epoch: int, rank: int, shuffle_buffer: int, start: int = 0) -> None:
         super().__init__()
         self.urls, self.positions, self.plan, self.preprocess = list(urls), positions, plan, preprocess
         self.epoch, self.rank, self.shuffle_buffer, self.start = epoch, rank, shuffle_buffer, start
-        self.transform = transform
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         worker, workers = worker_slot()
@@ -98,23 +90,18 @@ class TrainStream(IterableDataset):
         return iter(wds.DataPipeline(*stages))
 
     def decode(self, sample: dict) -> tuple[torch.Tensor, int, int]:
-        """A sample's image (uint8 resized, or the per-sample transform's output), label and id."""
-        uid = sample_id(sample["__key__"])
-        if self.transform is None:
-            return decode_resized(sample["jpg"], self.preprocess), int(sample["cls"]), uid
-        with torch.random.fork_rng(devices=[]):  # per-sample seed: independent of order and workers
-            torch.manual_seed(stable_seed(self.plan.seed, self.epoch, uid))
-            return self.transform(decode_image(sample["jpg"])), int(sample["cls"]), uid
+        """A sample's resized uint8 image, label and id."""
+        return decode_resized(sample["jpg"], self.preprocess), int(sample["cls"]), sample_id(sample["__key__"])
 
 
 class EvalStream(IterableDataset):
     """Every sample of this rank's shards exactly once, in fixed order: (uint8 images, labels, keys)."""
 
     def __init__(self, urls: Sequence[str], *, preprocess: Preprocess, batch_size: int, rank: int,
-                 world_size: int, sample_filter: Callable[[dict], bool] | None = None) -> None:
+                 world_size: int, selection: Selection | None = None) -> None:
         super().__init__()
         self.urls, self.preprocess, self.batch_size = list(urls)[rank::world_size], preprocess, batch_size
-        self.sample_filter = sample_filter
+        self.selection = selection  # None: every sample of the shards
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         worker, workers = worker_slot()
@@ -124,8 +111,8 @@ class EvalStream(IterableDataset):
             wds.SimpleShardList(self.urls[worker::workers]),  # this worker's shards, read once
             wds.tarfile_to_samples(),  # dicts: __key__, jpg, cls, json (bytes)
         ]
-        if self.sample_filter is not None:
-            stages.append(wds.select(self.sample_filter))  # only the validation fold
+        if self.selection is not None and self.selection.fold >= 0:
+            stages.append(wds.select(self.selection.accepts))  # only the selected fold (or all but it)
         stages += [
             wds.map(lambda s: (decode_resized(s["jpg"], self.preprocess), int(s["cls"]), s["__key__"])),
             wds.batched(self.batch_size, partial=True),  # (images, labels, keys); the last batch may be short

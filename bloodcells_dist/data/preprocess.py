@@ -1,0 +1,173 @@
+"""What every image goes through before the model: the optional cell window, the resize to the model's size
+(keeping the aspect), and the normalisation; one `Preprocess` object that the model records and every path
+(cache, stream, evaluate, predict, exports) replays.
+
+Training augmentation runs in batches on the device: bloodcells_dist/data/augment.py.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from .nucleus import nucleus_centre
+
+# Per-channel mean and std of the real TRAIN images (RGB in [0, 1], 498 images sampled).
+MEAN = (0.678, 0.641, 0.659)
+STD = (0.262, 0.260, 0.259)
+FILL = tuple(round(255 * m) for m in MEAN)  # uint8 colour of what lies outside the frame (window, padding)
+FITS = ("crop", "pad", "stretch")
+
+
+class UnreadableImage(ValueError):
+    """An image file no decoder can read (corrupt, truncated, not an image)."""
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """Any image file -> uint8 (3, H, W) RGB (grayscale, CMYK, alpha, PNG under a .jpeg name included), the one
+    reader of evaluate --images and predict; UnreadableImage saying why when nothing can decode it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:  # a folder, no permission, a vanished file
+        raise UnreadableImage(err.strerror or str(err)) from None
+    try:  # torchvision first: for JPEG it is the decoder (libjpeg-turbo) the shards are decoded with
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):  # CMYK, BMP, TIFF... or a broken file, which PIL names in plainer words
+        pass
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return pil_to_tensor(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for bad files
+        raise UnreadableImage(f"{type(err).__name__}: {' '.join(str(err).split()) or 'empty file'}") from None
+
+
+def window_side(cell_crop: float, height: int, width: int) -> int:
+    """The window's side in source pixels: cell_crop pixels (> 1), or that fraction of the shorter side (<= 1)."""
+    return int(cell_crop) if cell_crop > 1 else max(1, round(cell_crop * min(height, width)))
+
+
+def cell_window(image: torch.Tensor, side: int) -> torch.Tensor:
+    """The side x side window of a uint8 (3, H, W) image centred on its white cell's nucleus, in source
+    pixels; what lies outside the frame takes the mean colour (FILL). The cell then sits in the middle of
+    every input, whatever the shift of the copy, and at the source resolution."""
+    _, height, width = image.shape
+    row, col = nucleus_centre(image)
+    top, left = round(row - (side - 1) / 2), round(col - (side - 1) / 2)
+    out = torch.tensor(FILL, dtype=torch.uint8).view(3, 1, 1).repeat(1, side, side)
+    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, height), min(left + side, width)
+    if y0 < y1 and x0 < x1:
+        out[:, y0 - top:y1 - top, x0 - left:x1 - left] = image[:, y0:y1, x0:x1]
+    return out
+
+
+def fit_to(image: torch.Tensor, size: Sequence[int], fit: str) -> torch.Tensor:
+    """uint8 (3, h, w) -> uint8 (3, *size) by a bilinear, antialiased resize. crop: scaled until it covers the
+    size, then centre-cropped; pad: scaled until it fits, then padded with FILL; stretch: scaled per axis
+    (the aspect changes). An image of the size's aspect is plainly resized by all three."""
+    height, width = size
+    h, w = image.shape[-2:]
+    if fit == "stretch" or h * width == w * height:
+        return TF.resize(image, [height, width], antialias=True)
+    scale = (max if fit == "crop" else min)(height / h, width / w)
+    inner = [round(h * scale), round(w * scale)]
+    if fit == "crop":
+        return TF.center_crop(TF.resize(image, [max(height, inner[0]), max(width, inner[1])], antialias=True),
+                              [height, width])
+    inner = [min(height, inner[0]), min(width, inner[1])]
+    out = torch.tensor(FILL, dtype=torch.uint8).view(3, 1, 1).repeat(1, height, width)
+    top, left = (height - inner[0]) // 2, (width - inner[1]) // 2
+    out[:, top:top + inner[0], left:left + inner[1]] = TF.resize(image, inner, antialias=True)
+    return out
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """From a decoded image to the model's input: window, resize and normalisation, as the model was trained."""
+
+    image_size: tuple[int, int]  # (height, width) fed to the model
+    cell_crop: float = 0.0  # 0: the whole frame; > 1: window side in pixels; <= 1: fraction of the shorter side
+    fit: str = "crop"  # how the window or frame meets image_size when their aspects differ (FITS)
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
+
+    def __post_init__(self) -> None:
+        for name, kind in (("image_size", int), ("mean", float), ("std", float), ("cell_crop", float)):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, str) or any(isinstance(v, (str, bool)) for v in np.atleast_1d(value).tolist()):
+                    raise TypeError
+                value = float(value) if name == "cell_crop" else tuple(kind(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={value!r}: expected {'a number' if name == 'cell_crop' else 'numbers'}") from None
+            object.__setattr__(self, name, value)
+        problem = preprocess_problem(self)
+        if problem:
+            raise ValueError(problem)
+
+    def resize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) decoded image -> uint8 (3, *image_size): the cell window (if any), then the fit."""
+        if self.cell_crop:
+            image = cell_window(image, window_side(self.cell_crop, *image.shape[-2:]))
+        return fit_to(image, self.image_size, self.fit)
+
+    def transform(self) -> v2.Compose:
+        """uint8 (3, H, W) -> normalised float (3, *image_size), as the data path feeds the model."""
+        return v2.Compose([v2.Lambda(self.resize), v2.ToDtype(torch.float32, scale=True),
+                           v2.Normalize(list(self.mean), list(self.std))])
+
+    def to_dict(self) -> dict:
+        """JSON-ready: lists for tuples."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def tag(self) -> str:
+        """A short name for file names, e.g. 120x160, 128x128-cell160, 96x96-pad."""
+        crop = f"-cell{self.cell_crop:g}" if self.cell_crop else ""
+        fit = f"-{self.fit}" if self.fit != "crop" else ""
+        return f"{self.image_size[0]}x{self.image_size[1]}{crop}{fit}"
+
+
+def preprocess_problem(p: Preprocess) -> str:
+    """What is wrong with a preprocessing (e.g. read from a model file someone edited), or ''."""
+    if len(p.image_size) != 2 or min(p.image_size) < 16:
+        return f"image_size={list(p.image_size)}: give height and width, each at least 16 (4 max-pools)"
+    if p.fit not in FITS:
+        return f"fit={p.fit!r}: expected one of {', '.join(FITS)}"
+    crop = p.cell_crop
+    if not math.isfinite(crop) or crop < 0 or (1 < crop and (crop != int(crop) or not 16 <= crop <= 4096)) \
+            or (0 < crop <= 1 and crop < 0.05):
+        return (f"cell_crop={crop:g}: 0 (the whole frame), a fraction 0.05-1 of the shorter side, or a window "
+                "side of 16 to 4096 pixels")
+    for name, values in (("mean", p.mean), ("std", p.std)):
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            return f"{name}={list(values)}: expected 3 finite numbers (R, G, B)"
+    if min(p.std) <= 0:
+        return f"std={list(p.std)}: every channel's std must be above 0"
+    return ""
+
+
+def eval_transform(meta: dict) -> v2.Compose:
+    """The transform a saved model was trained for (its metadata's window, size, fit and normalisation)."""
+    return preprocess_from(meta).transform()
+
+
+def preprocess_from(meta: dict, *, legacy_fit: str = "stretch") -> Preprocess:
+    """The Preprocess a model's metadata records; models saved before `fit` existed were stretched. ValueError
+    (naming the key) if a value is missing or unusable."""
+    try:
+        return Preprocess(image_size=meta["image_size"], cell_crop=meta.get("cell_crop", 0) or 0,
+                          fit=meta.get("fit", legacy_fit), mean=meta["mean"], std=meta["std"])
+    except KeyError as err:
+        raise ValueError(f"no {err.args[0]!r}") from None
+    except TypeError as err:
+        raise ValueError(f"a value of the wrong type ({err})") from None

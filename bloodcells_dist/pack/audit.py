@@ -1,0 +1,254 @@
+"""Audit a dataset before it is packed: unreadable files, exact and near duplicates, label conflicts, sizes, balance.
+
+    bloodcells audit --src ROOT_OR_LISTING [--out audit.json] [--layout auto] [--workers 2]
+
+`pack` runs the same audit and applies its policy (`apply_policy`); the standalone command only reports:
+- exact duplicates (same sha256) within a class: one copy is kept (the first by path), the others are listed;
+- a label conflict (the same bytes under two classes): every copy on the training side is excluded;
+- a file and its exact duplicate never sit in two splits: a copy in a test split the data gives wins, and
+  the training-side copies are excluded. Test splits the data gives are never edited, only reported;
+- near duplicates (perceptual hash within NEAR_BITS of 64 bits, e.g. a re-encoded or resized copy) are
+  reported; with `--groups files` those within a class share a group, so no split separates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import statistics
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.fft import dctn
+
+from ..cli import Parser, UserError, run_main
+from ..progress import progress
+from .sources import EVAL_SPLITS, Scan, Skipped, SourceImage, check_jpeg, scan_images
+
+NEAR_BITS = 4  # near duplicates: re-saved copies in PBC were 2-4 bits apart; distinct cells 6 or more (most 14-18)
+MAX_LISTED = 1000  # near-duplicate pairs listed in the JSON report (all are counted)
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the audit knows of one readable image."""
+
+    image: SourceImage
+    width: int
+    height: int
+    sha256: str
+    phash: int  # 64-bit DCT perceptual hash of the grey image
+
+
+def perceptual_hash(data: bytes) -> int:
+    """64-bit pHash: the signs of the 8x8 lowest DCT frequencies of the 32x32 grey image against their median."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("L", (64, 64))  # JPEG: decode at 1/2..1/8 scale, much faster than a full decode
+        grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
+    low = dctn(grey, norm="ortho")[:8, :8].ravel()
+    bits = low > np.median(low[1:])  # the DC term only says how bright the image is
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def image_facts(image: SourceImage) -> ImageFacts | Skipped:
+    """Read and decode-check one image: its facts, or why it is skipped (a non-image, a corrupt JPEG...)."""
+    try:
+        data = image.path.read_bytes()
+        width, height = check_jpeg(data)
+        return ImageFacts(image, width, height, hashlib.sha256(data).hexdigest(), perceptual_hash(data))
+    except (ValueError, OSError) as err:
+        return Skipped(image.rel_path, str(err))
+
+
+def side(image: SourceImage) -> str:
+    """'eval' for a test split the data gives (never edited), else 'train' (what the packer splits)."""
+    return "eval" if image.split in EVAL_SPLITS else "train"
+
+
+def duplicate_sets(facts: Sequence[ImageFacts]) -> list[list[ImageFacts]]:
+    """Files with identical bytes, each set sorted by path; sets in order of their first path."""
+    by_hash: dict[str, list[ImageFacts]] = defaultdict(list)
+    for f in facts:
+        by_hash[f.sha256].append(f)
+    sets = [sorted(group, key=lambda f: f.image.rel_path) for group in by_hash.values() if len(group) > 1]
+    return sorted(sets, key=lambda s: s[0].image.rel_path)
+
+
+def near_pairs(facts: Sequence[ImageFacts], bits: int = NEAR_BITS, block: int = 512) -> list[tuple[int, int, int]]:
+    """(i, j, Hamming distance) of every pair i < j whose perceptual hashes are within `bits`, identical bytes
+    excluded (those are exact duplicates)."""
+    hashes = np.array([f.phash for f in facts], dtype=np.uint64)
+    pairs = []
+    for start in range(0, len(hashes), block):
+        distance = np.bitwise_count(hashes[start:start + block, None] ^ hashes[None, :])
+        for i, j in zip(*np.nonzero(distance <= bits)):
+            i = int(i) + start
+            if i < j and facts[i].sha256 != facts[j].sha256:
+                pairs.append((i, int(j), int(distance[i - start, j])))
+    return pairs
+
+
+def apply_policy(facts: Sequence[ImageFacts]) -> tuple[list[ImageFacts], list[dict]]:
+    """(kept, excluded): the default policy for exact duplicates (module docstring). Excluded entries hold
+    path, reason and the path of the copy that stays (or the classes in conflict)."""
+    drop: dict[str, dict] = {}
+    for group in duplicate_sets(facts):
+        classes = sorted({f.image.class_name for f in group})
+        evals = [f for f in group if side(f.image) == "eval"]
+        training = [f for f in group if side(f.image) == "train"]
+        if len(classes) > 1:
+            where = ", ".join(f"{f.image.rel_path} ({f.image.class_name})" for f in group)
+            for f in training:
+                drop[f.image.rel_path] = {"path": f.image.rel_path, "reason": "label conflict: the same bytes are "
+                                          f"labelled {' and '.join(classes)}", "copies": [g.image.rel_path for g in group],
+                                          "detail": where}
+        elif evals:
+            for f in training:
+                drop[f.image.rel_path] = {"path": f.image.rel_path, "reason": f"exact duplicate of {evals[0].image.rel_path}"
+                                          f" in split {evals[0].image.split} (kept out of training)",
+                                          "kept": evals[0].image.rel_path}
+        else:
+            for f in training[1:]:
+                drop[f.image.rel_path] = {"path": f.image.rel_path,
+                                          "reason": f"exact duplicate of {training[0].image.rel_path} (one copy kept)",
+                                          "kept": training[0].image.rel_path}
+    kept = [f for f in facts if f.image.rel_path not in drop]
+    return kept, sorted(drop.values(), key=lambda d: d["path"])
+
+
+def describe_pair(a: ImageFacts, b: ImageFacts) -> str:
+    """'within_class', 'across_classes' or 'across_splits' (different splits the data gives, same class)."""
+    if a.image.class_name != b.image.class_name:
+        return "across_classes"
+    return "across_splits" if (a.image.split or "pool") != (b.image.split or "pool") else "within_class"
+
+
+def size_summary(facts: Iterable[ImageFacts]) -> dict:
+    """Per class: image count, the most common sizes (WxH) and the aspect ratio (width / height) range."""
+    by_class: dict[str, list[ImageFacts]] = defaultdict(list)
+    for f in facts:
+        by_class[f.image.class_name].append(f)
+    summary = {}
+    for name, members in sorted(by_class.items()):
+        aspects = [f.width / f.height for f in members]
+        sizes = Counter(f"{f.width}x{f.height}" for f in members)
+        summary[name] = {"images": len(members), "sizes": dict(sizes.most_common(3)), "distinct_sizes": len(sizes),
+                         "aspect": {"min": round(min(aspects), 3), "median": round(statistics.median(aspects), 3),
+                                    "max": round(max(aspects), 3)}}
+    return summary
+
+
+def build_report(scan: Scan, facts: Sequence[ImageFacts], skipped: Sequence[Skipped], excluded: Sequence[dict],
+                 pairs: Sequence[tuple[int, int, int]]) -> dict:
+    """The audit as JSON-ready data: what was found, and (excluded) what the packing policy leaves out."""
+    sets = duplicate_sets(facts)
+    kinds = Counter(describe_set(group) for group in sets)
+    pair_kinds = Counter(describe_pair(facts[i], facts[j]) for i, j, _ in pairs)
+    kept_counts = Counter(f.image.class_name for f in facts if f.image.rel_path not in {e["path"] for e in excluded})
+    counts = [kept_counts.get(c, 0) for c in scan.classes]
+    return {
+        "source": str(scan.root), "layout": scan.layout, "classes": scan.classes,
+        "files": len(facts) + len(skipped), "readable_images": len(facts),
+        "unreadable": [{"path": s.path, "reason": s.reason} for s in skipped],
+        "exact_duplicates": {"sets": len(sets), **{k: kinds.get(k, 0) for k in ("within_class", "across_classes",
+                                                                                   "across_splits")},
+                             "list": [{"sha256": g[0].sha256, "kind": describe_set(g),
+                                       "files": [{"path": f.image.rel_path, "class": f.image.class_name,
+                                                  "split": f.image.split} for f in g]} for g in sets]},
+        "near_duplicates": {"max_bits": NEAR_BITS, "pairs": len(pairs),
+                            **{k: pair_kinds.get(k, 0) for k in ("within_class", "across_classes", "across_splits")},
+                            "list": [{"a": facts[i].image.rel_path, "b": facts[j].image.rel_path, "bits": d,
+                                      "kind": describe_pair(facts[i], facts[j])} for i, j, d in pairs[:MAX_LISTED]]},
+        "excluded": list(excluded),
+        "sizes": size_summary(facts),
+        "balance": {"images_per_class": dict(zip(scan.classes, counts)),
+                    "largest_to_smallest": round(max(counts) / min(counts), 2) if min(counts, default=0) else None},
+    }
+
+
+def describe_set(group: Sequence[ImageFacts]) -> str:
+    """The kind of an exact-duplicate set: a label conflict first, then a split crossing, else within a class."""
+    if len({f.image.class_name for f in group}) > 1:
+        return "across_classes"
+    return "across_splits" if len({f.image.split or "pool" for f in group}) > 1 else "within_class"
+
+
+def report_lines(report: dict) -> list[str]:
+    """The short table the audit prints."""
+    width = max([len(c) for c in report["classes"]] + [5])
+    lines = [f"audit of {report['source']} (layout {report['layout']}): {report['files']:,} files, "
+             f"{report['readable_images']:,} readable images, {len(report['unreadable'])} unreadable or not an image",
+             f"{'class':<{width}} {'images':>7}  {'most common size':<18} {'sizes':>5}  aspect w/h (min-max)"]
+    for name, s in report["sizes"].items():
+        common, n = next(iter(s["sizes"].items()))
+        share = f"{common} ({n / s['images']:.0%})"
+        lines.append(f"{name:<{width}} {s['images']:>7,}  {share:<18} "
+                     f"{s['distinct_sizes']:>5}  {s['aspect']['min']:.2f}-{s['aspect']['max']:.2f}")
+    exact, near = report["exact_duplicates"], report["near_duplicates"]
+    lines.append(f"exact duplicates: {exact['sets']} set(s) of identical files: {exact['within_class']} within a class, "
+                 f"{exact['across_classes']} across classes (label conflicts), {exact['across_splits']} across splits")
+    lines.append(f"near duplicates (perceptual hash within {near['max_bits']} of 64 bits): {near['pairs']} pair(s): "
+                 f"{near['within_class']} within a class, {near['across_classes']} across classes, "
+                 f"{near['across_splits']} across splits")
+    balance = report["balance"]
+    ratio = balance["largest_to_smallest"]
+    lines.append("class balance: " + ", ".join(f"{c} {n:,}" for c, n in balance["images_per_class"].items())
+                 + (f" (largest / smallest {ratio})" if ratio else " (a class has no usable image)"))
+    for entry in report["unreadable"][:5]:
+        lines.append(f"  unreadable: {entry['path']}: {entry['reason']}")
+    for group in report["exact_duplicates"]["list"]:
+        if group["kind"] != "within_class":
+            lines.append(f"  {group['kind'].replace('_', ' ')}: " + ", ".join(f"{f['path']} ({f['class']})"
+                                                                             for f in group["files"]))
+    return lines
+
+
+def write_report(report: dict, path: Path) -> None:
+    """The JSON report, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def collect_facts(images: Sequence[SourceImage], pool) -> tuple[list[ImageFacts], list[Skipped]]:
+    """Facts of every image (in the given order), read by `pool` (an executor), and the unreadable ones."""
+    results = list(progress(pool.map(image_facts, images, chunksize=64), total=len(images), desc="checking",
+                            unit="img"))
+    return ([r for r in results if isinstance(r, ImageFacts)], [r for r in results if isinstance(r, Skipped)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: audit a source and print (and with --out, write) the report."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    parser = Parser(prog="bloodcells audit", description=__doc__.split("\n")[0])
+    parser.add_argument("--src", type=Path, required=True, help="dataset root, folder of class folders, or CSV listing")
+    parser.add_argument("--layout", choices=["auto", "splits", "classes", "csv"], default="auto")
+    parser.add_argument("--out", type=Path, help="JSON report to write")
+    parser.add_argument("--workers", type=int, default=2, help="processes reading the images")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.out and not args.out.parent.is_dir():
+        raise UserError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    scan = scan_images(args.src, args.layout)
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        facts, unreadable = collect_facts(scan.images, pool)
+    _, excluded = apply_policy(facts)
+    report = build_report(scan, facts, sorted(scan.skipped + unreadable, key=lambda s: s.path), excluded,
+                          near_pairs(facts))
+    print("\n".join(report_lines(report)))
+    if args.out:
+        write_report(report, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

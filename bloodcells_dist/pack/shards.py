@@ -1,0 +1,501 @@
+"""Pack a folder of white-cell images (or a CSV listing) into verified WebDataset tar shards; verify a shard folder.
+
+    bloodcells pack --src ROOT_OR_LISTING --out DIR [--test-fraction F] [--groups auto] ...
+    bloodcells verify DIR
+
+`pack` reads the layouts of sources.py, audits the images (audit.py: unreadable files, duplicates, label
+conflicts), groups them (groups.py), splits them by whole groups (splits.py) and writes shards, the manifest,
+the audit report and the descriptions other readers look for (interop.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import webdataset as wds
+
+from .. import __version__
+from ..cli import Parser, UserError, run_main, writable_folder
+from ..progress import progress
+from .audit import apply_policy, build_report, collect_facts, near_pairs, report_lines, write_report
+from .groups import METHODS, group_images
+from .interop import check_descriptions, stale_description_names, write_descriptions
+from .manifest import AUDIT_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
+from .sources import EVAL_SPLITS, LAYOUTS, LINK_OUT, check_jpeg, scan_images, split_folder_root, unique_keys
+from .splits import FOLDS, POOL, Sample, assign_splits
+
+MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
+MIN_SHARD_SAMPLES = 16  # ...unless that would make shards smaller than this
+MAX_SHARD_SAMPLES = 2000  # big splits get more shards rather than bigger ones
+SPLITS = ("train", "val", "test", "test_simple")
+DEFAULT_VAL_FRACTION = 0.2
+DATASET_INFO = "dataset.json"  # {"name": ...} at a source root names the dataset (the synthetic generator writes one)
+
+
+def default_shard_count(n: int) -> int:
+    """Shards for a split of n samples: at least 16 where each keeps >= 16 samples, more past 2,000 per shard."""
+    return max(1, math.ceil(n / MAX_SHARD_SAMPLES), min(MIN_SHARDS, n // MIN_SHARD_SAMPLES))
+
+
+def die_with_parent() -> None:
+    """Pool initializer: on Linux, a worker gets SIGKILL when the packer dies, even by SIGKILL (no orphans)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def stderr_line(line: str) -> None:
+    """Progress notes of the packer go to stderr; its summary goes to stdout."""
+    print(line, file=sys.stderr, flush=True)
+
+
+AT_SHARD_ENV = "BLOODCELLS_AT_SHARD"  # test hook: "N:pause" once N shards are written
+
+
+def at_shard(written: int) -> None:
+    """The interrupted-pack test's deterministic hook (BLOODCELLS_AT_SHARD="N:pause"): once N shards are written,
+    print `paused after N shards` and wait for a line on stdin, so that the test kills the packer mid-write at a
+    point it names instead of one it polls for."""
+    planned, _, action = os.environ.get(AT_SHARD_ENV, "").partition(":")
+    if planned == str(written) and action == "pause":
+        print(f"paused after {written} shards", flush=True)
+        sys.stdin.readline()
+
+
+def dataset_name(src: Path, layout: str, name: str | None) -> str:
+    """--name, else the name in SRC/dataset.json, else "blood-cells" for the Kaggle download, else the folder's
+    (or listing's) name."""
+    if name:
+        return name
+    info = src / DATASET_INFO
+    if src.is_dir() and info.is_file():
+        try:
+            found = json.loads(info.read_text()).get("name")
+        except (ValueError, OSError, AttributeError):
+            found = None
+        if isinstance(found, str) and found.strip():
+            return found.strip()[:100]
+    if layout == "splits" and split_folder_root(src) == src / "dataset2-master" / "dataset2-master" / "images":
+        return "blood-cells"
+    return (src.stem if src.is_file() else src.resolve().name) or "dataset"
+
+
+def check_out_folder(src: Path, out: Path) -> None:
+    """Refuse an output folder that would be read back as input, or that is a system root."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    resolved, source = out.resolve(), (src.parent if src.is_file() else src).resolve()
+    if resolved.is_relative_to(source):
+        raise UserError(f"--out {out} is inside the source {source}: the next pack would read the shards as "
+                        "stray input; write them elsewhere")
+    if resolved == Path(resolved.anchor) or resolved.parent == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise UserError(f"--out {out} is a system or home folder ({resolved}); give a folder of its own, e.g. {resolved}/shards")
+
+
+def resolve_fractions(images, val_fraction: float | None, test_fraction: float) -> tuple[float, float]:
+    """(val, test) fractions of the pool to hold out: none where the data gives that split itself."""
+    given = {img.split for img in images}
+    if test_fraction and "test" in given:
+        raise UserError("--test-fraction: the data already gives a test split (a TEST folder or split=test rows); "
+                        "the packer never edits a test split the data gives")
+    if val_fraction is None:
+        val_fraction = 0.0 if "val" in given else DEFAULT_VAL_FRACTION
+    elif val_fraction and "val" in given:
+        raise UserError("--val-fraction: the data already gives a val split (a VAL folder or split=val rows)")
+    for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{flag} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} leave nothing to train on")
+    return val_fraction, test_fraction
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (hashlib.file_digest is Python 3.11+)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardInfo:
+    """Write one tar under a temporary name, fsync it and rename it into place; return its manifest entry."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as stream:
+        # Fixed owner, mode and mtime: same input -> byte-identical tar.
+        with wds.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
+            for s in samples:
+                image = s.facts.image
+                meta = {
+                    "class_name": classes[s.label],
+                    "split": s.split,
+                    "group": s.group,
+                    "fold": s.fold,
+                    "path": image.rel_path,
+                    "width": s.facts.width,
+                    "height": s.facts.height,
+                }
+                data = image.path.read_bytes()  # the original bytes, never re-encoded
+                if hashlib.sha256(data).hexdigest() != s.facts.sha256:
+                    raise UserError(f"{image.rel_path} changed while it was being packed; pack again")
+                tar.write({
+                    "__key__": image.key,
+                    "jpg": data,
+                    "cls": str(s.label).encode(),
+                    "json": json.dumps(meta, sort_keys=True).encode(),
+                })
+        stream.flush()
+        os.fsync(stream.fileno())
+    digest = file_sha256(tmp)
+    os.replace(tmp, path)
+    return ShardInfo(file=path.name, samples=len(samples), bytes=path.stat().st_size, sha256=digest)
+
+
+def clear_old_pack(out: Path, overwrite: bool) -> None:
+    """Refuse to mix with an earlier pack unless asked; with --overwrite drop its manifest first, then its shards."""
+    old = sorted(out.glob("*.tar")) + [out / n for n in (MANIFEST_NAME, AUDIT_NAME) if (out / n).exists()]
+    old += stale_description_names(out)  # timm/datasets/wids descriptions of the earlier pack
+    if old and not overwrite:
+        raise UserError(f"{out} already holds shards, a manifest or their descriptions (README.md, _info.json); "
+                        "pass --overwrite to replace them")
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, verify rejects the folder until we finish
+    for path in old + sorted(out.glob(".*.tmp-*")):  # and leftovers of an interrupted pack
+        path.unlink(missing_ok=True)
+
+
+def plan_shards(samples: list[Sample], out: Path, *, seed: int,
+                shard_size: int | None) -> dict[str, list[tuple[Path, list[Sample]]]]:
+    """Split name -> [(shard path, its samples)]: seeded order so every shard mixes classes, sizes within one."""
+    plan = {}
+    for split in SPLITS:
+        members = sorted((s for s in samples if s.split == split), key=lambda s: s.facts.image.key)
+        if not members:
+            continue
+        random.Random(f"{seed}:order:{split}").shuffle(members)
+        n = math.ceil(len(members) / shard_size) if shard_size else default_shard_count(len(members))
+        plan[split] = [
+            (out / f"{split}-{i:05d}.tar", members[i * len(members) // n : (i + 1) * len(members) // n]) for i in range(n)
+        ]
+    return plan
+
+
+def pack_shards(
+    src: Path,
+    out: Path,
+    *,
+    seed: int = 0,
+    val_fraction: float | None = None,
+    test_fraction: float = 0.0,
+    val_split: str = "group",
+    layout: str = "auto",
+    groups: str = "auto",
+    cells: Path | None = None,
+    name: str | None = None,
+    shard_size: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    workers: int = 2,
+    log: Callable[[str], None] = stderr_line,
+) -> ShardManifest:
+    """Pack the images of `src` (a folder in any layout of sources.py, or a CSV listing) into shards, a manifest
+    and an audit report in `out`; return the manifest."""
+    src, out = Path(src), Path(out)
+    if val_split not in ("group", "cell", "random"):
+        raise UserError(f"--val-split {val_split}: expected group or random")
+    if groups not in METHODS:
+        raise UserError(f"--groups {groups}: expected one of {', '.join(METHODS)}")
+    if shard_size is not None and shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    scan = scan_images(src, layout)
+    check_out_folder(src, out)
+    val_fraction, test_fraction = resolve_fractions(scan.images, val_fraction, test_fraction)
+    writable_folder(out, "--out")  # before the slow checking
+    for note in scan.notes:
+        log(f"note: {note}")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=die_with_parent)
+    with pool:
+        # Checking (decoding, hashing) and tar writing are Python-bound: processes, not threads, use both cores.
+        facts, unreadable = collect_facts(scan.images, pool)
+        skipped = sorted(scan.skipped + unreadable, key=lambda s: s.path)
+        keyed, key_clashes = unique_keys([f.image for f in facts])  # only readable files claim keys
+        facts = [replace(f, image=img) for img, f in zip(keyed, facts)]
+        clashes = scan.clashes + key_clashes
+        kept, excluded = apply_policy(facts)
+        if strict and (skipped or clashes or excluded):
+            first = (f"{skipped[0].path}: {skipped[0].reason}" if skipped else
+                     f"{' and '.join(clashes[0].paths)} {clashes[0].conflict}" if clashes else
+                     f"{excluded[0]['path']}: {excluded[0]['reason']}")
+            raise UserError(f"--strict: {len(skipped)} bad input(s), {len(clashes)} name clash(es), {len(excluded)} "
+                            f"duplicate(s) or label conflict(s); nothing written; first: {first}")
+        if not kept:
+            raise UserError(f"no readable JPEG images in {src} ({len(skipped)} skipped, {len(excluded)} excluded)")
+        for s in skipped:
+            log(f"warning: skipped {s.path}: {s.reason}")
+        for c in clashes:
+            log(f"warning: {' and '.join(c.paths)} {c.conflict}: {c.resolution}")
+        for e in excluded:
+            log(f"warning: excluded {e['path']}: {e['reason']}")
+        report = build_report(scan, facts, skipped, excluded, near_pairs(facts))
+        print("\n".join(report_lines(report)), flush=True)
+
+        classes = scan.classes  # every class the data names, usable images or not: labels never shift
+        for name in sorted(set(classes) - {f.image.class_name for f in kept}):
+            log(f"warning: class {name} has no usable images (kept in the class list, label {classes.index(name)})")
+        pool_facts = [f for f in kept if f.image.split in POOL]
+        if val_split == "random":
+            grouping = None
+            print("groups: none (--val-split random splits val by image, to show the leak)", flush=True)
+        else:
+            grouping = group_images(pool_facts, requested=groups, has_groups=scan.has_groups, cells_file=cells,
+                                    seed=seed, workers=workers, log=log)
+            print(f"groups: {grouping.method} ({grouping.why})", flush=True)
+            for rel in grouping.set_apart:
+                log(f"warning: {rel} has no cell features to match (an evenly coloured image?): set apart as a "
+                    "group of its own")
+        samples = assign_splits(kept, grouping.groups if grouping else {}, classes, seed=seed,
+                                val_fraction=val_fraction, test_fraction=test_fraction, val_split=val_split)
+        if not any(s.split in EVAL_SPLITS for s in samples):
+            log("note: no test split: the data gives none and --test-fraction is 0 (pass e.g. --test-fraction 0.15)")
+        plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
+        try:
+            clear_old_pack(out, overwrite)
+            with progress(total=len(samples), desc="packing", unit="img") as bar:
+                futures = {split: [pool.submit(write_shard, path, chunk, classes) for path, chunk in jobs]
+                           for split, jobs in plan.items()}
+                written = 0
+                for split, jobs in plan.items():
+                    for future, (_, chunk) in zip(futures[split], jobs):
+                        future.result()
+                        bar.update(len(chunk))
+                        written += 1
+                        at_shard(written)  # the interruption test's hook: a no-op unless it is set
+        except OSError as err:  # full disk, a folder we may not write in...
+            raise UserError(f"cannot write shards to {out}: {err.strerror or err}") from None
+
+    splits = {}
+    for split, jobs in plan.items():
+        members = [s for _, chunk in jobs for s in chunk]
+        splits[split] = SplitInfo(
+            samples=len(members),
+            samples_per_class={c: sum(1 for s in members if s.label == k) for k, c in enumerate(classes)},
+            groups_per_class={c: len({s.group for s in members if s.label == k}) for k, c in enumerate(classes)},
+            samples_per_fold={str(f): sum(1 for s in members if s.fold == f) for f in range(FOLDS)},
+            shards=[f.result() for f in futures[split]],
+        )
+    manifest = ShardManifest(
+        classes=classes,
+        splits=splits,
+        dataset=dataset_name(src, scan.layout, name),
+        layout=scan.layout,
+        groups=grouping.record() if grouping else {"method": "none", "why": "--val-split random"},
+        skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
+        excluded=excluded,
+        clashes=[{"paths": list(c.paths), "conflict": c.conflict, "resolution": c.resolution} for c in clashes],
+        audit={k: report[k] for k in ("exact_duplicates", "near_duplicates")} | {"report": AUDIT_NAME},
+        folds=FOLDS,
+        args={"src": str(src.resolve()), "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+              "val_split": val_split, "layout": layout, "groups": groups, "cells": str(cells) if cells else None,
+              "shard_size": shard_size, "strict": strict},
+        tool_version=__version__,
+    )
+    for key in ("exact_duplicates", "near_duplicates"):  # the manifest keeps the counts; the lists are in audit.json
+        manifest.audit[key] = {k: v for k, v in manifest.audit[key].items() if k != "list"}
+    try:
+        write_report(report, out / AUDIT_NAME)
+        write_descriptions(out, manifest)  # _info.json (timm), README.md (datasets, Hub), *.wids.json
+        manifest.save(out)  # last: its presence means every shard and description above is complete
+    except OSError as err:
+        raise UserError(f"cannot write the manifest to {out}: {err.strerror or err}") from None
+    return manifest
+
+
+def check_shard(path: Path, shard: ShardInfo, classes: list[str]) -> list[dict]:
+    """The metadata (plus `key`) of every sample of one shard, after checking size, checksum, JPEGs and labels;
+    ValueError if bad."""
+    if not path.is_file():
+        raise ValueError("missing")
+    if path.stat().st_size != shard.bytes:
+        raise ValueError(f"{path.stat().st_size} bytes, manifest says {shard.bytes} (truncated or replaced?)")
+    if file_sha256(path) != shard.sha256:
+        raise ValueError("sha256 does not match the manifest (corrupted)")
+    metas = []
+    try:
+        for sample in wds.tarfile_samples([{"url": str(path)}]):
+            if {k for k in sample if not k.startswith("__")} != {"jpg", "cls", "json"}:
+                raise ValueError(f"sample {sample['__key__']} holds {sorted(sample)}, expected jpg/cls/json once")
+            meta, label = json.loads(sample["json"]), int(sample["cls"])
+            if not 0 <= label < len(classes) or classes[label] != meta["class_name"]:
+                raise ValueError(f"sample {sample['__key__']}: label {label} does not match class {meta['class_name']}")
+            check_jpeg(sample["jpg"])
+            metas.append({**meta, "key": sample["__key__"], "sha256": hashlib.sha256(sample["jpg"]).hexdigest()})
+    except ValueError:
+        raise
+    except (tarfile.TarError, OSError, KeyError, TypeError, UnicodeDecodeError) as err:  # a bad tar or bad metadata
+        raise ValueError(f"{type(err).__name__}: {err}") from None
+    if len(metas) != shard.samples:
+        raise ValueError(f"{len(metas)} samples, manifest says {shard.samples}")
+    return metas
+
+
+def recount(metas: list[dict], classes: list[str], folds: int) -> dict:
+    """What the manifest says of a split, counted from its samples' own metadata."""
+    return {
+        "samples": len(metas),
+        "samples_per_class": {c: sum(1 for m in metas if m["class_name"] == c) for c in classes},
+        "groups_per_class": {c: len({m["group"] for m in metas if m["class_name"] == c}) for c in classes},
+        "samples_per_fold": {str(f): sum(1 for m in metas if m["fold"] == f) for f in range(folds)},
+    }
+
+
+def check_crossings(metas: dict[str, list[dict]], test_carved: bool) -> None:
+    """UserError if an image's bytes sit in two splits (test splits the data gives may share them: the packer
+    never edits those), or if a group sits in train and val (or, where the packer made the test split, in test
+    and a training split)."""
+    first_split: dict[str, tuple[str, str]] = {}
+    for split, items in metas.items():
+        for m in items:
+            other = first_split.setdefault(m["sha256"], (split, m["key"]))
+            if other[0] != split and not (other[0] in EVAL_SPLITS and split in EVAL_SPLITS):
+                raise UserError(f"image {m['key']} of split {split} has the same bytes as {other[1]} of split "
+                                f"{other[0]}: a leak between splits")
+    made = ["train", "val"] + (["test"] if test_carved else [])
+    owner: dict[str, str] = {}
+    for split in made:
+        for m in metas.get(split, []):
+            if owner.setdefault(m["group"], split) != split:
+                raise UserError(f"group {m['group']} is in split {owner[m['group']]} and in split {split}: a leak")
+
+
+def verify_shards(folder: Path) -> ShardManifest:
+    """Re-read every shard and recount from the samples everything readers rely on (split totals, samples per
+    class, group and fold, the folds, the splits there are); check that no image or group crosses splits;
+    raise UserError at the first difference."""
+    folder = Path(folder)
+    manifest = ShardManifest.load(folder)
+    if manifest.folds != FOLDS:
+        raise UserError(f"{folder}: manifest says {manifest.folds} folds, shards of this format have {FOLDS}")
+    listed = {shard.file for split in manifest.splits.values() for shard in split.shards}
+    unlisted = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
+    if unlisted:
+        raise UserError(f"{folder}: shard(s) not in the manifest: {', '.join(unlisted[:3])} (edited manifest?)")
+    every: dict[str, list[dict]] = {}
+    for split_name, split in manifest.splits.items():
+        if split_name not in SPLITS:
+            raise UserError(f"{folder}: unknown split {split_name!r} in the manifest (expected {', '.join(SPLITS)})")
+        metas: list[dict] = []
+        for shard in split.shards:
+            path = folder / shard.file
+            try:
+                metas += check_shard(path, shard, manifest.classes)
+            except ValueError as err:
+                raise UserError(f"bad shard {path}: {err}") from None
+        keys = Counter(m["key"] for m in metas)
+        if max(keys.values(), default=1) > 1:
+            raise UserError(f"split {split_name}: key {keys.most_common(1)[0][0]} appears more than once")
+        strays = {m["split"] for m in metas} - {split_name}
+        if strays or any(not 0 <= m["fold"] < FOLDS for m in metas):
+            raise UserError(f"split {split_name}: holds samples of split {sorted(strays)} or a fold outside 0..{FOLDS - 1}")
+        for m in metas:
+            m.setdefault("group", m.get("cell"))  # format 2 named the group "cell"
+        counted = recount(metas, manifest.classes, manifest.folds)
+        for field_name, value in counted.items():
+            if getattr(split, field_name) != value:
+                raise UserError(f"split {split_name}: {field_name} in the manifest is {getattr(split, field_name)}, "
+                                f"the shards hold {value}")
+        every[split_name] = metas
+    check_crossings(every, test_carved=bool(manifest.args.get("test_fraction")))
+    try:
+        check_descriptions(folder, manifest)
+    except ValueError as err:
+        raise UserError(f"{folder}: {err}") from None
+    return manifest
+
+
+def print_summary(manifest: ShardManifest, seconds: float) -> None:
+    """Images per split and class, groups, what was left out, and throughput."""
+    total = sum(s.samples for s in manifest.splits.values())
+    width = max(len(c) for c in manifest.classes)
+    print(f"{'split':<12} {'class':<{width}} {'images':>7} {'groups':>7}")
+    for name, split in manifest.splits.items():
+        for c in manifest.classes:
+            print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.groups_per_class[c]:>7}")
+        print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.groups_per_class.values()):>7}  "
+              f"in {len(split.shards)} shards")
+    links = sum(1 for s in manifest.skipped if s["reason"] == LINK_OUT)
+    link_note = f" ({links} symbolic link(s) leading out of the source root, not followed)" if links else ""
+    clash_note = f", {len(manifest.clashes)} name clash(es) resolved (manifest: clashes)" if manifest.clashes else ""
+    excluded = f", excluded {len(manifest.excluded)} duplicate(s) or label conflict(s)" if manifest.excluded else ""
+    print(f"packed {total} images of {manifest.dataset!r}, skipped {len(manifest.skipped)}{link_note}{excluded}"
+          f"{clash_note}, in {seconds:.1f} s ({total / seconds:,.0f} images/s); groups: {manifest.groups['method']}; "
+          f"audit report: {AUDIT_NAME}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: `pack` or `verify`."""
+    parser = Parser(prog="bloodcells", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    pack = sub.add_parser("pack", help="pack image folders or a CSV listing into shards")
+    pack.add_argument("--src", type=Path, required=True,
+                      help="dataset root (split folders or class folders) or a CSV listing path,label[,group][,split]")
+    pack.add_argument("--out", type=Path, required=True, help="output folder for shards and manifest.json")
+    pack.add_argument("--layout", choices=LAYOUTS, default="auto", help="how --src is laid out (default: detected)")
+    pack.add_argument("--name", help="the dataset's name, recorded in the manifest and model cards "
+                                     "(default: SRC/dataset.json's name, blood-cells for the Kaggle download, "
+                                     "else the folder name)")
+    pack.add_argument("--seed", type=int, default=0, help="seed of the splits, folds and shard order")
+    pack.add_argument("--val-fraction", type=float, default=None,
+                      help=f"share of the groups of each class held out as val (default {DEFAULT_VAL_FRACTION}; "
+                           "0 where the data gives a val split)")
+    pack.add_argument("--test-fraction", type=float, default=0.0,
+                      help="share of the groups of each class held out as test, where the data gives no test split")
+    pack.add_argument("--groups", choices=METHODS, default="auto",
+                      help="the unit a split never cuts: recovered cells of augmented copies, the listing's group "
+                           "column, or single files; auto measures the data (see README, Your own data)")
+    pack.add_argument("--val-split", choices=["group", "cell", "random"], default="group",
+                      help="group: whole groups go to val (honest); random: images (leaks copies of a cell into both sides)")
+    pack.add_argument("--cells", type=Path, help="cell mapping from `bloodcells cells` "
+                      "(with --groups cells; default: recover the cells while packing)")
+    pack.add_argument("--shard-size", type=int, help="samples per shard (default: at least 16 shards per big split)")
+    pack.add_argument("--strict", action="store_true",
+                      help="any bad input, name clash, duplicate or label conflict is an error and nothing is written")
+    pack.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    pack.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes for checking and writing")
+    verify = sub.add_parser("verify", help="re-read and check every shard of a folder")
+    verify.add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    if args.command == "pack":
+        manifest = pack_shards(args.src, args.out, seed=args.seed, val_fraction=args.val_fraction,
+                               test_fraction=args.test_fraction, val_split=args.val_split, layout=args.layout,
+                               groups=args.groups, cells=args.cells, name=args.name, shard_size=args.shard_size,
+                               strict=args.strict, overwrite=args.overwrite, workers=args.workers)
+        print_summary(manifest, time.perf_counter() - start)
+    else:
+        manifest = verify_shards(args.dir)
+        n = sum(s.samples for s in manifest.splits.values())
+        shards = sum(len(s.shards) for s in manifest.splits.values())
+        print(f"ok: {shards} shards, {n} samples verified in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,113 @@
+"""Which split and cross-validation fold each image goes to, by whole groups, stratified by class.
+
+Splits the data gives (a TEST folder, a listing's split column) are kept. The rest, the pool (a TRAIN folder
+or images with no split), is cut by group: `test_fraction` of the groups to test (only where the data gives
+no test split), then `val_fraction` of them to val (only where it gives no val split), the rest to train.
+Every group also gets one of FOLDS folds for grouped k-fold cross-validation.
+
+Groups of one class (cells, files) are dealt per class: the class's groups in a seeded order, the first
+round(fraction x groups) to each held-out split, folds round-robin: exactly what earlier versions did with
+TRAIN's cells, so the same data and seed give the same splits. Groups holding several classes (patients in
+a listing) are dealt greedily, largest first, each to the split (or fold) that most needs its classes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .audit import ImageFacts
+
+FOLDS = 5  # every group gets a fold index for grouped k-fold cross-validation
+POOL = ("", "train")  # what the packer splits: images with no split, and a TRAIN folder
+
+
+@dataclass(frozen=True)
+class Sample:
+    """An image with its final split, label, group and fold."""
+
+    facts: ImageFacts
+    split: str
+    label: int
+    group: str
+    fold: int
+
+
+def deal_per_class(names: list[str], fractions: dict[str, float], seed: int, class_name: str) -> dict[str, str]:
+    """Groups of one class -> held-out split, for the splits in `fractions` (in order: test, then val); each
+    takes round(fraction x all the groups) from those not yet dealt."""
+    out: dict[str, str] = {}
+    for split, fraction in fractions.items():
+        left = [g for g in names if g not in out]
+        random.Random(f"{seed}:{split}:{class_name}").shuffle(left)
+        out.update({g: split for g in left[:round(fraction * len(names))]})
+    return out
+
+
+def deal_greedy(counts: dict[str, Counter], shares: dict[str, float], seed: int, salt: str) -> dict[str, str]:
+    """Groups holding several classes -> bin (a split or a fold): largest group first (ties in seeded order), each
+    to the bin whose per-class totals, after taking it, stray least from its share of every class."""
+    order = sorted(counts)
+    random.Random(f"{seed}:{salt}").shuffle(order)
+    order.sort(key=lambda g: -sum(counts[g].values()))
+    totals: Counter = Counter()
+    for c in counts.values():
+        totals.update(c)
+    have: dict[str, Counter] = {b: Counter() for b in shares}
+    out: dict[str, str] = {}
+    for group in order:
+        def cost(b: str) -> float:  # squared shortfall against the target, each class weighted by its size
+            return sum(((have[b][c] + n - shares[b] * totals[c]) ** 2 - (have[b][c] - shares[b] * totals[c]) ** 2)
+                       / totals[c] for c, n in counts[group].items())
+        best = min(shares, key=cost)
+        have[best].update(counts[group])
+        out[group] = best
+    return out
+
+
+def assign_splits(facts: Sequence[ImageFacts], groups: dict[str, str], classes: list[str], *, seed: int,
+                  val_fraction: float, test_fraction: float, val_split: str = "group") -> list[Sample]:
+    """Final split, label, group and fold of every image (see the module docstring). val_split='random' cuts
+    val by image instead of by group, to show the leak of copies of one cell on both sides."""
+    group_of = {f.image.rel_path: groups.get(f.image.rel_path, f.image.key) for f in facts}
+    held = {"test": test_fraction, "val": val_fraction if val_split != "random" else 0.0}
+    held = {k: v for k, v in held.items() if v > 0}
+    members: dict[str, Counter] = {}  # group -> images per class
+    for f in facts:
+        members.setdefault(group_of[f.image.rel_path], Counter())[f.image.class_name] += 1
+    single_class = all(len(c) == 1 for c in members.values())
+    fold: dict[str, int] = {}
+    split_of: dict[str, str] = {}
+    if single_class:
+        for class_name in sorted({f.image.class_name for f in facts}):
+            of_class = [f for f in facts if f.image.class_name == class_name]
+            names = sorted({group_of[f.image.rel_path] for f in of_class})
+            random.Random(f"{seed}:folds:{class_name}").shuffle(names)
+            fold.update({g: i % FOLDS for i, g in enumerate(names)})
+            pool = sorted({group_of[f.image.rel_path] for f in of_class if f.image.split in POOL})
+            split_of.update(deal_per_class(pool, held, seed, class_name))
+    else:
+        fold = {g: int(b) for g, b in deal_greedy(members, {str(k): 1 / FOLDS for k in range(FOLDS)}, seed,
+                                                  "folds").items()}
+        in_pool = {group_of[f.image.rel_path] for f in facts if f.image.split in POOL}
+        shares = {**held, "train": 1 - sum(held.values())}
+        dealt = deal_greedy({g: c for g, c in members.items() if g in in_pool}, shares, seed, "splits")
+        split_of = {g: s for g, s in dealt.items() if s != "train"}
+    random_val: set[str] = set()
+    if val_split == "random" and val_fraction > 0:  # image-level: leaks copies of one cell into both sides
+        for class_name in sorted({f.image.class_name for f in facts}):
+            items = [f.image.rel_path for f in facts if f.image.class_name == class_name and f.image.split in POOL
+                     and split_of.get(group_of[f.image.rel_path]) is None]
+            order = list(range(len(items)))
+            random.Random(f"{seed}:val:{class_name}").shuffle(order)
+            random_val.update(items[i] for i in order[:round(val_fraction * len(items))])
+    samples = []
+    for f in facts:
+        group = group_of[f.image.rel_path]
+        split = f.image.split
+        if split in POOL:
+            split = "val" if f.image.rel_path in random_val else split_of.get(group, "train")
+        samples.append(Sample(f, split, classes.index(f.image.class_name), group, fold[group]))
+    return samples

@@ -1,0 +1,130 @@
+"""Grouped k-fold cross-validation of a recipe: one training run per fold, then the mean and spread.
+
+    bloodcells cv --shards DIR --output-dir RUNS [--config RECIPE.yaml] [--folds 0,1,2,3,4]
+        [--launcher "accelerate launch --config_file launch/cpu_2proc.yaml"] [--tta] [--key value ...]
+
+Fold k trains on the other folds of train + val and validates on fold k (whole groups only, see the packer).
+Each fold runs in RUNS/fold-k; a finished fold (its final.json says so) is not run again, and an interrupted
+fold resumes from its last checkpoint, so a long cross-validation can span several sittings. Writes
+RUNS/cv.json with every fold's last-epoch metrics, the mean and standard deviation, per-class recall, the pooled
+confusion matrix and the provenance. --tta also scores each fold's last weights with test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..cli import Parser, UserError, run_main
+from ..files import write_json
+from ..pack.manifest import ShardManifest
+from ..train.provenance import provenance
+from ..train.rundir import RunDir
+from ..train.scoring import eval_stem
+
+
+def fold_command(launcher: str, shards: str, run: Path, fold: int, config: Path | None, extra: Sequence[str]) -> list[str]:
+    """The training command of one fold (resuming it when it has a checkpoint)."""
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    group = ["--wandb-group", run.resolve().parent.name]  # the folds of one cross-validation, together in W&B
+    if RunDir(run).latest_checkpoint() is not None:
+        return [*prefix, "-m", "bloodcells_dist.train", "--resume", str(run), *group, *extra]
+    recipe = ["--config", str(config)] if config else []
+    return [*prefix, "-m", "bloodcells_dist.train", "--shards", shards, "--output-dir", str(run), *recipe,
+            "--train-splits", "train,val", "--val-fold", str(fold), "--overwrite", *group, *extra]
+
+
+def tta_metrics(shards: str, run: Path, fold: int, allow_pipe: bool = False) -> dict:
+    """The fold's last weights scored on its held-out cells with test-time augmentation (cached in the run)."""
+    out = run / f"{eval_stem('train,val', fold, tta=True)}.json"  # where evaluate writes it
+    if not out.exists():
+        command = [sys.executable, "-m", "bloodcells_dist", "evaluate", "--model", str(RunDir(run).last), "--shards",
+                   shards, "--split", "train,val", "--fold", str(fold), "--tta", "--out", str(run),
+                   *(["--allow-pipe"] if allow_pipe else [])]
+        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+            raise UserError(f"fold {fold}: evaluation with TTA failed (command: {shlex.join(command)})")
+    return json.loads(out.read_text())
+
+
+def summarize(results: dict[int, dict]) -> dict:
+    """Per-fold accuracy and macro F1 of the last epoch, with mean and (sample) standard deviation; per class,
+    the recall over the folds holding that class, and the confusion matrix of all folds pooled."""
+    summary: dict = {"folds": {k: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "samples": r["samples"]}
+                         for k, r in sorted(results.items())}}
+    for metric in ("accuracy", "macro_f1"):
+        summary[metric] = spread([r[metric] for r in results.values()])
+    classes = list(next(iter(results.values()))["per_class"])
+    summary["per_class"] = {c: {"recall": spread([r["per_class"][c]["recall"] for r in results.values()
+                                                  if r["per_class"][c]["support"]]),
+                                "support": sum(r["per_class"][c]["support"] for r in results.values())}
+                            for c in classes}
+    summary["confusion_matrix"] = [[sum(r["confusion_matrix"][i][j] for r in results.values())
+                                    for j in range(len(classes))] for i in range(len(classes))]
+    return summary
+
+
+def spread(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for one value; NaN-free for none)."""
+    return {"mean": statistics.fmean(values) if values else 0.0,
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def report(summary: dict, label: str) -> str:
+    """The summary as the lines cv prints."""
+    acc, f1 = summary["accuracy"], summary["macro_f1"]
+    lines = [f"{label}: accuracy {acc['mean']:.4f} +- {acc['std']:.4f}, macro F1 {f1['mean']:.4f} +- {f1['std']:.4f}",
+             "  recall per class (mean +- sd over folds; images held out): " + ", ".join(
+                 f"{c} {v['recall']['mean']:.3f} +- {v['recall']['std']:.3f} ({v['support']})"
+                 for c, v in summary["per_class"].items())]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: run the missing folds, then write and print the summary."""
+    parser = Parser(prog="bloodcells cv", description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--config", type=Path, help="recipe YAML")
+    parser.add_argument("--folds", default="", help="comma-separated fold indices (default: all)")
+    parser.add_argument("--launcher", default="", help="command prefix, e.g. 'accelerate launch --config_file ...'")
+    parser.add_argument("--tta", action="store_true", help="also score each fold's last weights with TTA")
+    parser.add_argument("--allow-pipe", action="store_true", help="accept a pipe: --shards (a shell command)")
+    args, extra = parser.parse_known_args(argv)
+    manifest = ShardManifest.load(args.shards, args.allow_pipe)
+    extra = [*extra, "--allow-pipe"] if args.allow_pipe else extra
+    folds = [int(f) for f in args.folds.split(",") if f] or list(range(manifest.folds))
+    if not all(0 <= f < manifest.folds for f in folds):
+        raise UserError(f"--folds {args.folds}: the shards have folds 0..{manifest.folds - 1}")
+
+    results, tta = {}, {}
+    for fold in folds:
+        run = args.output_dir / f"fold-{fold}"
+        if not RunDir(run).finished():
+            print(f"fold {fold}: training in {run}", flush=True)
+            command = fold_command(args.launcher, args.shards, run, fold, args.config, extra)
+            if subprocess.run(command).returncode != 0:
+                raise UserError(f"fold {fold} failed (command: {shlex.join(command)}); rerun to resume it")
+        summary = json.loads(RunDir(run).final.read_text())
+        results[fold] = summary.get("last_validation", summary.get("final"))  # "final" before version 0.2
+        if args.tta:
+            tta[fold] = tta_metrics(args.shards, run, fold, args.allow_pipe)
+    summary = summarize(results)
+    if args.tta:
+        summary["tta"] = summarize(tta)
+    summary["provenance"] = provenance()
+    write_json(args.output_dir / "cv.json", summary)
+    for k, r in summary["folds"].items():
+        print(f"fold {k}: accuracy {r['accuracy']:.4f}  macro F1 {r['macro_f1']:.4f}  ({r['samples']} samples)")
+    print(report(summary, f"{len(folds)} folds"))
+    if args.tta:
+        print(report(summary["tta"], "with TTA"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,215 @@
+"""A trained model as a Hugging Face Hub model folder: config.json, model.safetensors and a model card.
+
+    bloodcells hub save --model RUN_OR_FILE --out DIR [--license mit] [--overwrite]
+    bloodcells hub push DIR --repo-id USER/NAME [--private]      # needs `hf auth login` or HF_TOKEN
+
+The folder is what `BloodCellCNN.save_pretrained(DIR, config=spec.to_json())` writes (huggingface_hub's
+PyTorchModelHubMixin), with our card. `BloodCellCNN.from_pretrained(DIR or "USER/NAME")` rebuilds the network
+from config.json alone; `load_model(DIR)` (train/spec.py), and so predict, evaluate and export, also read the
+classes and the preprocessing from it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from ..cli import Parser, UserError, run_main
+from ..train.spec import HUB_CONFIG, HUB_WEIGHTS, ModelSpec, load_model, run_weights
+
+CARD_NAME = "README.md"
+RECIPE_KEYS = ("train_splits", "val_split", "val_fold", "image_size", "cell_crop", "fit", "epochs", "batch_size",
+               "grad_accum", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs",
+               "label_smoothing", "mixup", "dropout", "aug_flip", "aug_rot90", "aug_affine", "aug_color", "aug_hue",
+               "aug_gain", "aug_erase", "mixed_precision", "seed")
+PROVENANCE_KEYS = ("bloodcells_dist", "git_commit", "git_dirty", "torch", "device", "precision", "processes")
+
+
+def is_hub_folder(path: Path) -> bool:
+    """Whether `path` is a folder written by save_pretrained (or downloaded from the Hub)."""
+    return (Path(path) / HUB_CONFIG).is_file() and (Path(path) / HUB_WEIGHTS).is_file()
+
+
+def measured_metrics(model_path: Path, spec: ModelSpec) -> list[dict]:
+    """What was measured on these weights, each with its split: the run's validation at the kept epoch
+    (final.json) and every `evaluate` result written beside them (eval-*.json) on the same weights."""
+    weights = run_weights(model_path) if model_path.is_dir() else model_path
+    run = weights.parent
+
+    def entry(split: str, source: str, record: dict) -> dict:
+        return {"split": split, "source": source, "samples": record.get("samples"), "accuracy": record["accuracy"],
+                "macro_f1": record.get("macro_f1"), "per_class": record.get("per_class", {})}
+
+    found = []
+    recipe = spec.recipe
+    if (run / "final.json").is_file() and recipe.get("val_split"):
+        summary = json.loads((run / "final.json").read_text())
+        last = summary.get("last_validation", summary.get("final"))  # "final" before version 0.2
+        record = (summary.get("best") if weights.name == "best.safetensors" else last) or {}
+        fold = recipe.get("val_fold", -1)
+        if "accuracy" in record:
+            warning = " (on samples it also trained on)" if summary.get("validated_on_training_data") else ""
+            found.append(entry(recipe["val_split"] + (f" (fold {fold})" if fold is not None and fold >= 0 else ""),
+                               "validation during training" + warning + (
+                                   f", epoch {record['epoch']} (chose these weights: optimistic)"
+                                   if "epoch" in record else ""), record))
+    for path in sorted(run.glob("eval-*.json")):
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("model", ""), str) or "accuracy" not in record:
+            continue  # an ensemble's score (a list of models) is not this model's
+        scored = record.get("weights") or Path(record.get("model", "")).name  # the file scored (older: as typed)
+        if scored != weights.name and not (scored == run.name and weights == run_weights(run)):
+            continue  # an evaluation of other weights (e.g. last.safetensors)
+        fold = record.get("fold")
+        found.append(entry(record.get("split", "?") + (f" (fold {fold})" if fold is not None else ""),
+                           f"`evaluate`{' with TTA' if record.get('tta') else ''} ({path.name})", record))
+    return found
+
+
+def model_card(spec: ModelSpec, metrics: list[dict], *, license_id: str = "mit") -> str:
+    """README.md: Hub metadata, what the model is, what was measured and on which split, its recipe and
+    provenance, its use and limits."""
+    classes, pre = list(spec.classes), spec.preprocess
+    dataset = spec.dataset or "unknown"
+    recipe = {k: spec.recipe[k] for k in RECIPE_KEYS if k in spec.recipe}
+    header: dict = {"library_name": "bloodcells_dist", "license": license_id, "pipeline_tag": "image-classification",
+              "tags": ["image-classification", "white-blood-cells", "pytorch", "safetensors"], "datasets": [dataset]}
+    if metrics:
+        header["model-index"] = [{"name": "bloodcells-cnn", "results": [
+            {"task": {"type": "image-classification"},
+             "dataset": {"name": dataset, "type": dataset, "split": m["split"]},
+             "metrics": [{"type": "accuracy", "value": round(m["accuracy"], 4)}]
+             + ([{"type": "f1", "name": "macro F1", "value": round(m["macro_f1"], 4)}] if m.get("macro_f1") is not None else [])}
+            for m in metrics]}]
+    side = (f"{pre.cell_crop:g}x{pre.cell_crop:g}-pixel" if pre.cell_crop > 1
+            else f"square ({pre.cell_crop:g} of the shorter side)")
+    crop = (f" cut to the {side} window centred on the cell's stained nucleus "
+            "(`bloodcells_dist.data.preprocess.cell_window`), then" if pre.cell_crop else "")
+    if metrics:
+        rows = "\n".join(
+            f"| {m['split']} | {m['source']} | {m['samples'] if m['samples'] is not None else ''} | {m['accuracy']:.4f} | "
+            f"{'' if m.get('macro_f1') is None else format(m['macro_f1'], '.4f')} | "
+            + " | ".join(f"{m['per_class'].get(c, {}).get('recall', float('nan')):.3f}" for c in classes) + " |"
+            for m in metrics)
+        measured = (f"| split | measured by | images | accuracy | macro F1 | {' | '.join(f'recall {c}' for c in classes)} |\n"
+                    f"|---|---|---|---|---|{'---|' * len(classes)}\n{rows}\n")
+    else:
+        measured = "Nothing was measured on these weights before they were saved (no final.json or eval-*.json).\n"
+    origin = "\n".join(f"- {k}: {spec.provenance[k]}" for k in PROVENANCE_KEYS if k in spec.provenance) or "- not recorded"
+    synthetic = (" (`bloodcells_dist`'s synthetic stand-in: a demo model, not a model of real cells)"
+                 if dataset == "synthetic" else "")
+    return f"""---
+{yaml.safe_dump(header, sort_keys=False)}---
+
+# White blood cell classifier (bloodcells_dist)
+
+A small CNN trained from scratch that sorts a stained white blood cell image into one of {len(classes)} classes:
+{', '.join(classes)}. The reference design: 4 x (3x3 conv without bias, BatchNorm, ReLU, 2x2 max-pool) with
+widths {list(spec.widths)}, then fully connected layers {list(spec.hidden)} and the class logits.
+
+**Input**: an RGB image{crop} resized to {pre.image_size[0]}x{pre.image_size[1]} (height x width; `fit`
+{pre.fit} where the aspect differs), scaled to [0, 1] and normalised with mean {list(pre.mean)} and std
+{list(pre.std)} (all in `config.json`).
+**Output**: logits over the classes in `config.json`'s `classes` / `id2label` order.
+
+```python
+from bloodcells_dist.train.model import BloodCellCNN
+network = BloodCellCNN.from_pretrained("THIS_REPO_OR_FOLDER")   # the network alone, from config.json
+from bloodcells_dist.train.spec import load_model
+model, spec = load_model("THIS_REPO_OR_FOLDER")                 # with spec.classes and spec.preprocess
+```
+or `bloodcells predict --model THIS_FOLDER images/ --out preds.csv`.
+
+## Measured
+
+{measured}
+Accuracy on a validation split reads higher than on new cells; the validation row, where present, also chose
+these weights among the epochs. Only an `evaluate` row on a held-out `test` split measures unseen cells.
+
+## Training recipe
+
+Dataset: "{dataset}"{synthetic}.
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False).rstrip()}
+```
+
+Trained with `bloodcells_dist` (SGD, from scratch, no pretrained weights). Provenance:
+{origin}
+
+## Intended use and limits
+
+For research, teaching and benchmarking of white-blood-cell image classifiers. It has seen the staining,
+microscope and cropping of "{dataset}" only; accuracy on other sources is unknown. Respect the dataset's own
+licence where it differs from the model card's.
+
+**This is not a medical device.** It is not validated for, and must not be used in, diagnosis, screening or
+any clinical decision.
+"""
+
+
+def save_pretrained(model_path: Path, out: Path, *, overwrite: bool = False, license_id: str = "mit") -> Path:
+    """Write the Hub folder of a run folder's model (or a weights file) into `out`."""
+    model_path, out = Path(model_path), Path(out)
+    model, spec = load_model(model_path)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} is not empty; pass --overwrite to replace it")
+        for name in (HUB_CONFIG, HUB_WEIGHTS, CARD_NAME):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CARD_NAME).write_text(model_card(spec, measured_metrics(model_path, spec), license_id=license_id))
+    model.save_pretrained(out, config=spec.to_json())  # the mixin: model.safetensors and config.json; keeps our card
+    return out
+
+
+def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload a saved Hub folder to `repo_id` (created if needed) in one commit; return the commit URL."""
+    if not is_hub_folder(folder):
+        raise UserError(f"{folder} is not a saved Hub model folder (run `bloodcells hub save` first)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+    info = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                             allow_patterns=[HUB_CONFIG, HUB_WEIGHTS, CARD_NAME],
+                             commit_message="Upload bloodcells_dist model")
+    return str(getattr(info, "commit_url", info))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: `save` a run as a Hub folder, `push` a Hub folder."""
+    parser = Parser(prog="bloodcells hub", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    save = sub.add_parser("save", help="write config.json, model.safetensors and README.md for a trained model")
+    save.add_argument("--model", type=Path, required=True, help="run folder or .safetensors file")
+    save.add_argument("--out", type=Path, required=True, help="folder to write")
+    save.add_argument("--license", default="mit", help="the card's license id (default: mit, the project's)")
+    save.add_argument("--overwrite", action="store_true", help="replace the files of an earlier save in --out")
+    push = sub.add_parser("push", help="upload a saved folder to the Hugging Face Hub (needs `hf auth login` or HF_TOKEN)")
+    push.add_argument("dir", type=Path)
+    push.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME")
+    push.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "save":
+        out = save_pretrained(args.model, args.out, overwrite=args.overwrite, license_id=args.license)
+        print(f"wrote {out / HUB_CONFIG}, {out / HUB_WEIGHTS} and {out / CARD_NAME}; "
+              f"push it with: bloodcells hub push {out} --repo-id USER/NAME")
+        return 0
+    try:
+        url = push_to_hub(args.dir, args.repo_id, private=args.private)
+    except UserError:
+        raise
+    except Exception as err:  # no login, no network, no permission: huggingface_hub's many error types
+        raise UserError(f"push to {args.repo_id} failed ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    print(f"pushed {args.dir} to https://huggingface.co/{args.repo_id} ({url})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,1 @@
+"""The train stage: the model, the step-loop trainer, its run folder, checkpoints and bookkeeping."""

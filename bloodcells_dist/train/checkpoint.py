@@ -1,0 +1,110 @@
+"""Checkpoints for exact resume: model, optimizer, scaler and every rank's RNG state, plus the TrainState.
+
+A checkpoint is written into a `.tmp-step-N` folder and renamed to `step-N` once complete (trainer_state.json,
+written last, marks it), so a kill at any moment leaves either the previous checkpoints or a complete new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from ..cli import UserError
+from ..files import write_json
+from .rundir import STATE_NAME, RunDir
+from .state import TrainState
+
+
+def save_checkpoint(accelerator: Accelerator, run: RunDir, state: TrainState, keep: int) -> Path:
+    """Save everything a resume needs; visible only once complete; keep the newest `keep`. Collective."""
+    final = run.checkpoint(state.step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # main writes the weights, every rank its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / STATE_NAME, state.to_json())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a kill before this line leaves only a .tmp folder, which resume ignores
+        for old in run.complete_checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A complete checkpoint folder, or the newest complete one of a run folder."""
+    path = Path(path)
+    if (path / STATE_NAME).is_file():
+        return path
+    latest = RunDir(path).latest_checkpoint()
+    if latest is None:
+        raise UserError(f"no complete checkpoint in {path} (looked for {RunDir(path).checkpoints}/step-*/{STATE_NAME})")
+    return latest
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: dict) -> TrainState:
+    """Restore everything save_checkpoint saved; return the trainer state.
+
+    `layout` (processes, batch_size, grad_accum, steps_per_epoch) must match the run's: the data order, the
+    steps per epoch and the learning-rate schedule depend on it, so a change is refused, naming what changed.
+    """
+    state = TrainState.from_json(json.loads((checkpoint / STATE_NAME).read_text()))
+    saved = state.layout
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in layout.items() if k in saved and saved[k] != v]
+    if changed:
+        raise UserError(f"cannot resume {checkpoint} with another layout ({', '.join(changed)}): the data order, "
+                        f"steps per epoch and learning-rate schedule depend on it; resume with "
+                        f"{saved['processes']} process(es), batch_size {saved['batch_size']} and grad_accum "
+                        f"{saved['grad_accum']}, as the run started")
+    accelerator.load_state(str(checkpoint))
+    return state
+
+
+def rng_isolated(batches: Iterable) -> Iterator:
+    """The same batches, produced without moving the global torch RNG (a data loader starting draws its
+    workers' base seed from it): dropout then draws the same masks whether an epoch ran whole or resumed."""
+    source = iter(batches)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
+        yield batch
+
+
+def check_shared_run_dir(accelerator: Accelerator, run: RunDir) -> None:
+    """Stop, naming the problem, when the machines of a run do not share its folder. Collective.
+
+    Checkpoints are written by every rank into one folder and completed by the main process: a machine that
+    cannot see that folder would be left with incomplete checkpoints it cannot resume from.
+    """
+    if accelerator.num_processes == 1:
+        return
+    name: list[str] = [f".shared-check-{os.getpid()}-{time.time_ns()}" if accelerator.is_main_process else ""]
+    broadcast_object_list(name)
+    marker = run.path / name[0]
+    if accelerator.is_main_process:
+        marker.write_text("written by the main process; every machine must see it\n")
+    accelerator.wait_for_everyone()
+    blind = accelerator.is_local_main_process and not marker.exists()
+    blind_machines = int(accelerator.reduce(torch.tensor(int(blind), device=accelerator.device), reduction="sum").item())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink()
+    if blind_machines:
+        raise UserError(f"the run folder {run.path} is not shared: {blind_machines} machine(s) cannot see what the "
+                        "main process writes there, so their checkpoints could never be completed or resumed. Put "
+                        "--output-dir on a file system every machine mounts at the same path")

@@ -1,0 +1,134 @@
+"""A run folder: its layout, one training at a time (a lock), atomic writes, "finished" and the latest checkpoint.
+
+    RUN/config.yaml          the resolved TrainConfig, headed by its provenance (comments: still a usable recipe)
+    RUN/metrics.jsonl        one JSON line per log step and per validation
+    RUN/checkpoints/step-N/  exact-resume checkpoints; trainer_state.json inside is written last
+    RUN/best.safetensors     the weights of the best validation epoch (a run that validates)
+    RUN/last.safetensors     the weights at the end of training (every run)
+    RUN/final.json           the run's summary, written last: its presence (with "finished": true) means done
+    RUN/wandb/, RUN/wandb_run_id   the W&B run (offline unless logged in) and its id, kept across resumes
+    RUN/.lock                held by the training that owns the folder
+
+The lock is a POSIX record lock (`fcntl.lockf`), taken by the main process before the run writes anything.
+Such a lock belongs to the process that took it: forked data workers do not hold it, and the kernel drops it
+when that process ends, however it ends (SIGKILL included), so a killed run never blocks the next start. It
+works on NFS too (through the lock daemon), where multi-machine runs keep their folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from ..cli import UserError, writable_folder
+from ..files import write_atomic, write_json
+
+STATE_NAME = "trainer_state.json"  # inside a checkpoint, written last: its presence marks the checkpoint complete
+
+
+class RunDir:
+    """One run folder and everything a run keeps in it."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.best = self.path / "best.safetensors"
+        self.last = self.path / "last.safetensors"
+        self.final = self.path / "final.json"
+        self.wandb_id = self.path / "wandb_run_id"
+        self.lock_file = self.path / ".lock"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> RunDir:
+        """The run folder a checkpoint folder belongs to."""
+        return cls(Path(checkpoint).parent.parent)
+
+    def create(self) -> None:
+        """Make the folder, or a UserError saying why it cannot be (a file there, no permission)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--output-dir {self.path} is a file, not a folder")
+        writable_folder(self.path, "--output-dir")
+
+    def run_files(self) -> list[Path]:
+        """What an earlier run left here (a new run refuses the folder, or with --overwrite removes them)."""
+        return [p for p in (self.metrics, self.final, self.checkpoints, self.best, self.last) if p.exists()]
+
+    def clear(self) -> None:
+        """Remove an earlier run's files (not the lock, not W&B's folder)."""
+        for path in self.run_files():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def finished(self) -> bool:
+        """Whether a run completed here: final.json is written last and atomically, and says so."""
+        try:
+            return bool(json.loads(self.final.read_text()).get("finished"))
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def checkpoint(self, step: int) -> Path:
+        """The folder of the checkpoint at an optimizer step."""
+        return self.checkpoints / f"step-{step:08d}"
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (an interrupted save leaves a .tmp folder, never listed)."""
+        return sorted(p for p in self.checkpoints.glob("step-*") if (p / STATE_NAME).is_file())
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        done = self.complete_checkpoints()
+        return done[-1] if done else None
+
+    def write_config(self, yaml_text: str, provenance_header: str) -> None:
+        """config.yaml: the provenance as comments, then the resolved config."""
+        write_atomic(self.config, provenance_header + yaml_text)
+
+    def write_final(self, summary: dict) -> None:
+        """final.json, the run's last write."""
+        write_json(self.final, {**summary, "finished": True})
+
+    def lock(self) -> RunLock:
+        """The folder's lock (not yet taken)."""
+        return RunLock(self.lock_file)
+
+
+class RunLock:
+    """An exclusive lock on a run folder for one run's life (module docstring); `acquire` refuses a busy folder
+    naming the holder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise UserError saying which process (pid, host, start time) holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by a live process
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is in use by another training ({holder}); wait for it to end, "
+                            "or give another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: the next run takes it again)."""
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None

@@ -1,0 +1,30 @@
+"""What a training run knows about itself as it goes: saved in every checkpoint, restored on resume."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TrainState:
+    """The trainer's progress. `epoch` is the epoch in progress (from 0); it moves on once that epoch's end work
+    (validation, best weights, checkpoint) is done, so a resume knows whether only the end is left."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    best_macro_f1: float = -1.0
+    best: dict | None = None  # validation metrics of the best epoch so far, with its "epoch"
+    last_validation: dict | None = None  # metrics of the most recent validation
+    train_seconds: float = 0.0  # time spent in training steps, over every sitting of the run
+    layout: dict = field(default_factory=dict)  # processes, batch size, grad accumulation, steps per epoch
+
+    def to_json(self) -> dict:
+        """For trainer_state.json."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> TrainState:
+        """From trainer_state.json (checkpoints of earlier versions called the last validation "final")."""
+        if "final" in raw:
+            raw = {**raw, "last_validation": raw["final"]}
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})

@@ -1,0 +1,429 @@
+"""Train the white-cell CNN from WebDataset shards with Accelerate: CPU, one GPU, many GPUs or machines.
+
+    accelerate launch [--config_file launch/X.yaml] -m bloodcells_dist.train --shards DIR --output-dir RUN \\
+        [--config RECIPE.yaml] [--key value ...] [--resume RUN_OR_CHECKPOINT] [--overwrite]
+
+`train()` reads top to bottom: setup (shards, Accelerator, the run folder and its lock, data, model, optimizer,
+state), then every epoch's optimizer steps (`train_epoch`, one `train_step` per micro-batch), the epoch's end
+(`end_epoch`: validate, keep the best weights, checkpoint), and `finish` (the last weights, final.json).
+Weights: `best.safetensors` (the best validation epoch, in a run that validates) and `last.safetensors` (the end
+of training, in every run). A run that trains on train + val has no validation and so only `last`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast, broadcast_object_list, set_seed
+
+from ..cli import Parser, UserError, run_main
+from ..config import TrainConfig, add_config_arguments, build_config, check_resume_config, config_overrides, read_yaml
+from ..data import open_training_data
+from ..data.batches import CachedBatches, StreamedBatches
+from ..data.plan import stable_seed
+from ..data.selection import training_selections
+from ..pack.manifest import ShardManifest
+from ..progress import device_name, eta_line, progress, start_summary
+from .checkpoint import check_shared_run_dir, find_checkpoint, load_checkpoint, rng_isolated, save_checkpoint
+from .metrics import format_metrics
+from .precision import detect_hardware, launch_precision, resolve_precision, warn_if_emulated
+from .preemption import COLLECTIVE_TIMEOUT, StopSignal, lost_peer
+from .provenance import comment_block, provenance
+from .rundir import RunDir
+from .schedule import lr_at
+from .scoring import score
+from .spec import ModelSpec, save_weights
+from .state import TrainState
+from .tracking import MetricsLog, Tracker
+
+NO_STEP = 2**62  # "no step": larger than any step number
+
+
+@dataclass
+class Run:
+    """The parts of a training run that stay put while it runs (what the step and epoch functions share)."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared: under DDP and torch.compile where those apply
+    optimizer: torch.optim.Optimizer
+    data: CachedBatches | StreamedBatches
+    folder: RunDir
+    spec: ModelSpec  # what the saved weights are (classes, preprocessing, shape, recipe, provenance)
+    log: MetricsLog
+    tracker: Tracker
+    stop: StopSignal
+    total_steps: int
+    warmup_steps: int
+    first_bad: torch.Tensor  # first step of the epoch whose loss was inf/nan, on the device (no host sync)
+
+    def save(self, path: Path) -> None:
+        """The plain network's weights (no DDP or compile wrapper) with the spec, from the main process."""
+        if self.accelerator.is_main_process:
+            save_weights(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), self.spec, path)
+
+
+def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = False, allow_pipe: bool = False) -> dict:
+    """Train as configured (continuing from a checkpoint if given); return final.json's contents.
+    allow_pipe: accept `pipe:` shard locations (shell commands); never from a config file."""
+    # Setup. User errors first, on every rank, before Accelerate starts a process group.
+    folder = RunDir(config.output_dir)
+    folder.create()
+    manifest = ShardManifest.load(config.shards, allow_pipe)
+    check_fold(config, manifest)
+    hardware = detect_hardware()
+    precision, why = resolve_precision(config.mixed_precision, hardware, launch_precision())
+    accelerator = make_accelerator(config, precision)
+    with hold_folder(accelerator, folder):  # one training per run folder, before anything is written there
+        if accelerator.is_main_process:
+            warn_if_emulated(precision, hardware)
+        origin = provenance(device=device_name(accelerator), precision=f"{precision} ({why})",
+                            processes=accelerator.num_processes)
+        data = open_training_data(config, manifest, accelerator, allow_pipe)
+        steps_per_epoch = data.plan.steps_per_epoch
+        spec = ModelSpec.from_config(config.to_dict(), manifest.classes, dataset=manifest.dataset, provenance=origin)
+        model, optimizer = build_model(config, spec, accelerator)
+        layout = {"processes": accelerator.num_processes, "batch_size": config.batch_size,
+                  "grad_accum": config.grad_accum, "steps_per_epoch": steps_per_epoch}
+        state = start_state(accelerator, folder, resume, overwrite, layout)
+        if accelerator.is_main_process:
+            folder.write_config(config.to_yaml(), comment_block(origin))
+        check_shared_run_dir(accelerator, folder)
+        # A stop signal (SIGTERM, SIGUSR1) only sets a flag, read at every step; installed before any data worker
+        # starts, so that workers inherit it, and taken down again at the end (an in-process caller keeps its own).
+        with closing(StopSignal()) as stop:
+            run = Run(config=config, accelerator=accelerator, model=model, optimizer=optimizer, data=data,
+                      folder=folder, spec=spec, stop=stop,
+                      log=MetricsLog(folder.metrics, accelerator.is_main_process, state.step if resume else None),
+                      tracker=Tracker(accelerator, kind=config.tracker, project=config.wandb_project,
+                                      config=config.to_dict(), run_dir=folder.path, group=config.wandb_group),
+                      total_steps=steps_per_epoch * config.epochs,
+                      warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+                      first_bad=torch.full((), NO_STEP, device=accelerator.device))
+            accelerator.print(start_summary(accelerator, precision=precision, why=why, batch_size=config.batch_size,
+                                            grad_accum=config.grad_accum, steps_per_epoch=steps_per_epoch,
+                                            epochs=config.epochs,
+                                            data=f"{config.shards}: {data.plan.samples} training samples "
+                                                 f"({data.plan.remainder} left out of each epoch) from the {data.kind}"))
+
+            # The loop: every epoch's steps, then its end; a stop signal ends it at a step, checkpointed.
+            first_epoch = state.epoch
+            for epoch in range(first_epoch, config.epochs):
+                state.epoch = epoch
+                started = time.perf_counter()
+                train_epoch(run, state)
+                if stop.stopping:
+                    break
+                end_epoch(run, state)
+                if epoch == first_epoch and epoch + 1 < config.epochs:
+                    accelerator.print(eta_line(time.perf_counter() - started, config.epochs - epoch - 1))
+            return finish(run, state, data.plan.samples)
+
+
+def check_fold(config: TrainConfig, manifest: ShardManifest) -> None:
+    """A cross-validation fold the shards have, and not an empty one."""
+    fold = config.val_fold
+    if fold >= manifest.folds:
+        raise UserError(f"--val-fold {fold}: the shards have folds 0..{manifest.folds - 1}")
+    _, val = training_selections(config.train_splits, config.val_split, fold)
+    if fold >= 0 and val is not None and val.count(manifest) == 0:
+        raise UserError(f"--val-fold {fold}: fold {fold} of {', '.join(config.train_splits)} holds no samples")
+
+
+def make_accelerator(config: TrainConfig, precision: str) -> Accelerator:
+    """The one Accelerator: device, precision, process group and gradient accumulation live here."""
+    env = os.environ
+    if env.get("MASTER_ADDR") and not any(env.get(v) for v in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        raise UserError("this is a single process of a multi-process launch: `accelerate launch --cpu "
+                        "--num_processes N` starts only one process without mpirun. For N CPU processes use "
+                        "`accelerate launch --config_file launch/cpu_2proc.yaml` (torchrun + gloo)")
+    # With no GPU, torchrun-launched processes must be told they are CPU processes to form a gloo group.
+    try:
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
+                           gradient_accumulation_steps=config.grad_accum,
+                           log_with=None if config.tracker == "none" else config.tracker,
+                           dynamo_backend="inductor" if config.compile else "no",
+                           kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
+    except ValueError as err:  # e.g. fp16 without a GPU
+        raise UserError(f"cannot set up Accelerate: {err}") from None
+
+
+@contextmanager
+def hold_folder(accelerator: Accelerator, folder: RunDir):
+    """The main process holds the run folder's lock for the block; every rank raises the same UserError if
+    another training holds it. Collective when there are several processes."""
+    lock, refusal = folder.lock(), [""]
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except UserError as err:
+            refusal = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0]:
+        raise UserError(refusal[0])
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def build_model(config: TrainConfig, spec: ModelSpec, accelerator: Accelerator):
+    """Model and optimizer, prepared: identical initial weights on every rank from the seed, then each rank
+    its own random stream (dropout masks; DDP has already broadcast rank 0's weights)."""
+    set_seed(config.seed)
+    model = spec.build()
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(config.seed, device_specific=True)  # resume restores every rank's RNG state from the checkpoint
+    return model, optimizer
+
+
+def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, overwrite: bool,
+                layout: dict) -> TrainState:
+    """A new run's state (an earlier run in the folder refused, or with overwrite removed), or the resumed one."""
+    if resume is not None:
+        checkpoint = find_checkpoint(resume)
+        state = load_checkpoint(accelerator, checkpoint, layout)
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    else:
+        old = folder.run_files()
+        if old and not overwrite:
+            raise UserError(f"{folder} already holds a run ({', '.join(p.name for p in old)}): "
+                            f"--resume {folder} continues it, --overwrite replaces it")
+        if old and accelerator.is_main_process:
+            folder.clear()
+        accelerator.wait_for_everyone()
+        state = TrainState()
+    state.layout = layout
+    return state
+
+
+def train_epoch(run: Run, state: TrainState) -> None:
+    """The epoch's optimizer steps from where the state stands; returns early, after a checkpoint, when a stop
+    signal reached any rank. state.train_seconds is brought up to date before every checkpoint."""
+    config, accelerator = run.config, run.accelerator
+    done = (state.step - state.epoch * run.data.plan.steps_per_epoch) * config.grad_accum  # micro-batches done
+    if done >= run.data.plan.micro_batches:  # stopped after the epoch's last step: only its end is left
+        return
+    run.model.train()
+    run.first_bad = torch.full((), NO_STEP, device=accelerator.device)
+    window = LossWindow(accelerator.device)
+    clock = time.perf_counter()
+    batches = rng_isolated(run.data.train_batches(state.epoch, done))  # the data never moves dropout's RNG
+    bar = progress(batches, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="batch",
+                   disable=not accelerator.is_main_process, leave=False)
+    micro = 0  # micro-batch within the optimizer step
+    for images, labels in bar:
+        stepped, loss = train_step(run, state, images, labels, micro)
+        window.add(loss)
+        micro = 0 if stepped else micro + 1
+        if not stepped:
+            continue
+        if state.step % config.log_every == 0:
+            log_training(run, state, window, bar)
+        if run.stop.requested(accelerator) or (config.checkpoint_every and state.step % config.checkpoint_every == 0):
+            state.train_seconds += time.perf_counter() - clock
+            checkpoint(run, state)
+            clock = time.perf_counter()
+            if run.stop.stopping:  # every rank agreed at this step boundary
+                break
+        run.stop.at_step(state.step, accelerator.process_index)  # the tests' hook: a no-op unless they set it
+    bar.close()
+    stop_if_nonfinite(run, state)  # before validation and the epoch's checkpoint
+    state.train_seconds += time.perf_counter() - clock
+
+
+def train_step(run: Run, state: TrainState, images: torch.Tensor, labels: torch.Tensor,
+               micro: int) -> tuple[bool, torch.Tensor]:
+    """One micro-batch: forward, backward and, on the last micro-batch of an optimizer step, the update (at
+    this step's learning rate). Returns whether an optimizer step was completed (state.step moved on) and the
+    micro-batch's loss (on the device)."""
+    config, accelerator = run.config, run.accelerator
+    with accelerator.accumulate(run.model):
+        loss = mixup_loss(run.model, images, labels, config, (state.step, micro, accelerator.process_index))
+        run.first_bad = torch.minimum(run.first_bad, torch.where(loss.isfinite(), NO_STEP, state.step + 1))
+        accelerator.backward(loss)
+        stepped = accelerator.sync_gradients  # the last micro-batch of an optimizer step
+        if stepped:
+            rate = lr_at(state.step, schedule=config.schedule, peak=config.lr, total=run.total_steps,
+                         warmup=run.warmup_steps)
+            for group in run.optimizer.param_groups:
+                group["lr"] = rate
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    if stepped:
+        state.step += 1
+    return stepped, loss.detach()
+
+
+def mixup_loss(model, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, key: tuple) -> torch.Tensor:
+    """Cross-entropy of the micro-batch, or with config.mixup > 0 of its mixup (Zhang et al. 2018): images
+    blended with a shuffled copy of the batch by lam ~ Beta(mixup, mixup), the loss blended by the same lam.
+    lam and the pairing are a pure function of key (step, micro-batch, rank) and the seed: a resumed run mixes alike."""
+    if not config.mixup:
+        return F.cross_entropy(model(images).float(), labels, label_smoothing=config.label_smoothing)
+    draw = random.Random(stable_seed(config.seed, "mixup", *key))
+    lam = draw.betavariate(config.mixup, config.mixup)
+    pair = torch.randperm(len(labels), generator=torch.Generator().manual_seed(draw.getrandbits(63))).to(labels.device)
+    logits = model(images.lerp(images[pair], 1 - lam)).float()
+    return (lam * F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+            + (1 - lam) * F.cross_entropy(logits, labels[pair], label_smoothing=config.label_smoothing))
+
+
+class LossWindow:
+    """The training loss summed on the device between log lines (no host sync per step), and the time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.total, self.batches, self.start = torch.zeros((), device=device), 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.batches += 1
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.batches, self.start = 0, time.perf_counter()
+
+
+def log_training(run: Run, state: TrainState, window: LossWindow, bar) -> None:
+    """A metrics line (and a tracker point): the mean loss over all ranks since the last one. Collective."""
+    stop_if_nonfinite(run, state)  # before logging or saving anything
+    accelerator, config = run.accelerator, run.config
+    mean_loss = accelerator.reduce(window.total / window.batches, reduction="mean").item()
+    rate = window.batches * config.batch_size * accelerator.num_processes / (time.perf_counter() - window.start)
+    record = {"step": state.step, "epoch": state.epoch + 1, "train/loss": mean_loss,
+              "train/lr": run.optimizer.param_groups[0]["lr"], "train/images_per_s": rate}
+    run.log.write(record)
+    run.tracker.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+    bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}", refresh=False)  # shown at the next redraw
+    window.reset()
+
+
+def stop_if_nonfinite(run: Run, state: TrainState) -> None:
+    """Stop every rank with one error naming the first step whose loss was inf/nan. Collective (a gather)."""
+    step = int(run.accelerator.gather(run.first_bad.reshape(1)).min().item())
+    if step != NO_STEP:
+        latest = run.folder.latest_checkpoint()
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before it"
+        raise UserError(f"non-finite loss (inf or nan) at step {step} (epoch {state.epoch + 1}): training stopped, "
+                        f"{kept}; lower --lr or check the data")
+
+
+def checkpoint(run: Run, state: TrainState) -> None:
+    """A checkpoint of a model known to be finite. Collective."""
+    stop_if_nonfinite(run, state)
+    save_checkpoint(run.accelerator, run.folder, state, run.config.keep_checkpoints)
+
+
+def sync_batchnorm_stats(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm running statistics (DDP ranks drift after the last step). Collective."""
+    for buffer in model.buffers():
+        buffer.copy_(broadcast(buffer.clone(), from_process=0))
+
+
+def end_epoch(run: Run, state: TrainState) -> None:
+    """Validate (every eval_every epochs and at the last), keep the best weights, checkpoint. Collective."""
+    config, accelerator, epoch = run.config, run.accelerator, state.epoch
+    if run.data.validates and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+        sync_batchnorm_stats(run.model)
+        metrics = score(accelerator.unwrap_model(run.model), run.data.eval_batches(), accelerator,
+                        list(run.spec.classes))
+        state.last_validation = metrics
+        run.log.write({"step": state.step, "epoch": epoch + 1, **{f"val/{k}": metrics[k] for k in
+                                                                   ("accuracy", "macro_f1", "samples")}, "val": metrics})
+        run.tracker.log_validation(metrics, list(run.spec.classes), step=state.step, epoch=epoch + 1)
+        accelerator.print(f"epoch {epoch + 1}: " + format_metrics(metrics, list(run.spec.classes)))
+        if metrics["macro_f1"] > state.best_macro_f1:
+            state.best_macro_f1, state.best = metrics["macro_f1"], {**metrics, "epoch": epoch + 1}
+            run.save(run.folder.best)
+    state.epoch = epoch + 1  # the epoch end is done: a resume starts the next epoch
+    save_checkpoint(accelerator, run.folder, state, config.keep_checkpoints)
+
+
+def finish(run: Run, state: TrainState, train_samples: int) -> dict:
+    """The last weights and final.json (or, when stopped by a signal, only the word on how to resume)."""
+    config, accelerator = run.config, run.accelerator
+    if run.stop.stopping:
+        run.tracker.finish()
+        accelerator.print(f"stopped by a signal ({run.stop.received or 'on another process'}) at step {state.step}: "
+                          f"checkpoint written; `--resume {run.folder}` continues the run")
+        return {"stopped": True, "steps": state.step}
+    sync_batchnorm_stats(run.model)  # collective: every rank
+    run.save(run.folder.last)  # the last epoch's weights, whatever validation said (cv --tta scores them)
+    run.tracker.finish()
+    on_training = config.validate_on_train and config.val_fold < 0 and config.val_split in config.train_splits
+    summary = {"last_validation": state.last_validation, "best": state.best, "steps": state.step,
+               "epochs": config.epochs, "processes": accelerator.num_processes, "train_seconds": state.train_seconds,
+               "train_samples": train_samples, "validated_on_training_data": on_training,
+               "weights": {"last": run.folder.last.name, "best": run.folder.best.name if state.best else None},
+               "provenance": run.spec.provenance}
+    if accelerator.is_main_process:
+        run.folder.write_final(summary)
+    if state.best:
+        accelerator.print(f"best val macro F1 {state.best['macro_f1']:.4f} (accuracy {state.best['accuracy']:.4f}) "
+                          f"at epoch {state.best['epoch']}; run folder {run.folder}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: every TrainConfig key as a flag (see --help), plus --config, --resume and --overwrite."""
+    parser = Parser(prog="bloodcells train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Values layer as defaults < --config recipe < flags; lists as 32,64,128,256.")
+    parser.add_argument("--config", type=Path, help="recipe YAML (keys of TrainConfig)")
+    parser.add_argument("--resume", type=Path, help="run folder or checkpoint folder to continue from")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier run in --output-dir (checkpoints, metrics, weights) and start anew")
+    parser.add_argument("--allow-pipe", action="store_true",
+                        help="accept a pipe: shard location (webdataset runs it as a shell command); only if you trust it")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    overrides = config_overrides(args)
+    base = None
+    if args.resume is not None:
+        checkpoint_folder = find_checkpoint(args.resume)
+        resumed = RunDir.of_checkpoint(checkpoint_folder)
+        base = read_yaml(resumed.config)
+        # Resume writes only into the run it continues: never into (or over) another run's folder.
+        if "output_dir" in overrides and Path(overrides["output_dir"]).resolve() != resumed.path.resolve():
+            raise UserError(f"--resume continues the run in {resumed} and writes only there: drop --output-dir "
+                            f"{overrides['output_dir']} (to start another run, train without --resume)")
+        overrides["output_dir"] = str(resumed.path)
+    config = build_config(args.config, overrides, base=base)
+    if args.resume is not None and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite deletes it: pass one of them")
+    if base is not None:
+        check_resume_config(build_config(base=base), config)
+    if config.validate_on_train and config.val_fold < 0 and config.val_split in config.train_splits:
+        warnings.warn(f"validate_on_train: validation on {config.val_split!r} scores samples the model trains on; its "
+                      "figures (and the best weights it picks) are optimistic; final.json says so", stacklevel=1)
+    try:
+        train(config, resume=args.resume, overwrite=args.overwrite, allow_pipe=args.allow_pipe)
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        print(f"error: lost contact with another process of this run ({str(err).strip().splitlines()[0][:300]}): it "
+              f"was killed or crashed, see its log; `--resume {config.output_dir}` continues from the last checkpoint",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

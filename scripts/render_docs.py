@@ -1,0 +1,136 @@
+"""Write what the docs show from what it comes from, so that no table can drift from its source:
+
+- docs/config.md: every TrainConfig key, from the dataclass (its type, default, comment and section);
+- the result tables in README.md and docs/*.md, between `<!-- results: NAME -->` and `<!-- /results -->`,
+  from results/NAME.json (measured figures with their provenance).
+
+    python scripts/render_docs.py           # rewrite the files
+    python scripts/render_docs.py --check   # exit 1 naming the first file that differs (the tests run this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bloodcells_dist.config import field_docs  # noqa: E402
+
+BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def spread(value: dict | None, percent: bool = True) -> str:
+    if not value:
+        return "-"
+    if percent:
+        return f"{100 * value['mean']:.1f}% ± {100 * value['std']:.1f}"
+    return f"{value['mean']:.3f} ± {value['std']:.3f}"
+
+
+def where(provenance: dict) -> str:
+    """Machine and precision, and the commit (or run) the figure comes from."""
+    source = provenance.get("commit") or provenance.get("git_commit") or "?"
+    dirty = " (with uncommitted changes)" if provenance.get("git_dirty") else ""
+    return f"{provenance.get('machine') or provenance.get('cpu', '?')}, {provenance.get('precision', '?')}; " \
+           f"`{source[:7]}`{dirty}"
+
+
+def blood_cells_cv(data: dict) -> str:
+    """The recipes compared on the blood-cells TRAIN folder."""
+    lines = ["| recipe | honest CV (5 folds of cells) | macro F1 | per fold | leaky CV | held-out TEST | epochs | measured on |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        folds = ", ".join(f"{100 * f:.1f}" for f in row["folds"])
+        test = pct(row.get("test")) + (f" ({row['test_note']})" if row.get("test_note") else "")
+        lines.append(f"| `{row['recipe']}` | **{spread(row['accuracy'])}** | {spread(row['macro_f1'], False)} | {folds} "
+                     f"| {spread(row.get('leaky'))} | {test} | {row['epochs']} | {where(row['provenance'])} |")
+    return "\n".join(lines)
+
+
+def pbc(data: dict) -> str:
+    """The PBC proof: the held-out test split and the CV folds."""
+    classes = data["classes"]
+    lines = [f"| what | images | accuracy | macro F1 | {' | '.join(f'recall {c}' for c in classes)} | time | measured on |",
+             f"|---|---|---|---|{'---|' * len(classes)}---|---|"]
+    for row in data["rows"]:
+        recall = " | ".join(f"{row['recall'][c]:.3f}" if row.get("recall") else "-" for c in classes)
+        lines.append(f"| {row['what']} | {row.get('samples', '-'):,} | **{pct(row['accuracy'], 2)}** | "
+                     f"{row['macro_f1']:.4f} | {recall} | {row.get('time', '-')} | {where(row['provenance'])} |")
+    return "\n".join(lines)
+
+
+def fold_check(data: dict) -> str:
+    """The same fold, the same seed, the same machine, before and after a change of the code."""
+    lines = ["| code | fold | accuracy | macro F1 | recall per class | measured on |", "|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        recall = ", ".join(f"{c[:3]} {v:.3f}" for c, v in row["recall"].items())
+        lines.append(f"| {row['code']} | {row['fold']} | {pct(row['accuracy'], 2)} | {row['macro_f1']:.4f} | {recall} "
+                     f"| {where(row['provenance'])} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check}
+
+
+def config_reference() -> str:
+    """docs/config.md."""
+    out = ["# Configuration reference", "",
+           "<!-- written by scripts/render_docs.py from bloodcells_dist/config.py: edit the dataclass, not this file -->", "",
+           "Every key of `TrainConfig` (`bloodcells_dist/config.py`), the one training configuration. Values layer",
+           "as defaults < a recipe (`--config launch/recipes/X.yaml`) < flags (`--key value`, dashes or underscores;",
+           "lists as `32,64,128,256`; numbers as you write them, `1e-3` included). Unknown keys and values that",
+           "cannot work are refused with one line naming the key. A run saves the resolved config as",
+           "`RUN/config.yaml`, headed by its provenance (as comments: the file stays a recipe).", ""]
+    sections: dict[str, list] = {}
+    for doc in field_docs():
+        sections.setdefault(doc.section, []).append(doc)
+    for section, docs in sections.items():
+        out += [f"## {section[0].upper()}{section[1:]}", "", "| key | type | default | what it does |", "|---|---|---|---|"]
+        for doc in docs:
+            default = ",".join(map(str, doc.default)) if isinstance(doc.default, list) else json.dumps(doc.default)
+            out.append(f"| `{doc.name}` | {doc.kind} | `{default}` | {doc.help.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_tables(text: str) -> str:
+    """Every results block of a markdown text, rendered anew from its JSON."""
+    def table(match: re.Match) -> str:
+        name = match.group(2)
+        source = REPO / "results" / f"{name}.json"
+        body = RENDERERS[name](json.loads(source.read_text())) if source.is_file() else \
+            f"(not measured yet: there is no results/{name}.json)"
+        return f"{match.group(1)}{body}\n{match.group(4)}"
+    return BLOCK.sub(table, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a file would change")
+    args = parser.parse_args()
+    wanted = {REPO / "docs" / "config.md": config_reference()}
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if path.name != "config.md":
+            wanted[path] = render_tables(path.read_text())
+    stale = [path for path, text in wanted.items() if not path.is_file() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(REPO)} is not what scripts/render_docs.py writes: run it")
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(wanted[path])
+        print(f"wrote {path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

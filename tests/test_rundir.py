@@ -1,0 +1,98 @@
+"""The run folder: its layout, atomic writes, "finished", checkpoints, the lock and provenance (fast)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bloodcells_dist.cli import UserError
+from bloodcells_dist.files import atomic_path, write_atomic, write_json
+from bloodcells_dist.train.provenance import comment_block, provenance
+from bloodcells_dist.train.rundir import STATE_NAME, RunDir
+from bloodcells_dist.train.state import TrainState
+
+HOLD = """
+import sys, time
+from bloodcells_dist.train.rundir import RunDir
+lock = RunDir(sys.argv[1]).lock()
+lock.acquire()
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_run_is_finished_only_when_final_json_says_so(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    assert not run.finished() and run.run_files() == []
+    run.final.write_text('{"steps": 3')  # torn
+    assert not run.finished()
+    run.write_final({"steps": 3})
+    assert run.finished() and json.loads(run.final.read_text()) == {"steps": 3, "finished": True}
+    assert run.run_files() == [run.final]
+    run.clear()
+    assert not run.final.exists() and run.path.is_dir()
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    run = RunDir(tmp_path)
+    for step in (5, 10, 15):
+        run.checkpoint(step).mkdir(parents=True)
+    (run.checkpoint(5) / STATE_NAME).write_text("{}")
+    (run.checkpoint(10) / STATE_NAME).write_text("{}")
+    (run.checkpoints / ".tmp-step-00000020").mkdir()
+    assert run.complete_checkpoints() == [run.checkpoint(5), run.checkpoint(10)]
+    assert run.latest_checkpoint() == run.checkpoint(10) and RunDir.of_checkpoint(run.checkpoint(10)).path == tmp_path
+    assert RunDir(tmp_path / "empty").latest_checkpoint() is None
+
+
+def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "final.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"a": 2, "half')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["final.json"]
+    write_atomic(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+
+
+def test_the_lock_refuses_a_second_process_and_dies_with_the_first(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run.path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"in use by another training \(pid {holder.pid} on "):
+            run.lock().acquire()
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+    finally:
+        holder.kill()
+    lock = run.lock()
+    lock.acquire()  # the kernel released the dead holder's lock
+    assert f"pid {__import__('os').getpid()}" in run.lock_file.read_text()
+    lock.release()
+
+
+def test_the_state_round_trips_and_reads_old_checkpoints():
+    state = TrainState(step=7, epoch=1, best_macro_f1=0.5, best={"epoch": 1}, last_validation={"accuracy": 0.5},
+                       train_seconds=2.5, layout={"processes": 1})
+    assert TrainState.from_json(json.loads(json.dumps(state.to_json()))) == state
+    old = {"step": 3, "epoch": 0, "best_macro_f1": -1.0, "best": None, "final": {"accuracy": 0.25},
+           "train_seconds": 1.0, "layout": {}}  # 0.1 called the last validation "final"
+    assert TrainState.from_json(old).last_validation == {"accuracy": 0.25}
+
+
+def test_provenance_names_the_code_libraries_and_machine():
+    found = provenance(device="1 x cpu", precision="no", processes=1)
+    for key in ("bloodcells_dist", "git_commit", "git_dirty", "python", "torch", "accelerate", "cpu", "time"):
+        assert key in found, key
+    assert found["device"] == "1 x cpu" and found["processes"] == 1
+    assert len(found["git_commit"] or "") in (0, 40)  # a commit hash in a checkout, None in an installed wheel
+    assert all(line.startswith("# ") for line in comment_block(found).splitlines())
