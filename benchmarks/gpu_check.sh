@@ -43,7 +43,7 @@ IFS=';' read -r -a variants <<< "${VARIANTS:-best|best|;b512|best|--batch-size 5
 for variant in "${variants[@]}"; do
   IFS='|' read -r recipe config extra <<< "$variant"
   [ "$(left)" -lt 60 ] && { echo "skipped $recipe: $(left) s left"; continue; }
-  timeout $(( $(left) - 10 )) python3 -m bloodcells_dist.tools.cv --shards "$shards" --output-dir /tmp/cv-$recipe \
+  timeout $(( $(left) - 10 )) python3 -m bloodcells_dist cv --shards "$shards" --output-dir /tmp/cv-$recipe \
     --config launch/recipes/$config.yaml --tracker none --cache-dir /tmp/cache $extra 2>&1 | tail -12 | tee "$out/cv-$recipe.txt"
   cp /tmp/cv-$recipe/cv.json "$out/cv-$recipe.json" 2>/dev/null
   python3 - "$recipe" <<'PY'

@@ -8,13 +8,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .cli import UserError
+
 
 @contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
-    """A temporary path beside `path` (same suffix, for writers that need it) to write to; renamed over `path`
-    once the block ends without an error, removed if it raises."""
+def atomic_path(path: Path | str, *, keep_suffix: bool = True) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed over `path` once the block ends without an error,
+    removed if it raises. It keeps the suffix for writers that need one (torch.export's .pt2) unless told not to
+    (a shard's temporary file must not look like a shard)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}" if keep_suffix
+                         else f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -28,6 +32,20 @@ def write_atomic(path: Path | str, data: str | bytes) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_user_text(path: Path | str, what: str) -> str:
+    """A text file a user handed us (a listing, a mapping), or a UserError saying why it cannot be one: unreadable,
+    not UTF-8, or holding NUL bytes (a binary file)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not {what} (not UTF-8 text)") from None
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if "\x00" in text:
+        raise UserError(f"{path} is not {what} (it holds NUL bytes: a binary file?)")
+    return text
 
 
 def write_json(path: Path | str, value: object, *, sort_keys: bool = False) -> None:

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from bloodcells_dist.cli import run_main
+from bloodcells_dist.data.preprocess import Preprocess
 from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.pack.synthetic import TRUTH_NAME, generate_dataset
+from bloodcells_dist.train.spec import ModelSpec, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "blood-cells"
@@ -99,6 +101,16 @@ def launch(*args: str, env: dict | None = None, check: bool = True, timeout: flo
         raise AssertionError(f"accelerate launch exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory) -> Path:
+    """A model file of the synthetic classes, untrained: for tests of what evaluate, predict and export accept."""
+    spec = ModelSpec(classes=("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"), preprocess=Preprocess((24, 32)),
+                     widths=(4, 4, 4, 4), hidden=(8, 8))
+    path = tmp_path_factory.mktemp("untrained") / "model.safetensors"
+    save_weights(spec.build(), spec, path)
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,13 +18,11 @@ import webdataset as wds
 from PIL import Image
 
 from bloodcells_dist.cli import UserError, run_main
-from bloodcells_dist.data.preprocess import Preprocess
 from bloodcells_dist.pack import shards
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.tools import evaluate
 from bloodcells_dist.train import trainer as train
-from bloodcells_dist.train.spec import ModelSpec, save_weights
 from bloodcells_dist.train.tracking import MetricsLog
 
 from .conftest import cli, run_cli
@@ -261,16 +259,6 @@ def test_val_fold_out_of_range_is_an_error(small_shards, tmp_path, capsys):
     assert run_main(train.main, argv) == 2
     assert one_error_line(capsys.readouterr().err) == "error: --val-fold 7: the shards have folds 0..4"
     assert not (tmp_path / "run" / "best.safetensors").exists()
-
-
-@pytest.fixture(scope="module")
-def untrained_model(tmp_path_factory) -> Path:
-    """A tiny model file (untrained: evaluate and export do not care about its accuracy)."""
-    spec = ModelSpec(classes=("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"), preprocess=Preprocess((24, 32)),
-                     widths=(4, 4, 4, 4), hidden=(8, 8))
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    save_weights(spec.build(), spec, path)
-    return path
 
 
 def test_evaluate_images_counts_a_zero_byte_jpeg_and_refuses_all_unreadable(untrained_model, tmp_path):

@@ -22,7 +22,6 @@ from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.tools import evaluate, export, predict
 from bloodcells_dist.train import trainer as train
-from bloodcells_dist.train.spec import ModelSpec, save_weights
 
 from .conftest import REPO, cli, run_cli, train_args, true_cells
 from .test_bad_input import jpeg, make_root, one_error_line
@@ -132,23 +131,13 @@ def test_an_unwritable_cache_folder_costs_a_rebuild_not_the_run(synthetic_shards
 # ---------------------------------------------------------------- 5. evaluate counts and reads
 
 
-@pytest.fixture(scope="module")
-def untrained(tmp_path_factory) -> Path:
-    """A model file of the synthetic classes (untrained: these tests are about what evaluate accepts)."""
-    spec = ModelSpec(classes=("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"), preprocess=Preprocess((24, 32)),
-                     widths=(4, 4, 4, 4), hidden=(8, 8))
-    path = tmp_path_factory.mktemp("untrained") / "model.safetensors"
-    save_weights(spec.build(), spec, path)
-    return path
-
-
-def test_evaluate_refuses_a_split_twice_and_a_negative_fold(untrained, synthetic_shards, capsys):
-    base = ["--model", str(untrained), "--shards", str(synthetic_shards)]
+def test_evaluate_refuses_a_split_twice_and_a_negative_fold(untrained_model, synthetic_shards, capsys):
+    base = ["--model", str(untrained_model), "--shards", str(synthetic_shards)]
     refused(evaluate.main, [*base, "--split", "test,test"], "--split test,test", "once", capsys=capsys)
     refused(evaluate.main, [*base, "--split", "train,val", "--fold", "-3"], "--fold -3", capsys=capsys)
 
 
-def test_evaluate_and_predict_read_a_cmyk_and_a_png_named_jpeg_alike(untrained, synthetic_root, tmp_path):
+def test_evaluate_and_predict_read_a_cmyk_and_a_png_named_jpeg_alike(untrained_model, synthetic_root, tmp_path):
     test = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TEST"
     folder = tmp_path / "images"
     for cls in ("EOSINOPHIL", "MONOCYTE"):
@@ -156,10 +145,10 @@ def test_evaluate_and_predict_read_a_cmyk_and_a_png_named_jpeg_alike(untrained, 
         first = sorted((test / cls).glob("*.jpeg"))[0]
         Image.open(first).convert("CMYK").save(folder / cls / "cmyk.jpeg", "JPEG")
         Image.open(first).save(folder / cls / "png-inside.jpeg", "PNG")
-    predicted = cli(predict.main, "--model", str(untrained), str(folder), check=True)
+    predicted = cli(predict.main, "--model", str(untrained_model), str(folder), check=True)
     assert "4 images, 0 unreadable" in predicted.stderr
     out = tmp_path / "eval"
-    cli(evaluate.main, "--model", str(untrained), "--images", str(folder), "--out", str(out), check=True)
+    cli(evaluate.main, "--model", str(untrained_model), "--images", str(folder), "--out", str(out), check=True)
     scored = json.loads((out / "eval-test.json").read_text())
     assert scored["samples"] == 4 and scored["unreadable"] == 0
     rows = [line.split(",") for line in predicted.stdout.strip().splitlines()[1:]]
@@ -193,11 +182,11 @@ def test_a_cells_file_naming_a_path_twice_or_another_class_is_refused_with_its_l
 
 
 @pytest.fixture(scope="module")
-def hub_folder(untrained, tmp_path_factory) -> Path:
+def hub_folder(untrained_model, tmp_path_factory) -> Path:
     from bloodcells_dist.tools import hub
 
     out = tmp_path_factory.mktemp("hub") / "model"
-    cli(hub.main, "save", "--model", str(untrained), "--out", str(out), check=True)
+    cli(hub.main, "save", "--model", str(untrained_model), "--out", str(out), check=True)
     return out
 
 

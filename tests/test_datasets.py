@@ -18,10 +18,12 @@ import webdataset as wds
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.data.preprocess import FILL, Preprocess, fit_to, window_side
 from bloodcells_dist.pack import audit, shards
+from bloodcells_dist.pack import shards as shards_cli
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.pack.splits import FOLDS, assign_splits
 from bloodcells_dist.pack.synthetic import generate_dataset
+from bloodcells_dist.tools import evaluate, export, predict
 
 from .conftest import REPO, cli, run_cli
 from .test_bad_input import jpeg, make_root, one_error_line
@@ -245,25 +247,25 @@ def test_eight_classes_through_train_evaluate_predict_export_and_hub(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, folder / f"{k:03d}.jpg")
     shards, run = tmp_path / "shards", tmp_path / "run"
-    run_cli("-m", "bloodcells_dist", "pack", "--src", str(src), "--out", str(shards), "--test-fraction", "0.25",
-            "--name", "eight-class-lab", check=True)
+    cli(shards_cli.main, "pack", "--src", str(src), "--out", str(shards), "--test-fraction", "0.25",
+        "--name", "eight-class-lab", check=True)
     run_cli("-m", "bloodcells_dist.train", "--shards", str(shards), "--output-dir", str(run), "--image-size", "32,32",
             "--widths", "4,8,8,8", "--hidden", "16,16", "--batch-size", "8", "--epochs", "2", "--tracker", "none",
             "--workers", "0", "--mixed-precision", "no", check=True)
-    run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(run), "--shards", str(shards), "--split", "test", check=True)
+    cli(evaluate.main, "--model", str(run), "--shards", str(shards), "--split", "test", check=True)
     scored = json.loads((run / "eval-test.json").read_text())
     assert list(scored["per_class"]) == names and len(scored["confusion_matrix"]) == 8 and scored["samples"] == 24
     assert (run / "eval-test-confusion.png").stat().st_size > 5000
-    preds = run_cli("-m", "bloodcells_dist", "predict", "--model", str(run), str(src / "ig"), check=True).stdout
+    preds = cli(predict.main, "--model", str(run), str(src / "ig"), check=True).stdout
     header, *rows = list(csv.reader(preds.splitlines()))
     assert header == ["path", "predicted_class", *(f"prob_{c}" for c in names), "error"] and len(rows) == 12
     assert all(r[1] in names and abs(sum(map(float, r[2:10])) - 1) < 1e-4 for r in rows)
     onnx = tmp_path / "model.onnx"
-    run_cli("-m", "bloodcells_dist", "export", "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
-    exported = run_cli("-m", "bloodcells_dist", "predict", "--model", str(onnx), str(src / "ig"), check=True).stdout
+    cli(export.main, "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
+    exported = cli(predict.main, "--model", str(onnx), str(src / "ig"), check=True).stdout
     assert [r[1] for r in list(csv.reader(exported.splitlines()))[1:]] == [r[1] for r in rows]
     hub = tmp_path / "hub"
-    run_cli("-m", "bloodcells_dist", "hub", "save", "--model", str(run), "--out", str(hub), check=True)
+    cli(hub.main, "save", "--model", str(run), "--out", str(hub), check=True)
     config = json.loads((hub / "config.json").read_text())
     assert config["classes"] == names and config["num_classes"] == 8 and config["dataset"] == "eight-class-lab"
     card = (hub / "README.md").read_text()

@@ -17,8 +17,9 @@ from bloodcells_dist.cli import UserError
 from bloodcells_dist.pack.interop import CARD, TIMM_INFO, wids_index_name
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.tools import evaluate, predict
 
-from .conftest import run_cli
+from .conftest import cli, run_cli
 
 pytestmark = pytest.mark.e2e  # the readers' own libraries and the command lines
 
@@ -137,9 +138,9 @@ def hub_folder(reference_run, synthetic_shards, tmp_path_factory) -> tuple[Path,
     run.mkdir()
     for name in ("best.safetensors", "final.json", "config.yaml"):
         shutil.copy(reference_run / name, run / name)
-    run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(run), "--shards", str(synthetic_shards), check=True)
+    cli(evaluate.main, "--model", str(run), "--shards", str(synthetic_shards), check=True)
     hub = tmp_path_factory.mktemp("hub") / "bloodcells-cnn"
-    proc = run_cli("-m", "bloodcells_dist", "hub", "save", "--model", str(run), "--out", str(hub), check=True)
+    proc = cli(hub.main, "save", "--model", str(run), "--out", str(hub), check=True)
     assert "hub push" in proc.stdout
     return run, hub
 
@@ -199,19 +200,19 @@ def test_the_model_card_leaves_out_an_ensembles_score(hub_folder, tmp_path):
 
 def test_predict_and_evaluate_accept_a_hub_folder(hub_folder, synthetic_shards, synthetic_root, tmp_path):
     run, hub = hub_folder
-    proc = run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(hub), "--shards", str(synthetic_shards),
+    proc = cli(evaluate.main, "--model", str(hub), "--shards", str(synthetic_shards),
                    "--out", str(tmp_path), check=True)
     got, want = (json.loads(p.read_text()) for p in (tmp_path / "eval-test.json", run / "eval-test.json"))
     assert got["confusion_matrix"] == want["confusion_matrix"] and "accuracy" in proc.stdout
     images = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TEST" / "MONOCYTE"
-    a = run_cli("-m", "bloodcells_dist", "predict", "--model", str(hub), str(images), check=True).stdout
-    b = run_cli("-m", "bloodcells_dist", "predict", "--model", str(run), str(images), check=True).stdout
+    a = cli(predict.main, "--model", str(hub), str(images), check=True).stdout
+    b = cli(predict.main, "--model", str(run), str(images), check=True).stdout
     assert a == b and len(a.splitlines()) == 1 + len(list(images.glob("*.jpeg")))
 
 
 def test_push_to_hub_offline_is_one_clear_error(hub_folder):
     _, hub = hub_folder
-    proc = run_cli("-m", "bloodcells_dist", "hub", "push", str(hub), "--repo-id", "someone/bloodcells-cnn",
+    proc = cli(hub.main, "push", str(hub), "--repo-id", "someone/bloodcells-cnn",
                    env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_not_a_real_token"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: push to someone/bloodcells-cnn")

@@ -16,10 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.tools import evaluate, export
 from bloodcells_dist.tools.cv import fold_command
+from bloodcells_dist.train import trainer
 from bloodcells_dist.train.precision import detect_hardware
 
-from .conftest import ACCELERATE, REPO, free_port, launch, run_cli, train_args
+from .conftest import ACCELERATE, REPO, cli, free_port, launch, run_cli, train_args
 
 
 def final(run: Path) -> dict:
@@ -47,10 +49,10 @@ def test_a_compiled_run_saves_weights_that_evaluate_and_export_load(synthetic_sh
             timeout=900)
     for name in ("best.safetensors", "last.safetensors"):
         assert not [k for k in weights(run / name) if "_orig_mod" in k], f"{name} holds compiled-wrapper keys"
-    run_cli("-m", "bloodcells_dist", "evaluate", "--model", str(run), "--shards", str(synthetic_shards), "--split",
+    cli(evaluate.main, "--model", str(run), "--shards", str(synthetic_shards), "--split",
             "test", check=True)
     out = tmp_path / "model.pt"
-    run_cli("-m", "bloodcells_dist", "export", "--model", str(run), "--format", "torchscript", "--out", str(out),
+    cli(export.main, "--model", str(run), "--format", "torchscript", "--out", str(out),
             check=True)
     assert out.is_file()
 
@@ -107,13 +109,12 @@ def test_resume_with_another_number_of_processes_is_refused(two_process_run, tmp
     run = tmp_path / "run"
     shutil.copytree(two_process_run, run)
     before = (run / "metrics.jsonl").read_text()
-    proc = run_cli("-m", "bloodcells_dist.train", "--resume", str(checkpoints(run)[0]))
+    proc = cli(trainer.main, "--resume", str(checkpoints(run)[0]))  # one process, where two started it
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: cannot resume" in proc.stderr and "processes 2 -> 1" in proc.stderr
     assert (run / "metrics.jsonl").read_text() == before
-    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
-                  "-m", "bloodcells_dist.train", "--resume", str(run), "--batch-size", "4", check=False)
-    assert proc.returncode != 0 and "cannot resume with batch_size=4: the run was started with 8" in proc.stderr
+    proc = cli(trainer.main, "--resume", str(run), "--batch-size", "4")
+    assert proc.returncode == 2 and "cannot resume with batch_size=4: the run was started with 8" in proc.stderr
 
 
 # --- 4. resume ----------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from PIL import Image
 
 from bloodcells_dist.cli import run_main
 from bloodcells_dist.tools import export, predict, report
+from bloodcells_dist.train import trainer
 
-from .conftest import run_cli, train_args
+from .conftest import cli, train_args
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +30,8 @@ def read_csv(text: str) -> list[dict]:
 def tiny_run(synthetic_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tools") / "run"
     # The shared tiny model for one epoch: about ten seconds on two CPU cores.
-    run_cli(*train_args(synthetic_shards, run, "--batch-size", "16", "--epochs", "1", "--workers", "1"), check=True)
+    cli(trainer.main, *train_args(synthetic_shards, run, "--batch-size", "16", "--epochs", "1", "--workers", "1")[2:],
+        check=True)
     return run
 
 
@@ -51,7 +53,7 @@ def image_folder(synthetic_root, tmp_path_factory) -> Path:
 def reference(tiny_run, image_folder, tmp_path_factory):
     """predict with the run folder (best.safetensors) on the image folder: the process and its CSV rows."""
     out = tmp_path_factory.mktemp("preds") / "preds.csv"
-    proc = run_cli("-m", "bloodcells_dist", "predict", "--model", str(tiny_run), str(image_folder), "--out", str(out),
+    proc = cli(predict.main, "--model", str(tiny_run), str(image_folder), "--out", str(out),
                    "--batch-size", "3")
     return proc, out.read_text()
 
@@ -78,7 +80,7 @@ def test_predict_grayscale_jpeg_and_rgba_png_to_stdout(tiny_run, image_folder, t
     jpeg = next(image_folder.glob("*/*.jpeg"))
     Image.open(jpeg).convert("L").save(tmp_path / "gray.jpg")
     Image.open(jpeg).convert("RGBA").save(tmp_path / "alpha.png")
-    proc = run_cli("-m", "bloodcells_dist", "predict", "--model", str(tiny_run), str(tmp_path / "gray.jpg"),
+    proc = cli(predict.main, "--model", str(tiny_run), str(tmp_path / "gray.jpg"),
                    str(tmp_path / "alpha.png"), check=True)
     rows = read_csv(proc.stdout)
     assert [Path(r["path"]).name for r in rows] == ["gray.jpg", "alpha.png"]
@@ -89,10 +91,10 @@ def test_predict_grayscale_jpeg_and_rgba_png_to_stdout(tiny_run, image_folder, t
 @pytest.mark.parametrize("fmt, suffix", [("export", ".pt2"), ("torchscript", ".pt"), ("onnx", ".onnx")])
 def test_exported_model_predicts_like_the_pytorch_model(fmt, suffix, tiny_run, image_folder, reference, tmp_path):
     model = tmp_path / f"model{suffix}"
-    proc = run_cli("-m", "bloodcells_dist", "export", "--model", str(tiny_run), "--format", fmt, "--out", str(model),
+    proc = cli(export.main, "--model", str(tiny_run), "--format", fmt, "--out", str(model),
                    check=True)
     assert str(model) in proc.stdout and " MB" in proc.stdout and model.stat().st_size > 10_000
-    proc = run_cli("-m", "bloodcells_dist", "predict", "--model", str(model), str(image_folder))
+    proc = cli(predict.main, "--model", str(model), str(image_folder))
     assert proc.returncode == 1  # the broken file, as with the PyTorch model
     got, want = read_csv(proc.stdout), read_csv(reference[1])
     assert [r["path"] for r in got] == [r["path"] for r in want]
@@ -104,7 +106,7 @@ def test_exported_model_predicts_like_the_pytorch_model(fmt, suffix, tiny_run, i
 
 
 def test_report_writes_curves_and_confusion_pngs_and_logs_them_offline(tiny_run):
-    proc = run_cli("-m", "bloodcells_dist", "report", str(tiny_run), "--wandb", check=True)
+    proc = cli(report.main, str(tiny_run), "--wandb", check=True)
     assert "warning" not in proc.stderr, proc.stderr
     for name in ("curves.png", "confusion.png"):
         path = tiny_run / name
@@ -116,7 +118,7 @@ def test_report_writes_curves_and_confusion_pngs_and_logs_them_offline(tiny_run)
 
 
 def test_bad_model_path_is_one_line_and_exit_2(image_folder, tmp_path):
-    proc = run_cli("-m", "bloodcells_dist", "predict", "--model", str(tmp_path / "missing"), str(image_folder))
+    proc = cli(predict.main, "--model", str(tmp_path / "missing"), str(image_folder))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: no model at {tmp_path / 'missing'}"]
 
 

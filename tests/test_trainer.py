@@ -124,6 +124,25 @@ def test_a_stopped_run_resumes_exactly_where_the_uninterrupted_one_goes(tiny_run
     assert [r["step"] for r in records(run)] == [r["step"] for r in records(reference)]  # no step twice or missing
 
 
+def test_the_stream_path_stopped_mid_epoch_resumes_exactly_too(synthetic_shards, tmp_path, monkeypatch):
+    """The stream (2 data workers reading their own ranges), stopped between checkpoints and resumed: the same
+    validation and weights as the uninterrupted stream run."""
+    def run_to(folder: Path, stop_at: int | None) -> dict:
+        config = build_config(overrides=tiny(synthetic_shards, folder, epochs=2, data="stream", workers=2,
+                                            checkpoint_every=4))
+        if stop_at:
+            monkeypatch.setenv("BLOODCELLS_AT_STEP", f"{stop_at}:stop")
+            assert trainer.train(config)["stopped"]
+            monkeypatch.delenv("BLOODCELLS_AT_STEP")
+            return trainer.train(config, resume=folder)
+        return trainer.train(config)
+
+    whole, resumed = run_to(tmp_path / "whole", None), run_to(tmp_path / "resumed", 25)
+    assert resumed["last_validation"] == whole["last_validation"] and resumed["steps"] == whole["steps"]
+    a, b = learned(RunDir(tmp_path / "whole").last), learned(RunDir(tmp_path / "resumed").last)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_training_on_train_and_val_keeps_only_the_last_weights(synthetic_shards, tmp_path):
     run = tmp_path / "run"
     result = trainer.train(build_config(overrides=tiny(synthetic_shards, run, epochs=1, train_splits="train,val",

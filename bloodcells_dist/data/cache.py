@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..files import atomic_path
 from ..pack.manifest import ShardManifest
 from .preprocess import Preprocess
 from .selection import Selection
@@ -139,14 +139,11 @@ def memory_budget(device: torch.device, local_processes: int, limit_mb: int) -> 
 def save_samples(samples: DecodedSamples, path: Path, source: dict) -> str:
     """Write atomically, with what it was built from and a digest of its contents; '' or why it was not saved
     (an unwritable cache folder costs a rebuild next run, not this run)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**vars(samples), "format": FORMAT, "built_from": source, "digest": content_digest(samples)}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({**vars(samples), "format": FORMAT, "built_from": source, "digest": content_digest(samples)}, tmp)
     except OSError as err:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
         return f"cannot save the decoded cache in {path.parent} ({err.strerror or err}); it is rebuilt next run"
     return ""
 

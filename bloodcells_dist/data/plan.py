@@ -21,23 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from ..cli import UserError
-from ..pack.manifest import ShardManifest
 
 
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed from any values, the same in every process and Python run (unlike hash())."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def split_size(manifest: ShardManifest, splits: Sequence[str], fold: int, keep: bool) -> int:
-    """Samples in the splits (from the manifest); with fold >= 0, only those in the fold (keep) or outside it."""
-    total = 0
-    for name in splits:
-        split = manifest.split(name)
-        in_fold = split.samples_per_fold.get(str(fold), 0)
-        total += split.samples if fold < 0 else in_fold if keep else split.samples - in_fold
-    return total
 
 
 @dataclass(frozen=True)

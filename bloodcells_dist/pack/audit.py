@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import statistics
 import sys
 from collections import Counter, defaultdict
@@ -28,6 +27,7 @@ from PIL import Image
 from scipy.fft import dctn
 
 from ..cli import Parser, UserError, run_main
+from ..files import write_json
 from ..progress import progress
 from .sources import EVAL_SPLITS, Scan, Skipped, SourceImage, check_jpeg, scan_images
 
@@ -211,9 +211,7 @@ def report_lines(report: dict) -> list[str]:
 
 def write_report(report: dict, path: Path) -> None:
     """The JSON report, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
+    write_json(path, report)
 
 
 def collect_facts(images: Sequence[SourceImage], pool) -> tuple[list[ImageFacts], list[Skipped]]:

@@ -42,6 +42,7 @@ from scipy.spatial.distance import squareform
 
 from ..cli import Parser, UserError, run_main
 from ..data.nucleus import nucleus_mask
+from ..files import read_user_text, write_atomic
 
 RADII = np.arange(6.0, 106.0, 3.0)  # ring radii around the nucleus centre, in pixels of a 320x240 image
 ANGLES = 128  # samples per ring
@@ -235,13 +236,12 @@ def file_sha256(path: Path) -> str:
 
 def write_mapping(path: Path, mapping: dict[str, str], files: dict[str, Path]) -> None:
     """Write the mapping as CSV (path, class, cell, sha256), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(MAPPING_FIELDS)
-        for rel in sorted(mapping):
-            writer.writerow([rel, mapping[rel].split("/")[0], mapping[rel], file_sha256(files[rel])])
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(MAPPING_FIELDS)
+    for rel in sorted(mapping):
+        writer.writerow([rel, mapping[rel].split("/")[0], mapping[rel], file_sha256(files[rel])])
+    write_atomic(path, text.getvalue())
 
 
 @dataclass(frozen=True)
@@ -257,18 +257,13 @@ class MappingRow:
 def read_mapping(path: Path) -> dict[str, MappingRow]:
     """A mapping file -> relative path -> its row. A file that is not such a CSV, a path listed twice, or a
     cell of another class than the row's is a UserError naming the line(s)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a cell mapping (not UTF-8 text)") from None
-    except OSError as err:
-        raise UserError(f"cannot read cell mapping {path}: {err.strerror}") from None
+    text = read_user_text(path, "a cell mapping")
     try:
         reader = csv.DictReader(io.StringIO(text))
         rows = [(reader.line_num, row) for row in reader]
     except csv.Error as err:
         raise UserError(f"{path} is not a cell mapping ({err})") from None
-    if "\x00" in text or not rows or set(MAPPING_FIELDS) - set(reader.fieldnames or []):
+    if not rows or set(MAPPING_FIELDS) - set(reader.fieldnames or []):
         raise UserError(f"{path} is not a cell mapping (expected a CSV with columns {', '.join(MAPPING_FIELDS)})")
     mapping: dict[str, MappingRow] = {}
     for line, row in rows:

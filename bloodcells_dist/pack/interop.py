@@ -8,12 +8,12 @@ readers is needed to write them.
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import yaml
 
+from ..files import write_atomic
 from .manifest import MANIFEST_NAME, ShardManifest
 
 TIMM_INFO = "_info.json"  # timm's ReaderWds looks for this name (or info.json) in --data-dir
@@ -155,9 +155,7 @@ def write_descriptions(folder: Path, manifest: ShardManifest) -> list[str]:
     """Write timm's _info.json, the dataset card and the wids indexes (atomically each); return their names."""
     files = expected_files(manifest, sample_metadata(folder, manifest))
     for name, text in files.items():
-        tmp = Path(folder) / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, Path(folder) / name)
+        write_atomic(Path(folder) / name, text)
     return list(files)
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ..cli import UserError
+from ..files import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 AUDIT_NAME = "audit.json"  # the dataset audit `pack` ran, beside the manifest
@@ -115,9 +115,7 @@ class ShardManifest:
 
     def save(self, folder: Path) -> None:
         """Write atomically: a reader sees the old manifest, or none, or the complete new one."""
-        tmp = folder / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-        tmp.write_text(self.to_json())
-        os.replace(tmp, folder / MANIFEST_NAME)
+        write_atomic(Path(folder) / MANIFEST_NAME, self.to_json())
 
     @classmethod
     def load(cls, folder: Path | str, allow_pipe: bool = False) -> ShardManifest:

@@ -31,6 +31,7 @@ import webdataset as wds
 
 from .. import __version__
 from ..cli import Parser, UserError, run_main, writable_folder
+from ..files import atomic_path
 from ..progress import progress
 from .audit import apply_policy, build_report, collect_facts, near_pairs, report_lines, write_report
 from .groups import METHODS, group_images
@@ -135,8 +136,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardInfo:
     """Write one tar under a temporary name, fsync it and rename it into place; return its manifest entry."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as stream:
+    with atomic_path(path, keep_suffix=False) as tmp, open(tmp, "wb") as stream:
         # Fixed owner, mode and mtime: same input -> byte-identical tar.
         with wds.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
             for s in samples:
@@ -161,9 +161,7 @@ def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardI
                 })
         stream.flush()
         os.fsync(stream.fileno())
-    digest = file_sha256(tmp)
-    os.replace(tmp, path)
-    return ShardInfo(file=path.name, samples=len(samples), bytes=path.stat().st_size, sha256=digest)
+    return ShardInfo(file=path.name, samples=len(samples), bytes=path.stat().st_size, sha256=file_sha256(path))
 
 
 def clear_old_pack(out: Path, overwrite: bool) -> None:

@@ -24,6 +24,7 @@ import simplejpeg
 from PIL import Image
 
 from ..cli import UserError
+from ..files import read_user_text
 
 # Folder name or CSV split value (any case) -> split name in the shards.
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test",
@@ -189,14 +190,7 @@ class Scanner:
 def read_listing(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
     """The rows of a CSV listing as (line number, {column: value}) with lower-case column names, and the
     columns it has; a file that is not such a CSV is a UserError naming the problem."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a UTF-8 text CSV listing") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
-    if "\x00" in text:
-        raise UserError(f"{path} is not a text CSV listing (it holds NUL bytes)")
+    text = read_user_text(path, "a CSV listing")
     try:
         reader = csv.reader(io.StringIO(text))
         header = [h.strip().lower() for h in next(reader, [])]

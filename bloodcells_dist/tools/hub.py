@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..cli import Parser, UserError, run_main
+from ..files import write_atomic
 from ..train.spec import HUB_CONFIG, HUB_WEIGHTS, ModelSpec, load_model, run_weights
 
 CARD_NAME = "README.md"
@@ -162,7 +163,7 @@ def save_pretrained(model_path: Path, out: Path, *, overwrite: bool = False, lic
         for name in (HUB_CONFIG, HUB_WEIGHTS, CARD_NAME):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CARD_NAME).write_text(model_card(spec, measured_metrics(model_path, spec), license_id=license_id))
+    write_atomic(out / CARD_NAME, model_card(spec, measured_metrics(model_path, spec), license_id=license_id))
     model.save_pretrained(out, config=spec.to_json())  # the mixin: model.safetensors and config.json; keeps our card
     return out
 

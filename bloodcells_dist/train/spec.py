@@ -9,16 +9,16 @@ and, beside them, the recipe and the provenance. It is written as JSON into ever
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..cli import UserError
 from ..data.preprocess import MEAN, STD, Preprocess, preprocess_from
+from ..files import write_atomic
 from .model import BloodCellCNN
 
 SPEC_KEY = "spec"  # the weights file's metadata key holding the spec's JSON
@@ -106,11 +106,8 @@ class ModelSpec:
 
 def save_weights(model: torch.nn.Module, spec: ModelSpec, path: Path) -> None:
     """The weights with the spec in the file's metadata, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={SPEC_KEY: json.dumps(spec.to_json())})
-    os.replace(tmp, path)
+    write_atomic(path, save(state, metadata={SPEC_KEY: json.dumps(spec.to_json())}))
 
 
 def legacy_spec(meta: dict[str, str]) -> dict:
