@@ -23,7 +23,7 @@ from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.pack.splits import FOLDS, assign_splits
 from bloodcells_dist.pack.synthetic import generate_dataset
-from bloodcells_dist.tools import evaluate, export, predict
+from bloodcells_dist.tools import evaluate, export, hub, predict
 
 from .conftest import REPO, cli, run_cli
 from .test_bad_input import jpeg, make_root, one_error_line
@@ -264,9 +264,9 @@ def test_eight_classes_through_train_evaluate_predict_export_and_hub(tmp_path):
     cli(export.main, "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
     exported = cli(predict.main, "--model", str(onnx), str(src / "ig"), check=True).stdout
     assert [r[1] for r in list(csv.reader(exported.splitlines()))[1:]] == [r[1] for r in rows]
-    hub = tmp_path / "hub"
-    cli(hub.main, "save", "--model", str(run), "--out", str(hub), check=True)
-    config = json.loads((hub / "config.json").read_text())
+    hub_dir = tmp_path / "hub"
+    cli(hub.main, "save", "--model", str(run), "--out", str(hub_dir), check=True)
+    config = json.loads((hub_dir / "config.json").read_text())
     assert config["classes"] == names and config["num_classes"] == 8 and config["dataset"] == "eight-class-lab"
-    card = (hub / "README.md").read_text()
+    card = (hub_dir / "README.md").read_text()
     assert "name: eight-class-lab" in card and "name: blood-cells" not in card and "recall platelet" in card

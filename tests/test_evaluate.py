@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.tools import evaluate, export, predict
+from bloodcells_dist.tools import evaluate, export, hub, predict
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.model import Ensemble
 from bloodcells_dist.train.spec import load_model
@@ -68,12 +68,12 @@ def test_a_cell_window_model_crops_alike_in_evaluate_predict_export_and_the_hub(
     confusion = evaluation(tmp_path / "shards")["confusion_matrix"]
     assert confusion == evaluation(tmp_path / "images")["confusion_matrix"]
     test = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TEST"
-    onnx, hub = tmp_path / "model.onnx", tmp_path / "hub"
+    onnx, hub_dir = tmp_path / "model.onnx", tmp_path / "hub_dir"
     cli(export.main, "--model", str(run), "--format", "onnx", "--out", str(onnx), check=True)
-    cli(hub.main, "save", "--model", str(run), "--out", str(hub), check=True)
-    assert "160x160-pixel window centred on the cell" in (hub / "README.md").read_text()
+    cli(hub.main, "save", "--model", str(run), "--out", str(hub_dir), check=True)
+    assert "160x160-pixel window centred on the cell" in (hub_dir / "README.md").read_text()
     classes = ShardManifest.load(synthetic_shards).classes
-    for model in (run, onnx, hub):  # predict crops as training did: it reproduces evaluate's confusion matrix
+    for model in (run, onnx, hub_dir):  # predict crops as training did: it reproduces evaluate's confusion matrix
         rows = cli(predict.main, "--model", str(model), str(test), check=True).stdout
         predicted = defaultdict(lambda: [0] * len(classes))
         for row in rows.splitlines()[1:]:

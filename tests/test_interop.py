@@ -17,7 +17,7 @@ from bloodcells_dist.cli import UserError
 from bloodcells_dist.pack.interop import CARD, TIMM_INFO, wids_index_name
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
-from bloodcells_dist.tools import evaluate, predict
+from bloodcells_dist.tools import evaluate, hub, predict
 
 from .conftest import cli, run_cli
 
@@ -139,22 +139,22 @@ def hub_folder(reference_run, synthetic_shards, tmp_path_factory) -> tuple[Path,
     for name in ("best.safetensors", "final.json", "config.yaml"):
         shutil.copy(reference_run / name, run / name)
     cli(evaluate.main, "--model", str(run), "--shards", str(synthetic_shards), check=True)
-    hub = tmp_path_factory.mktemp("hub") / "bloodcells-cnn"
-    proc = cli(hub.main, "save", "--model", str(run), "--out", str(hub), check=True)
+    hub_dir = tmp_path_factory.mktemp("hub") / "bloodcells-cnn"
+    proc = cli(hub.main, "save", "--model", str(run), "--out", str(hub_dir), check=True)
     assert "hub push" in proc.stdout
-    return run, hub
+    return run, hub_dir
 
 
 def test_hub_folder_round_trip_without_the_run_folder(hub_folder, tmp_path):
-    run, hub = hub_folder
-    assert sorted(p.name for p in hub.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    config = json.loads((hub / "config.json").read_text())
+    run, hub_dir = hub_folder
+    assert sorted(p.name for p in hub_dir.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((hub_dir / "config.json").read_text())
     assert config["classes"] == CLASSES and config["id2label"]["3"] == "NEUTROPHIL"
     for key in ("architectures", "widths", "hidden", "image_size", "mean", "std"):
         assert config[key], key
     assert "shards" not in config["training_config"]  # no local paths in a public file
     moved = tmp_path / "elsewhere"
-    shutil.copytree(hub, moved)
+    shutil.copytree(hub_dir, moved)
     # A fresh process, the run folder out of reach: only the Hub folder is read, through the mixin's method.
     code = ("import sys, torch; from bloodcells_dist.train.model import BloodCellCNN; "
             "m = BloodCellCNN.from_pretrained(sys.argv[1]).eval(); x = torch.ones(2, 3, 48, 64); "
@@ -171,8 +171,8 @@ def test_hub_folder_round_trip_without_the_run_folder(hub_folder, tmp_path):
 
 def test_model_card_has_metrics_with_splits_recipe_use_and_no_medical_claim(hub_folder):
     huggingface_hub = pytest.importorskip("huggingface_hub")
-    run, hub = hub_folder
-    card = huggingface_hub.ModelCard.load(hub / "README.md")
+    run, hub_dir = hub_folder
+    card = huggingface_hub.ModelCard.load(hub_dir / "README.md")
     assert card.data.library_name == "bloodcells_dist" and card.data.pipeline_tag == "image-classification"
     assert card.data.license == "mit" and card.data.datasets == ["synthetic"]
     results = {r.dataset_split: r.metric_value for r in card.data.eval_results if r.metric_type == "accuracy"}
@@ -199,20 +199,20 @@ def test_the_model_card_leaves_out_an_ensembles_score(hub_folder, tmp_path):
 
 
 def test_predict_and_evaluate_accept_a_hub_folder(hub_folder, synthetic_shards, synthetic_root, tmp_path):
-    run, hub = hub_folder
-    proc = cli(evaluate.main, "--model", str(hub), "--shards", str(synthetic_shards),
+    run, hub_dir = hub_folder
+    proc = cli(evaluate.main, "--model", str(hub_dir), "--shards", str(synthetic_shards),
                    "--out", str(tmp_path), check=True)
     got, want = (json.loads(p.read_text()) for p in (tmp_path / "eval-test.json", run / "eval-test.json"))
     assert got["confusion_matrix"] == want["confusion_matrix"] and "accuracy" in proc.stdout
     images = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TEST" / "MONOCYTE"
-    a = cli(predict.main, "--model", str(hub), str(images), check=True).stdout
+    a = cli(predict.main, "--model", str(hub_dir), str(images), check=True).stdout
     b = cli(predict.main, "--model", str(run), str(images), check=True).stdout
     assert a == b and len(a.splitlines()) == 1 + len(list(images.glob("*.jpeg")))
 
 
 def test_push_to_hub_offline_is_one_clear_error(hub_folder):
-    _, hub = hub_folder
-    proc = cli(hub.main, "push", str(hub), "--repo-id", "someone/bloodcells-cnn",
+    _, hub_dir = hub_folder
+    proc = run_cli("-m", "bloodcells_dist", "hub", "push", str(hub_dir), "--repo-id", "someone/bloodcells-cnn",
                    env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_not_a_real_token"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: push to someone/bloodcells-cnn")
