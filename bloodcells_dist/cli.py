@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,7 +47,20 @@ def debugging() -> bool:
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run `main`, turning a UserError (a problem the user can fix) or Ctrl-C into one clear line on stderr and a
-    non-zero exit. Anything else is a bug of ours and keeps its traceback."""
+    non-zero exit. Anything else is a bug of ours and keeps its traceback. Warnings reach stderr as one
+    `warning: ...` line each (once per place that raises them in this call, not once per interpreter)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", UserWarning)
+        warnings.showwarning = _one_line_warning
+        return _run(main, argv)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    kind = "" if issubclass(category, UserWarning) else f"{category.__name__}: "
+    print(f"warning: {kind}{message}", file=sys.stderr if file is None else file)
+
+
+def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     try:
         return main(argv)
     except UserError as err:

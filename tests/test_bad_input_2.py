@@ -23,7 +23,7 @@ from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.tools import evaluate, export, predict
 from bloodcells_dist.train import trainer as train
 
-from .conftest import REPO, cli, run_cli, train_args, true_cells
+from .conftest import REPO, cli, train_args, true_cells
 from .test_bad_input import jpeg, make_root, one_error_line
 
 QUICK = ["--epochs", "1", "--workers", "0"]
@@ -49,7 +49,7 @@ def test_a_second_training_into_a_busy_folder_is_refused_and_a_killed_runs_lock_
             if line.startswith("paused at step 2"):
                 break
         assert first.poll() is None, "the first run ended before its pause"
-        second = run_cli(*train_args(synthetic_shards, run, *QUICK, "--overwrite"))
+        second = cli(train.main, *train_args(synthetic_shards, run, *QUICK, "--overwrite")[2:])  # this process
         assert second.returncode == 2
         one_error_line(second.stderr, str(run), "in use by another training", f"pid {first.pid}")
         assert not (run / "final.json").exists()
@@ -58,7 +58,7 @@ def test_a_second_training_into_a_busy_folder_is_refused_and_a_killed_runs_lock_
     finally:
         first.kill()
     # The kernel dropped the killed run's lock with the process: the next run starts at once.
-    third = run_cli(*train_args(synthetic_shards, run, *QUICK, "--overwrite"), check=True)
+    third = cli(train.main, *train_args(synthetic_shards, run, *QUICK, "--overwrite")[2:], check=True)
     assert (run / "final.json").is_file() and "in use" not in third.stderr
 
 

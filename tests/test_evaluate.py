@@ -13,12 +13,12 @@ import torch
 import webdataset as wds
 
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.tools import evaluate, export, hub, predict
+from bloodcells_dist.tools import cv, evaluate, export, hub, predict
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.model import Ensemble
 from bloodcells_dist.train.spec import load_model
 
-from .conftest import cli, free_port, launch, run_cli, train_args
+from .conftest import cli, free_port, launch, train_args
 
 pytestmark = pytest.mark.e2e
 
@@ -164,11 +164,15 @@ def test_shards_stream_from_a_url(reference_run, synthetic_shards, tmp_path):
     assert evaluation(tmp_path)["samples"] == 99
 
 
-def test_cross_validation_runs_folds_and_summarises(synthetic_shards, tmp_path):
+def test_cross_validation_runs_folds_and_summarises(synthetic_shards, tmp_path, monkeypatch):
     runs = tmp_path / "cv"
     args = ["-m", "bloodcells_dist", "cv", "--shards", str(synthetic_shards), "--output-dir", str(runs),
             "--folds", "0,3", "--tta", *train_args(synthetic_shards, runs, "--epochs", "1", "--workers", "1")[6:]]
-    proc = run_cli(*args, check=True)
+    monkeypatch.setenv("BLOODCELLS_AT_STEP", "3:stop")  # fold 0 is preempted: cv stops too, and says so
+    stopped = cli(cv.main, *args[3:], check=True)  # cv itself in-process; its folds train in their own processes
+    assert "fold 0 stopped before its end" in stopped.stdout and not (runs / "cv.json").exists()
+    monkeypatch.delenv("BLOODCELLS_AT_STEP")
+    proc = cli(cv.main, *args[3:], check=True)  # resumes fold 0, then trains fold 3
     summary = json.loads((runs / "cv.json").read_text())
     assert set(summary["folds"]) == {"0", "3"}
     accs = [summary["folds"][k]["accuracy"] for k in ("0", "3")]
@@ -187,7 +191,7 @@ def test_cross_validation_runs_folds_and_summarises(synthetic_shards, tmp_path):
     for k in ("0", "3"):  # TTA scores the same held-out cells: every sample of fold k in train + val, once
         in_fold = sum(manifest.splits[s].samples_per_fold[k] for s in ("train", "val"))
         assert summary["folds"][k]["samples"] == summary["tta"]["folds"][k]["samples"] == in_fold
-    again = run_cli(*args, check=True)  # finished folds are not trained again
+    again = cli(cv.main, *args[3:], check=True)  # finished folds are not trained again
     rewritten = json.loads((runs / "cv.json").read_text())
     assert "training in" not in again.stdout and rewritten.pop("provenance") and summary.pop("provenance")
     assert rewritten == summary

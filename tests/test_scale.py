@@ -59,7 +59,8 @@ def test_a_compiled_run_saves_weights_that_evaluate_and_export_load(synthetic_sh
 
 # --- 3. ranks, 5. preemption and a changed layout: one uninterrupted 2-process run to compare against -------
 
-TWO_PROC = ["--epochs", "3", "--workers", "1", "--dropout", "0.5", "--checkpoint-every", "0"]
+# Validated on the test split: 99 samples, an odd number, in 6 uneven shards, 3 per rank.
+TWO_PROC = ["--epochs", "3", "--workers", "1", "--dropout", "0.5", "--checkpoint-every", "0", "--val-split", "test"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,17 @@ def two_process_run(synthetic_shards, tmp_path_factory) -> Path:
     launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
            *train_args(synthetic_shards, run, *TWO_PROC), timeout=600)
     return run
+
+
+@pytest.mark.e2e
+def test_two_processes_count_every_validation_sample_once(two_process_run, synthetic_shards):
+    test = ShardManifest.load(synthetic_shards).splits["test"]
+    assert test.samples % 2 == 1 and len({s.samples for s in test.shards}) > 1
+    result = final(two_process_run)
+    assert result["processes"] == 2 and result["last_validation"]["samples"] == test.samples
+    assert sum(map(sum, result["last_validation"]["confusion_matrix"])) == test.samples
+    for c, n in test.samples_per_class.items():
+        assert result["last_validation"]["per_class"][c]["support"] == n
 
 
 @pytest.mark.e2e
@@ -126,7 +138,7 @@ def test_resume_into_another_output_dir_is_refused(reference_run, tmp_path):
     files = {"config.yaml": "epochs: 1\n", "metrics.jsonl": '{"step": 1}\n', "final.json": "{}\n"}
     for name, text in files.items():
         (other / name).write_text(text)
-    proc = run_cli("-m", "bloodcells_dist.train", "--resume", str(reference_run), "--output-dir", str(other))
+    proc = cli(trainer.main, "--resume", str(reference_run), "--output-dir", str(other))
     assert proc.returncode == 2 and proc.stderr.startswith("error: --resume continues the run in"), proc.stderr
     assert {p.name: p.read_text() for p in other.iterdir()} == files  # untouched
 
@@ -200,8 +212,10 @@ def test_a_killed_peer_ends_the_other_process_with_a_clear_message(synthetic_sha
 # --- 6. W&B and epoch numbering -----------------------------------------------------------------------------
 
 @pytest.mark.e2e
-def test_wandb_run_survives_a_stop_and_resume_and_epochs_are_numbered_alike(synthetic_shards, tmp_path):
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+def test_wandb_is_offline_by_default_and_its_run_survives_a_stop_and_resume(synthetic_shards, tmp_path, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    env = {"HOME": str(tmp_path), "WANDB_SILENT": "true"}  # no ~/.netrc login and no WANDB_MODE: must be offline
     run = tmp_path / "run"
     steps_per_epoch = ShardManifest.load(synthetic_shards).splits["train"].samples // 8
     args = train_args(synthetic_shards, run, "--epochs", "2", "--workers", "1", "--tracker", "wandb",
@@ -218,7 +232,8 @@ def test_wandb_run_survives_a_stop_and_resume_and_epochs_are_numbered_alike(synt
     offline = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all((d / f"run-{run_id}.wandb").is_file() for d in offline)
     data = (offline[-1] / f"run-{run_id}.wandb").read_bytes()
-    for key in (b"val/precision_NEUTROPHIL", b"val/recall_NEUTROPHIL", b"wandb/confusion_matrix/v1"):
+    for key in (b"train/loss", b"val/accuracy", b"val/precision_NEUTROPHIL", b"val/recall_NEUTROPHIL",
+                b"wandb/confusion_matrix/v1"):
         assert key in data, key
 
     val = [r for r in records(run) if "val/accuracy" in r]

@@ -109,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = fold_command(args.launcher, args.shards, run, fold, args.config, extra)
             if subprocess.run(command).returncode != 0:
                 raise UserError(f"fold {fold} failed (command: {shlex.join(command)}); rerun to resume it")
+            if not RunDir(run).finished():  # stopped by a signal (preempted): checkpointed, exit 0 like the trainer
+                print(f"fold {fold} stopped before its end (checkpointed in {run}); rerun this command to resume it; "
+                      "no cv.json written", flush=True)
+                return 0
         summary = json.loads(RunDir(run).final.read_text())
         results[fold] = summary.get("last_validation", summary.get("final"))  # "final" before version 0.2
         if args.tta:
