@@ -15,12 +15,13 @@ import webdataset as wds
 from scipy.optimize import linear_sum_assignment
 
 from bloodcells_dist.cli import UserError
+from bloodcells_dist.pack import cells
 from bloodcells_dist.pack.cells import image_features, read_mapping, recover_cells
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.pack.sources import scan_images
 from bloodcells_dist.pack.synthetic import TRUTH_NAME, generate_dataset
 
-from .conftest import REAL_TRAIN, run_cli
+from .conftest import REAL_TRAIN, cli
 
 pytestmark = pytest.mark.e2e  # seconds to minutes of cell recovery each: the slow layer
 
@@ -61,8 +62,7 @@ def test_recovers_the_synthetic_cells(which, request):
 
 def test_cells_cli_mapping_is_reused_by_pack_and_checked(synthetic_root, tmp_path):
     mapping_file, sheet = tmp_path / "cells.csv", tmp_path / "cells.png"
-    proc = run_cli("-m", "bloodcells_dist", "cells", "--src", str(synthetic_root), "--out", str(mapping_file),
-                   "--sheet", str(sheet), check=True)
+    proc = cli(cells.main, "--src", str(synthetic_root), "--out", str(mapping_file), "--sheet", str(sheet), check=True)
     assert re.search(r"400 images -> \d+ cells", proc.stdout) and sheet.stat().st_size > 10_000
     mapping = read_mapping(mapping_file)
     manifest = pack_shards(synthetic_root, tmp_path / "shards", cells=mapping_file)

@@ -24,8 +24,9 @@ from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.pack.splits import FOLDS, assign_splits
 from bloodcells_dist.pack.synthetic import generate_dataset
 from bloodcells_dist.tools import evaluate, export, hub, predict
+from bloodcells_dist.train import trainer
 
-from .conftest import REPO, cli, run_cli
+from .conftest import REPO, cli
 from .test_bad_input import jpeg, make_root, one_error_line
 
 PBC_SAMPLE = REPO.parent / "shared" / "datasets" / "pbc-sample"
@@ -249,9 +250,9 @@ def test_eight_classes_through_train_evaluate_predict_export_and_hub(tmp_path):
     shards, run = tmp_path / "shards", tmp_path / "run"
     cli(shards_cli.main, "pack", "--src", str(src), "--out", str(shards), "--test-fraction", "0.25",
         "--name", "eight-class-lab", check=True)
-    run_cli("-m", "bloodcells_dist.train", "--shards", str(shards), "--output-dir", str(run), "--image-size", "32,32",
-            "--widths", "4,8,8,8", "--hidden", "16,16", "--batch-size", "8", "--epochs", "2", "--tracker", "none",
-            "--workers", "0", "--mixed-precision", "no", check=True)
+    cli(trainer.main, "--shards", str(shards), "--output-dir", str(run), "--image-size", "32,32",
+        "--widths", "4,8,8,8", "--hidden", "16,16", "--batch-size", "8", "--epochs", "2", "--tracker", "none",
+        "--workers", "0", "--mixed-precision", "no", check=True)
     cli(evaluate.main, "--model", str(run), "--shards", str(shards), "--split", "test", check=True)
     scored = json.loads((run / "eval-test.json").read_text())
     assert list(scored["per_class"]) == names and len(scored["confusion_matrix"]) == 8 and scored["samples"] == 24

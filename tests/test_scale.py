@@ -157,7 +157,7 @@ def test_a_kill_between_the_last_step_and_the_epoch_end_is_finished_on_resume(sy
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 99, "train/lo')  # as if killed mid-write
 
-    resumed = run_cli("-m", "bloodcells_dist.train", "--resume", str(run), check=True)
+    resumed = cli(trainer.main, "--resume", str(run), check=True)
     assert "unreadable (torn) line" in resumed.stderr  # the torn line does not stop it
     val = [r for r in records(run) if "val/accuracy" in r]
     assert [r["epoch"] for r in val] == [1, 2] and [r["step"] for r in val] == [steps_per_epoch, 2 * steps_per_epoch]

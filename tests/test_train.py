@@ -5,6 +5,7 @@ End-to-end (marked e2e): each test starts real processes. The in-process layer i
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -119,31 +120,25 @@ def test_bf16_channels_last_on_cpu_runs_end_to_end(synthetic_shards, tmp_path):
     assert losses and all(x == x and x < 10 for x in losses)  # finite
 
 
-def test_one_shard_streams_to_two_ranks_times_two_workers(synthetic_root, tmp_path):
-    """Fewer shards than (rank, worker) slots: each slot reads its own range of the one shard, no reuse."""
+def test_two_machines_on_loopback_stream_one_shard_to_two_ranks_times_two_workers(synthetic_root, tmp_path):
+    """Machine ranks 0 and 1 on 127.0.0.1, one process each, as on two hosts sharing a file system. One shard
+    per split, fewer than the (rank, worker) slots: each slot reads its own range of it, no sample reused."""
     shards = tmp_path / "shards"
-    pack_shards(synthetic_root, shards, seed=0, shard_size=10_000)  # one shard per split
-    run = tmp_path / "run"
-    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
-                  *train_args(shards, run, "--epochs", "1", "--workers", "2", "--data", "stream"), timeout=300)
-    assert "data: stream (as configured; 2 data worker(s) per process" in proc.stdout
-    manifest = ShardManifest.load(shards)
-    assert final(run)["steps"] == manifest.splits["train"].samples // 16
-    assert final(run)["last_validation"]["samples"] == manifest.splits["val"].samples
-
-
-def test_two_machines_on_loopback(synthetic_shards, tmp_path):
-    """Machine ranks 0 and 1 on 127.0.0.1, one process each, as on two hosts sharing a file system."""
+    pack_shards(synthetic_root, shards, seed=0, shard_size=10_000)
     port, run = free_port(), tmp_path / "run"
     common = ["--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
               "--main_process_port", str(port), "--rdzv_backend", "static", "--same_network"]
-    args = train_args(synthetic_shards, run, "--epochs", "1", "--workers", "1")
-    procs = [subprocess.Popen([ACCELERATE, "launch", *common, "--machine_rank", str(r), *args], cwd=REPO,
+    args = train_args(shards, run, "--epochs", "1", "--workers", "2", "--data", "stream")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([ACCELERATE, "launch", *common, "--machine_rank", str(r), *args], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
-    assert final(run)["processes"] == 2
-    assert final(run)["last_validation"]["samples"] == ShardManifest.load(synthetic_shards).splits["val"].samples
+    assert "data: stream (as configured; 2 data worker(s) per process" in outs[0][0]
+    manifest = ShardManifest.load(shards)
+    assert len(manifest.splits["train"].shards) == 1 and final(run)["processes"] == 2
+    assert final(run)["steps"] == manifest.splits["train"].samples // 16
+    assert final(run)["last_validation"]["samples"] == manifest.splits["val"].samples
 
 
 def test_a_broken_tracker_does_not_stop_training(synthetic_shards, tmp_path, monkeypatch):
