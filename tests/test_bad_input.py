@@ -297,7 +297,19 @@ def test_pipe_locations_are_refused_without_the_opt_in(small_shards, tmp_path, c
     assert not pwned.exists(), "a pipe: location ran its command"
     # with the opt-in, the user's own command is what reads the shards
     manifest = ShardManifest.load(f"pipe:cat {small_shards}", allow_pipe=True)
-    assert manifest.shard_urls(f"pipe:cat {small_shards}", "test", allow_pipe=True)[0].startswith("pipe:cat ")
+    assert manifest.shard_urls(f"pipe:cat {small_shards}", "test")[0].startswith("pipe:cat ")  # as it was loaded
+    with pytest.raises(UserError, match="--allow-pipe"):  # only the location the user allowed
+        manifest.shard_urls(f"pipe:sh -c 'touch {pwned}' {small_shards}", "test")
+    with pytest.raises(UserError, match="--allow-pipe"):
+        ShardManifest.load(small_shards).shard_urls(f"pipe:cat {small_shards}", "test")
+    # the permission is the caller's, never the file's: a manifest.json that claims it grants nothing
+    forged = tmp_path / "forged"
+    shutil.copytree(small_shards, forged)
+    (forged / "manifest.json").write_text(json.dumps({**json.loads((forged / "manifest.json").read_text()),
+                                                      "allowed_pipe": f"pipe:cat {forged}"}))
+    with pytest.raises(UserError, match="--allow-pipe"):
+        ShardManifest.load(forged).shard_urls(f"pipe:cat {forged}", "test")
+    assert not pwned.exists()
 
 
 def test_links_out_of_the_source_root_are_not_followed(tmp_path):

@@ -74,10 +74,10 @@ def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str],
     return kind, why
 
 
-def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator: Accelerator,
-                       allow_pipe: bool = False) -> CachedBatches | StreamedBatches:
+def open_training_data(config: TrainConfig, manifest: ShardManifest,
+                       accelerator: Accelerator) -> CachedBatches | StreamedBatches:
     """The training and validation batches of this rank, from the decoded cache when it fits, else the stream.
-    allow_pipe: accept `pipe:` shard locations (see ShardManifest.shard_urls)."""
+    (A `pipe:` shard location is read only if the manifest was loaded with allow_pipe.)"""
     train, val = training_selections(config.train_splits, config.val_split, config.val_fold)
     splits = list(dict.fromkeys([*train.splits, *(val.splits if val else ())]))
     preprocess = config.preprocess()
@@ -87,7 +87,7 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator
     with accelerator.local_main_process_first():
         samples, path, built = load_or_build(manifest, config.shards, splits, preprocess if kind == "cache" else None,
                                              cache_dir=Path(config.cache_dir or default_cache_dir()),
-                                             workers=min(os.cpu_count() or 1, 16), allow_pipe=allow_pipe)
+                                             workers=min(os.cpu_count() or 1, 16))
     train_rows = samples.select(train)
     val_rows = samples.select(val) if val else torch.zeros(0, dtype=torch.long)
     plan = EpochPlan(len(train_rows), config.batch_size, accelerator.num_processes, config.grad_accum,
@@ -104,7 +104,7 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator
         return CachedBatches(samples.to(device), train_rows, val_rows, plan, augment, rank, device)
     accelerator.print(f"data: stream ({why}; {config.workers} data worker(s) per process decode, "
                       f"augmentation in batches on {device.type})")
-    urls = lambda names: [u for s in names for u in manifest.shard_urls(config.shards, s, allow_pipe)]
+    urls = lambda names: [u for s in names for u in manifest.shard_urls(config.shards, s)]
     counts = {s: len(manifest.split(s).shards) for s in train.splits}
     return StreamedBatches(urls(train.splits), shard_positions(samples, counts, train_rows),
                            urls(val.splits) if val else [], val, plan, augment, rank, device, config.workers,
@@ -112,11 +112,10 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest, accelerator
 
 
 def open_eval_data(shards: str, manifest: ShardManifest, selection: Selection, preprocess: Preprocess,
-                   accelerator: Accelerator, *, batch_size: int, workers: int,
-                   allow_pipe: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   accelerator: Accelerator, *, batch_size: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the selected samples, each counted once over all ranks, preprocessed as a model
     was trained and normalised on its device: (images, labels) batches."""
-    urls = [u for s in selection.splits for u in manifest.shard_urls(shards, s, allow_pipe)]
+    urls = [u for s in selection.splits for u in manifest.shard_urls(shards, s)]
     normalise = DeviceAugment(mean=preprocess.mean, std=preprocess.std)
     return streamed_eval_batches(urls, selection=selection, preprocess=preprocess, batch_size=batch_size,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes, workers=workers,

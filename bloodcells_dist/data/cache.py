@@ -74,11 +74,11 @@ class ShardReader(IterableDataset):
 
 
 def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], preprocess: Preprocess | None,
-                 workers: int, allow_pipe: bool = False) -> DecodedSamples:
+                 workers: int) -> DecodedSamples:
     """Read (and with a preprocessing, decode) every sample of the splits with `workers` data workers."""
     columns: dict[str, list] = {k: [] for k in ("shard", "position", "split", "labels", "folds", "keys", "images")}
     for index, split in enumerate(splits):
-        urls = manifest.shard_urls(shards, split, allow_pipe)
+        urls = manifest.shard_urls(shards, split)
         loader = DataLoader(ShardReader(urls, preprocess), batch_size=None, num_workers=min(workers, len(urls)))
         for part in sorted(loader, key=lambda p: p["shard"]):
             n = len(part["keys"])
@@ -173,7 +173,7 @@ def load_samples(path: Path, source: dict, preprocess: Preprocess | None) -> tup
 
 
 def load_or_build(manifest: ShardManifest, shards: str, splits: Sequence[str], preprocess: Preprocess | None,
-                  *, cache_dir: Path, workers: int, allow_pipe: bool = False) -> tuple[DecodedSamples, Path, bool]:
+                  *, cache_dir: Path, workers: int) -> tuple[DecodedSamples, Path, bool]:
     """The cached samples of the splits, built and saved first if missing; (samples, file, built)."""
     path, source = cache_path(cache_dir, manifest, splits, preprocess), built_from(manifest, splits, preprocess)
     samples, why = load_samples(path, source, preprocess) if path.is_file() else (None, "")
@@ -181,7 +181,7 @@ def load_or_build(manifest: ShardManifest, shards: str, splits: Sequence[str], p
         return samples, path, False
     if why:
         print(f"data: the cache {path} is not used ({why}): rebuilding it", file=sys.stderr)
-    samples = read_samples(manifest, shards, splits, preprocess, workers, allow_pipe)
+    samples = read_samples(manifest, shards, splits, preprocess, workers)
     problem = save_samples(samples, path, source)
     if problem:
         print(f"warning: {problem}", file=sys.stderr)

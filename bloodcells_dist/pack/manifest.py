@@ -102,6 +102,8 @@ class ShardManifest:
     args: dict = field(default_factory=dict)
     tool_version: str = ""
     format: str = FORMAT
+    # Not saved: the `pipe:` location load() was allowed to read (by --allow-pipe), which shard_urls then accepts.
+    allowed_pipe: str = field(default="", repr=False, compare=False)
 
     def split(self, name: str) -> SplitInfo:
         """The named split, or a UserError listing the splits there are."""
@@ -111,7 +113,9 @@ class ShardManifest:
 
     def to_json(self) -> str:
         """Stable JSON text (sorted keys) so two identical packs give identical bytes."""
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        fields = asdict(self)
+        del fields["allowed_pipe"]
+        return json.dumps(fields, indent=1, sort_keys=True) + "\n"
 
     def save(self, folder: Path) -> None:
         """Write atomically: a reader sees the old manifest, or none, or the complete new one."""
@@ -145,13 +149,16 @@ class ShardManifest:
             for split in splits.values():
                 for shard in split.shards:
                     check_shard_file(shard.file)
-            return cls(splits=splits, **raw)
+            raw.pop("allowed_pipe", None)
+            return cls(splits=splits, **raw, allowed_pipe=str(folder) if allow_pipe and is_pipe(folder) else "")
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise UserError(f"{path} is not a valid shard manifest ({err})") from None
 
-    def shard_urls(self, folder: Path | str, split: str, allow_pipe: bool = False) -> list[str]:
+    def shard_urls(self, folder: Path | str, split: str, allow_pipe: bool | None = None) -> list[str]:
         """The split's shard locations under `folder` (a local path or any URL webdataset can open; `pipe:`
-        only if allowed)."""
+        only if allowed: by default, the location this manifest was loaded from with allow_pipe)."""
+        if allow_pipe is None:
+            allow_pipe = bool(self.allowed_pipe) and str(folder) == self.allowed_pipe
         check_location(folder, allow_pipe)
         base = str(folder).rstrip("/")
         return [f"{base}/{s.file}" for s in self.split(split).shards]

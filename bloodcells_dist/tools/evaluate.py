@@ -131,8 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.fold >= manifest.folds:
             raise UserError(f"--fold {args.fold}: the shards have folds 0..{manifest.folds - 1}")
         batches = open_eval_data(args.shards, manifest, Selection(tuple(splits), args.fold), spec.preprocess,
-                                 accelerator, batch_size=args.batch_size, workers=args.workers,
-                                 allow_pipe=args.allow_pipe)
+                                 accelerator, batch_size=args.batch_size, workers=args.workers)
     elif args.fold >= 0:
         raise UserError("--fold needs --shards: JPEG folders carry no fold index")
     else:

@@ -91,7 +91,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
             warn_if_emulated(precision, hardware)
         origin = provenance(device=device_name(accelerator), precision=f"{precision} ({why})",
                             processes=accelerator.num_processes)
-        data = open_training_data(config, manifest, accelerator, allow_pipe)
+        data = open_training_data(config, manifest, accelerator)
         steps_per_epoch = data.plan.steps_per_epoch
         spec = ModelSpec.from_config(config.to_dict(), manifest.classes, dataset=manifest.dataset, provenance=origin)
         model, optimizer = build_model(config, spec, accelerator)
