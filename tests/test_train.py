@@ -45,6 +45,7 @@ def test_one_process_learns_and_writes_the_run_folder(reference_run, synthetic_s
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert losses[-1] < losses[0] and all(r["train/images_per_s"] > 0 for r in records if "train/loss" in r)
     assert len([r for r in records if "val/accuracy" in r]) == 8
+    assert all(r["epoch_seconds"] > 0 for r in records if "val/accuracy" in r)  # each epoch's time, validation included
     saved = yaml.safe_load((reference_run / "config.yaml").read_text())
     assert saved["widths"] == [8, 16, 32, 32] and saved["epochs"] == 8 and saved["tracker"] == "none"
     model, spec = load_model(reference_run)

@@ -126,7 +126,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
                 train_epoch(run, state)
                 if stop.stopping:
                     break
-                end_epoch(run, state)
+                end_epoch(run, state, started)
                 if epoch == first_epoch and epoch + 1 < config.epochs:
                     accelerator.print(eta_line(time.perf_counter() - started, config.epochs - epoch - 1))
             return finish(run, state, data.plan.samples)
@@ -337,16 +337,17 @@ def sync_batchnorm_stats(model: torch.nn.Module) -> None:
         buffer.copy_(broadcast(buffer.clone(), from_process=0))
 
 
-def end_epoch(run: Run, state: TrainState) -> None:
-    """Validate (every eval_every epochs and at the last), keep the best weights, checkpoint. Collective."""
+def end_epoch(run: Run, state: TrainState, started: float) -> None:
+    """Validate (every eval_every epochs and at the last), keep the best weights, checkpoint. Collective.
+    started: perf_counter() at the epoch's start; the validation record gives the epoch's seconds, validation included."""
     config, accelerator, epoch = run.config, run.accelerator, state.epoch
     if run.data.validates and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
         sync_batchnorm_stats(run.model)
         metrics = score(accelerator.unwrap_model(run.model), run.data.eval_batches(), accelerator,
                         list(run.spec.classes))
         state.last_validation = metrics
-        run.log.write({"step": state.step, "epoch": epoch + 1, **{f"val/{k}": metrics[k] for k in
-                                                                   ("accuracy", "macro_f1", "samples")}, "val": metrics})
+        run.log.write({"step": state.step, "epoch": epoch + 1, "epoch_seconds": time.perf_counter() - started,
+                       **{f"val/{k}": metrics[k] for k in ("accuracy", "macro_f1", "samples")}, "val": metrics})
         run.tracker.log_validation(metrics, list(run.spec.classes), step=state.step, epoch=epoch + 1)
         accelerator.print(f"epoch {epoch + 1}: " + format_metrics(metrics, list(run.spec.classes)))
         if metrics["macro_f1"] > state.best_macro_f1:
