@@ -154,11 +154,9 @@ class ShardManifest:
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise UserError(f"{path} is not a valid shard manifest ({err})") from None
 
-    def shard_urls(self, folder: Path | str, split: str, allow_pipe: bool | None = None) -> list[str]:
-        """The split's shard locations under `folder` (a local path or any URL webdataset can open; `pipe:`
-        only if allowed: by default, the location this manifest was loaded from with allow_pipe)."""
-        if allow_pipe is None:
-            allow_pipe = bool(self.allowed_pipe) and str(folder) == self.allowed_pipe
-        check_location(folder, allow_pipe)
+    def shard_urls(self, folder: Path | str, split: str) -> list[str]:
+        """The split's shard locations under `folder` (a local path or any URL webdataset can open; `pipe:` only
+        the location this manifest was loaded from with allow_pipe)."""
+        check_location(folder, bool(self.allowed_pipe) and str(folder) == self.allowed_pipe)
         base = str(folder).rstrip("/")
         return [f"{base}/{s.file}" for s in self.split(split).shards]
