@@ -10,8 +10,13 @@ RECIPE ?= launch/recipes/best.yaml
 CV     ?= runs/cv-best
 FINAL  ?= runs/best-final
 DEMO   ?= demo
+PBC    ?= ../PBC_dataset_normal_DIB
+PBC_OUT ?= shards-pbc
+PRETRAIN ?= runs/pbc-pretrain
+TUNED  ?= runs/bloodcells-finetune-final
+TRAIN_FLAGS ?=
 
-.PHONY: help setup demo test test-fast lint docs shards verify train cv final bench clean
+.PHONY: help setup demo test test-fast lint docs shards verify train cv final transfer bench clean
 
 help:
 	@echo "make setup                 create $(VENV) and install the package with its dev and export extras"
@@ -24,6 +29,7 @@ help:
 	@echo "make train [OUT=shards] [RUN=runs/default] [RECIPE=...]   train a recipe (best.yaml) on shards"
 	@echo "make cv [RECIPE=...] [CV=runs/cv-best]   grouped 5-fold cross-validation of a recipe, with TTA"
 	@echo "make final [FINAL=runs/best-final]   best.yaml on train + val, then evaluate on the test split"
+	@echo "make transfer PBC=DIR DATA=DIR   pack PBC, pretrain on it, fine-tune on DATA (train + val), evaluate on DATA's test"
 	@echo "make bench                 packing and training throughput benchmarks"
 
 $(PY):
@@ -75,6 +81,20 @@ final: setup
 	$(BC) train --shards $(OUT) --output-dir $(FINAL) --config launch/recipes/best.yaml \
 		--train-splits train,val --val-split ''
 	$(BC) evaluate --model $(FINAL) --shards $(OUT) --split test --tta
+
+# The transfer chain: PBC (class folders as published) -> shards -> pbc-pretrain.yaml -> the fine-tuning recipe on
+# DATA's train + val, started from that model -> DATA's test split. TRAIN_FLAGS go to both trainings.
+transfer: setup
+	$(BC) pack --src $(PBC) --out $(PBC_OUT) --name pbc --test-fraction 0.15 --overwrite
+	$(BC) verify $(PBC_OUT)
+	$(BC) train --shards $(PBC_OUT) --config launch/recipes/pbc-pretrain.yaml --output-dir $(PRETRAIN) --overwrite \
+		$(TRAIN_FLAGS)
+	$(BC) evaluate --model $(PRETRAIN) --shards $(PBC_OUT) --split test
+	$(BC) pack --src $(DATA) --out $(OUT) --overwrite
+	$(BC) verify $(OUT)
+	$(BC) train --shards $(OUT) --config launch/recipes/bloodcells-finetune.yaml --init-from $(PRETRAIN) \
+		--train-splits train,val --val-split '' --output-dir $(TUNED) --overwrite $(TRAIN_FLAGS)
+	$(BC) evaluate --model $(TUNED) --shards $(OUT) --split test
 
 bench: setup
 	$(PY) benchmarks/bench_pack.py

@@ -23,7 +23,8 @@ class TrainConfig:
     """Every knob of a training run. Saved as RUN/config.yaml; runtime state never goes in here."""
 
     # data
-    shards: str = "shards"  # shard folder or URL prefix holding manifest.json
+    shards: str = "shards"  # shard folder or URL prefix holding manifest.json; several, comma-separated (or a YAML list), train together: classes united by name, the first one validates
+    shard_weights: tuple[float, ...] = ()  # with several shard folders: each one's sampling weight (1: every sample once per epoch, 0.5: half, 2: twice); () is all 1
     output_dir: str = "runs/default"  # the run folder: config, metrics, checkpoints, weights, final.json
     train_splits: tuple[str, ...] = ("train",)  # ("train", "val") trains the final model on both
     val_split: str = "val"  # "" to skip validation
@@ -52,6 +53,12 @@ class TrainConfig:
     dropout: float = 0.0  # before FC2 and FC3
     channels_last: bool = False  # NHWC memory layout: faster convolutions on GPUs and recent CPUs
     compile: bool = False  # torch.compile the model
+    # fine-tuning: start from a trained model of this framework instead of random weights
+    init_from: str = ""  # the model to start from: a run folder, a Hub folder, a .safetensors file or a .pt2 / .pt export; "" trains from scratch
+    class_map: tuple[str, ...] = ()  # SOURCE=NEW pairs for classes the two datasets spell otherwise (same names match by themselves, case aside)
+    features_lr: float = 1.0  # the conv blocks' learning rate as a multiple of the head's (0.1 is usual when fine-tuning)
+    freeze_epochs: int = 0  # first epochs in which the conv blocks (and their BatchNorm statistics) stay as they are: only the head trains
+    bn_refit: int = 0  # with init_from: training batches that re-estimate BatchNorm's statistics before the first step (the data changed); 0 keeps the source's
     # optimisation
     epochs: int = 10  # passes over the training samples
     batch_size: int = 32  # per process, per micro-batch
@@ -119,10 +126,31 @@ class TrainConfig:
         for key, low in (("workers", 0), ("checkpoint_every", 0), ("shuffle_buffer", 1), ("val_fold", -1)):
             if getattr(self, key) < low:
                 raise UserError(f"config {key}={getattr(self, key)} must be at least {low}")
+        if not (math.isfinite(self.features_lr) and self.features_lr >= 0):
+            raise UserError(f"config features_lr={self.features_lr}: must be a finite number, 0 or more")
+        if not 0 <= self.freeze_epochs <= self.epochs:
+            raise UserError(f"config freeze_epochs={self.freeze_epochs}: must be in [0, epochs={self.epochs}]")
+        if self.bn_refit < 0:
+            raise UserError(f"config bn_refit={self.bn_refit} must be at least 0")
+        for key in ("class_map", "bn_refit"):
+            if getattr(self, key) and not self.init_from:
+                raise UserError(f"config {key} applies only when starting from a model: set init_from too")
+        folders = self.shard_folders()
+        if "" in folders or len(set(folders)) != len(folders):
+            raise UserError(f"config shards={self.shards!r}: each shard folder once, none empty")
+        if self.shard_weights and len(self.shard_weights) != len(folders):
+            raise UserError(f"config shard_weights={list(self.shard_weights)}: one weight per shard folder "
+                            f"({len(folders)})")
+        if not all(math.isfinite(w) and w > 0 for w in self.shard_weights):
+            raise UserError(f"config shard_weights={list(self.shard_weights)}: every weight must be above 0")
         try:
             self.preprocess()
         except ValueError as err:
             raise UserError(f"config {err}") from None
+
+    def shard_folders(self) -> list[str]:
+        """The shard folders (or URL prefixes) this run trains on, the validating one first."""
+        return [part.strip() for part in self.shards.split(",")]
 
     def preprocess(self) -> Preprocess:
         """Window, resize and normalisation of this run's images (what its models record)."""
@@ -178,6 +206,8 @@ def coerce(key: str, value: object) -> object:
             return number(kind, value)
         if kind is str and isinstance(value, str):
             return value
+        if key == "shards" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # a recipe's list of shard folders
         if kind is str and value is None:
             return ""
         raise ValueError(f"expected {kind.__name__}")

@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,6 +143,20 @@ def synthetic_shards(synthetic_root, tmp_path_factory) -> Path:
     the grouping a perfect recovery would give, without the recovery's seconds (test_cells.py tests that)."""
     out = tmp_path_factory.mktemp("shards")
     pack_shards(synthetic_root, out, seed=0, cells=true_cells(synthetic_root, out.parent / "cells.csv"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def lab_shards(synthetic_root, tmp_path_factory) -> Path:
+    """Another lab's data as class folders spelt otherwise: 'eosinophil' (case), 'lymphocyte', 'neutrophils'
+    (a class_map), a class 'basophil' the synthetic set lacks (its monocytes' images), no monocyte; 20% val."""
+    train = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TRAIN"
+    root = tmp_path_factory.mktemp("lab") / "data"
+    for old, new in {"EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte", "NEUTROPHIL": "neutrophils",
+                     "MONOCYTE": "basophil"}.items():
+        shutil.copytree(train / old, root / new)
+    out = root.parent / "shards"
+    pack_shards(root, out, seed=0, val_fraction=0.2, test_fraction=0.0, groups="files", name="lab")
     return out
 
 

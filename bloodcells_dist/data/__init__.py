@@ -31,22 +31,15 @@ from accelerate.utils import broadcast_object_list
 
 from ..cli import UserError
 from ..pack.manifest import ShardManifest
-from .augment import DeviceAugment
+from .augment import DeviceAugment, training_augment
 from .batches import CachedBatches, StreamedBatches, shard_positions, streamed_eval_batches
-from .cache import cache_bytes, load_or_build, memory_budget
+from .cache import cache_bytes, default_cache_dir, load_or_build, memory_budget
 from .plan import EpochPlan
 from .preprocess import Preprocess
 from .selection import Selection, training_selections
 
 if TYPE_CHECKING:  # config.py imports preprocess.py: only a type here, no import circle
     from ..config import TrainConfig
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/bloodcells_dist, else ~/.cache/bloodcells_dist."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bloodcells_dist"
 
 
 def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str],
@@ -92,10 +85,7 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest,
     val_rows = samples.select(val) if val else torch.zeros(0, dtype=torch.long)
     plan = EpochPlan(len(train_rows), config.batch_size, accelerator.num_processes, config.grad_accum,
                      seed=config.seed, shuffle=config.shuffle)
-    augment = DeviceAugment(flip=config.aug_flip, rot90=config.aug_rot90, affine=config.aug_affine,
-                            color=config.aug_color, hue=config.aug_hue, gain=config.aug_gain, erase=config.aug_erase,
-                            mean=preprocess.mean, std=preprocess.std, channels_last=config.channels_last,
-                            dtype=DTYPES.get(accelerator.mixed_precision, torch.float32))
+    augment = training_augment(config, preprocess, accelerator.mixed_precision)
     device, rank = accelerator.device, accelerator.process_index
     seconds = time.perf_counter() - started
     if kind == "cache":

@@ -18,12 +18,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .plan import stable_seed
-from .preprocess import MEAN, STD
+from .preprocess import MEAN, STD, Preprocess
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # Accelerate's mixed_precision -> the autocast dtype
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 MASK32 = 0xFFFFFFFF
 # Draws per sample, in this order (a fixed slot each, so switching one augmentation off changes no other).
@@ -202,3 +208,11 @@ def random_erase(x: torch.Tensor, u: torch.Tensor, p: float, fill: torch.Tensor)
     inside = ((ys >= top.view(n, 1, 1)) & (ys < (top + h).view(n, 1, 1)) & (xs >= left.view(n, 1, 1))
               & (xs < (left + w).view(n, 1, 1)) & (u[:, ERASE] < p).view(n, 1, 1))
     return torch.where(inside[:, None], fill.view(1, -1, 1, 1), x)
+
+
+def training_augment(config: TrainConfig, preprocess: Preprocess, mixed_precision: str) -> DeviceAugment:
+    """The run's augmentation as its config sets it, normalised as `preprocess` and cast for the autocast dtype."""
+    return DeviceAugment(flip=config.aug_flip, rot90=config.aug_rot90, affine=config.aug_affine,
+                         color=config.aug_color, hue=config.aug_hue, gain=config.aug_gain, erase=config.aug_erase,
+                         mean=preprocess.mean, std=preprocess.std, channels_last=config.channels_last,
+                         dtype=DTYPES.get(mixed_precision, torch.float32))

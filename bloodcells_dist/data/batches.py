@@ -7,7 +7,7 @@ validation sample is counted exactly once across ranks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class CachedBatches:
     augment: DeviceAugment
     rank: int
     device: torch.device
+    extra_val: dict[str, torch.Tensor] = field(default_factory=dict)  # further datasets' validation rows, by name
     kind: str = "cache"
 
     @property
@@ -46,6 +47,7 @@ class CachedBatches:
         # The index lives where the images do: gathering a batch then never waits on a host-to-GPU copy.
         device = self.images.device
         self.train_rows, self.val_rows = self.train_rows.to(device), self.val_rows.to(device)
+        self.extra_val = {name: rows.to(device) for name, rows in self.extra_val.items()}
         self.labels, self.ids = self.samples.labels.to(device), self.samples.ids.to(device)
 
     def train_batches(self, epoch: int, start: int = 0) -> Batches:
@@ -53,9 +55,10 @@ class CachedBatches:
         for positions in self.plan.rank_batches(epoch, self.rank, start).to(self.train_rows.device):  # one copy
             yield self.gather(self.train_rows[positions], epoch)
 
-    def eval_batches(self) -> Batches:
-        """This rank's share of the validation rows (every row on exactly one rank), normalised."""
-        rows = self.val_rows[self.rank::self.plan.world_size]
+    def eval_batches(self, dataset: str | None = None) -> Batches:
+        """This rank's share of the validation rows (every row on exactly one rank), normalised: the run's own,
+        or those of a further dataset (extra_val)."""
+        rows = (self.val_rows if dataset is None else self.extra_val[dataset])[self.rank::self.plan.world_size]
         for begin in range(0, len(rows), self.plan.batch_size):
             yield self.gather(rows[begin:begin + self.plan.batch_size], None)
 
@@ -83,6 +86,7 @@ class StreamedBatches:
     shuffle_buffer: int
     preprocess: Preprocess
     kind: str = "stream"
+    extra_val: dict[str, torch.Tensor] = field(default_factory=dict)  # the stream reads one dataset: always empty
 
     @property
     def validates(self) -> bool:
@@ -98,8 +102,9 @@ class StreamedBatches:
             yield (self.augment(images, ids.to(self.device, non_blocking=True), seed=self.plan.seed, epoch=epoch),
                    labels.to(self.device, non_blocking=True))
 
-    def eval_batches(self) -> Batches:
-        """This rank's validation shards, each sample once, normalised."""
+    def eval_batches(self, dataset: str | None = None) -> Batches:
+        """This rank's validation shards, each sample once, normalised (the stream reads one dataset: `dataset`
+        is always None)."""
         return streamed_eval_batches(self.val_urls, selection=self.val_selection, preprocess=self.preprocess,
                                      batch_size=self.plan.batch_size, rank=self.rank, world_size=self.plan.world_size,
                                      workers=self.workers, normalise=self.augment, device=self.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import sys
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,11 @@ from .selection import Selection
 from .stream import decode_resized, numbered, sample_id, worker_slot
 
 FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/bloodcells_dist, else ~/.cache/bloodcells_dist."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bloodcells_dist"
 
 
 @dataclass

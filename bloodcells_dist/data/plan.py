@@ -39,8 +39,14 @@ class EpochPlan:
     grad_accum: int = 1
     seed: int = 0
     shuffle: bool = True
+    # Several datasets in one run: per dataset (its training samples, its sampling weight), in the order their
+    # rows are concatenated; `samples` is then the epoch's length, sum(round(weight x size)). Empty: one dataset,
+    # every sample once per epoch.
+    parts: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.parts and self.samples != sum(take_of(size, weight) for size, weight in self.parts):
+            raise ValueError("samples must be the epoch's length, sum(round(weight x size)) over the parts")
         if self.samples < self.global_batch:
             raise UserError(f"{self.samples} training samples are fewer than one optimizer step needs "
                             f"(batch_size {self.batch_size} x {self.world_size} process(es) x grad_accum "
@@ -67,11 +73,35 @@ class EpochPlan:
         return self.samples - self.steps_per_epoch * self.global_batch
 
     def order(self, epoch: int) -> torch.Tensor:
-        """The epoch's permutation of sample positions 0..samples-1 (identity without shuffle)."""
+        """The epoch's permutation of sample positions 0..samples-1 (identity without shuffle); with parts, the
+        epoch's positions (weighted_positions) in a seeded order."""
+        positions = self.weighted_positions(epoch) if self.parts else torch.arange(self.samples)
         if not self.shuffle:
-            return torch.arange(self.samples)
+            return positions
         generator = torch.Generator().manual_seed(stable_seed(self.seed, epoch, "plan"))
-        return torch.randperm(self.samples, generator=generator)
+        return positions[torch.randperm(self.samples, generator=generator)]
+
+    def weighted_positions(self, epoch: int) -> torch.Tensor:
+        """The epoch's sample positions over the parts: part d (rows offset_d .. offset_d + size_d - 1) gives
+        round(weight_d x size_d) samples, read from its endless sequence of seeded permutations, epoch after
+        epoch. Weight 1: each sample of the part exactly once per epoch; 2: twice; 0.5: half of them, the other
+        half the next epoch."""
+        chunks, offset = [], 0
+        for index, (size, weight) in enumerate(self.parts):
+            take = take_of(size, weight)
+            begin = epoch * take
+            cycles = range(begin // size, (begin + take - 1) // size + 1)
+            sequence = torch.cat([self.part_cycle(index, cycle, size) for cycle in cycles])
+            start = begin - cycles[0] * size
+            chunks.append(sequence[start:start + take] + offset)
+            offset += size
+        return torch.cat(chunks)
+
+    def part_cycle(self, part: int, cycle: int, size: int) -> torch.Tensor:
+        """The cycle-th pass over a part: a seeded permutation of 0..size-1 (in order without shuffle)."""
+        if not self.shuffle:
+            return torch.arange(size)
+        return torch.randperm(size, generator=torch.Generator().manual_seed(stable_seed(self.seed, part, cycle, "part")))
 
     def rank_batches(self, epoch: int, rank: int, start: int = 0) -> torch.Tensor:
         """(micro_batches - start, batch_size) sample positions: rank's micro-batches from `start` on."""
@@ -79,6 +109,11 @@ class EpochPlan:
         # (step, accumulation micro-batch, rank, sample): micro-batch m of rank r at step s.
         grid = used.view(self.steps_per_epoch, self.grad_accum, self.world_size, self.batch_size)
         return grid[:, :, rank].reshape(self.micro_batches, self.batch_size)[start:]
+
+
+def take_of(size: int, weight: float) -> int:
+    """Samples a part of `size` samples gives an epoch at sampling weight `weight` (at least one)."""
+    return max(1, round(weight * size))
 
 
 def shard_order(shards: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:

@@ -4,6 +4,7 @@
         [--launcher "accelerate launch --config_file launch/cpu_2proc.yaml"] [--tta] [--key value ...]
 
 Fold k trains on the other folds of train + val and validates on fold k (whole groups only, see the packer).
+With several shard folders (`--shards OWN,OTHER`), the first is cross-validated and the others train in every fold.
 Each fold runs in RUNS/fold-k; a finished fold (its final.json says so) is not run again, and an interrupted
 fold resumes from its last checkpoint, so a long cross-validation can span several sittings. Writes
 RUNS/cv.json with every fold's last-epoch metrics, the mean and standard deviation, per-class recall, the pooled
@@ -95,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tta", action="store_true", help="also score each fold's last weights with TTA")
     parser.add_argument("--allow-pipe", action="store_true", help="accept a pipe: --shards (a shell command)")
     args, extra = parser.parse_known_args(argv)
-    manifest = ShardManifest.load(args.shards, args.allow_pipe)
+    own = args.shards.split(",")[0].strip()  # with several shard folders (joint training), the first is cross-validated
+    manifest = ShardManifest.load(own, args.allow_pipe)
     extra = [*extra, "--allow-pipe"] if args.allow_pipe else extra
     folds = [int(f) for f in args.folds.split(",") if f] or list(range(manifest.folds))
     if not all(0 <= f < manifest.folds for f in folds):
@@ -116,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = json.loads(RunDir(run).final.read_text())
         results[fold] = summary.get("last_validation", summary.get("final"))  # "final" before version 0.2
         if args.tta:
-            tta[fold] = tta_metrics(args.shards, run, fold, args.allow_pipe)
+            tta[fold] = tta_metrics(own, run, fold, args.allow_pipe)
     summary = summarize(results)
     if args.tta:
         summary["tta"] = summarize(tta)

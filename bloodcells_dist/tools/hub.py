@@ -139,7 +139,7 @@ Dataset: "{dataset}"{synthetic}.
 {yaml.safe_dump(recipe, sort_keys=False).rstrip()}
 ```
 
-Trained with `bloodcells_dist` (SGD, from scratch, no pretrained weights). Provenance:
+{start_line(spec.init_from)} Provenance:
 {origin}
 
 ## Intended use and limits
@@ -151,6 +151,21 @@ licence where it differs from the model card's.
 **This is not a medical device.** It is not validated for, and must not be used in, diagnosis, screening or
 any clinical decision.
 """
+
+
+def start_line(init_from: dict) -> str:
+    """The card's sentence on where training started: from scratch, or from which model, dataset and commit."""
+    if not init_from:
+        return "Trained with `bloodcells_dist` (SGD, from scratch, no pretrained weights)."
+    classes = init_from.get("classes", {})
+    mapped = ", ".join(f"{a} as {b}" for a, b in classes.get("mapped", {}).items())
+    return (f"Trained with `bloodcells_dist` (SGD). Started from the model `{init_from.get('source', '?')}`, trained "
+            f"on \"{init_from.get('dataset') or 'unknown'}\" (commit {init_from.get('commit') or 'not recorded'}): "
+            f"classes kept {', '.join(classes.get('kept', [])) or 'none'}"
+            + (f"; mapped {mapped}" if mapped else "")
+            + f"; new {', '.join(classes.get('fresh', [])) or 'none'}; dropped {', '.join(classes.get('dropped', [])) or 'none'}"
+            + (f"; layers started fresh: {', '.join(init_from['fresh_layers'])}" if init_from.get("fresh_layers") else "")
+            + ".")
 
 
 def save_pretrained(model_path: Path, out: Path, *, overwrite: bool = False, license_id: str = "mit") -> Path:

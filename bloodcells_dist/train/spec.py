@@ -25,7 +25,8 @@ SPEC_KEY = "spec"  # the weights file's metadata key holding the spec's JSON
 MODEL_TYPE = "bloodcells_cnn"
 HUB_CONFIG = "config.json"  # huggingface_hub's names
 HUB_WEIGHTS = "model.safetensors"
-PATHS = ("shards", "output_dir", "cache_dir")  # a recipe never carries the training machine's paths
+PATHS = ("shards", "output_dir", "cache_dir", "init_from")  # a recipe never carries the training machine's paths
+#        (where a model started from is its own record, `init_from`)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ModelSpec:
     dataset: str = ""  # the name its shards were packed under
     recipe: dict = field(default_factory=dict)  # the TrainConfig it was trained with, without paths
     provenance: dict = field(default_factory=dict)  # code version, libraries, device, precision
+    init_from: dict = field(default_factory=dict)  # the model it started from (transfer.py), {} if from scratch
 
     def network(self) -> dict:
         """The keyword arguments of BloodCellCNN (also the keys its Hub config.json rebuilds it from)."""
@@ -60,7 +62,8 @@ class ModelSpec:
                 "label2id": {c: i for i, c in enumerate(self.classes)},
                 "cell_crop": self.preprocess.cell_crop, "fit": self.preprocess.fit,
                 "mean": list(self.preprocess.mean), "std": list(self.preprocess.std),
-                "dataset": self.dataset, "training_config": self.recipe, "provenance": self.provenance}
+                "dataset": self.dataset, "training_config": self.recipe, "provenance": self.provenance,
+                "init_from": self.init_from}
 
     @classmethod
     def from_json(cls, raw: object, *, legacy_fit: str = "stretch") -> ModelSpec:
@@ -86,12 +89,12 @@ class ModelSpec:
         if len(widths) != 4 or len(hidden) != 2 or min(widths + hidden) < 1 or not isinstance(bias, bool):
             raise ValueError(f"widths {list(widths)} / hidden {list(hidden)} / conv_bias {bias!r} do not describe "
                              "the design (4 conv widths, 2 FC widths, all >= 1)")
-        recipe, provenance = raw.get("training_config", {}), raw.get("provenance", {})
-        if not isinstance(recipe, dict) or not isinstance(provenance, dict):
-            raise ValueError("training_config and provenance must be objects")
+        recipe, provenance, start = raw.get("training_config", {}), raw.get("provenance", {}), raw.get("init_from", {})
+        if not isinstance(recipe, dict) or not isinstance(provenance, dict) or not isinstance(start, dict):
+            raise ValueError("training_config, provenance and init_from must be objects")
         return cls(classes=tuple(classes), preprocess=preprocess_from(raw, legacy_fit=legacy_fit), widths=widths,
                    hidden=hidden, dropout=dropout, conv_bias=bias, dataset=str(raw.get("dataset", "")),
-                   recipe=recipe, provenance=provenance)
+                   recipe=recipe, provenance=provenance, init_from=start)
 
     @classmethod
     def from_config(cls, config: dict, classes: list[str], *, dataset: str = "", provenance: dict | None = None,

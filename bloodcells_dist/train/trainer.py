@@ -13,6 +13,7 @@ of training, in every run). A run that trains on train + val has no validation a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
@@ -32,6 +33,7 @@ from ..cli import Parser, UserError, run_main
 from ..config import TrainConfig, add_config_arguments, build_config, check_resume_config, config_overrides, read_yaml
 from ..data import open_training_data
 from ..data.batches import CachedBatches, StreamedBatches
+from ..data.joint import dataset_names, open_joint_data, united_classes
 from ..data.plan import stable_seed
 from ..data.selection import training_selections
 from ..pack.manifest import ShardManifest
@@ -47,6 +49,7 @@ from .scoring import score
 from .spec import ModelSpec, save_weights
 from .state import TrainState
 from .tracking import MetricsLog, Tracker
+from .transfer import feature_parameters, optimizer_groups, refit_batchnorm, start_from
 
 NO_STEP = 2**62  # "no step": larger than any step number
 
@@ -81,8 +84,11 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     # Setup. User errors first, on every rank, before Accelerate starts a process group.
     folder = RunDir(config.output_dir)
     folder.create()
-    manifest = ShardManifest.load(config.shards, allow_pipe)
+    folders = config.shard_folders()
+    manifests = [ShardManifest.load(folder, allow_pipe) for folder in folders]
+    manifest = manifests[0]  # the run's own data: it validates
     check_fold(config, manifest)
+    classes = united_classes(manifests)
     hardware = detect_hardware()
     precision, why = resolve_precision(config.mixed_precision, hardware, launch_precision())
     accelerator = make_accelerator(config, precision)
@@ -91,13 +97,21 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
             warn_if_emulated(precision, hardware)
         origin = provenance(device=device_name(accelerator), precision=f"{precision} ({why})",
                             processes=accelerator.num_processes)
-        data = open_training_data(config, manifest, accelerator)
+        data = (open_joint_data(config, folders, manifests, classes, accelerator) if len(manifests) > 1 or
+                config.shard_weights else open_training_data(config, manifest, accelerator))
         steps_per_epoch = data.plan.steps_per_epoch
-        spec = ModelSpec.from_config(config.to_dict(), manifest.classes, dataset=manifest.dataset, provenance=origin)
-        model, optimizer = build_model(config, spec, accelerator)
+        spec = ModelSpec.from_config(config.to_dict(), classes, provenance=origin,
+                                     dataset="+".join(dataset_names(folders, manifests)) if len(manifests) > 1
+                                     else manifest.dataset)
+        model, optimizer, started_from = build_model(config, spec, accelerator, fresh=resume is None)
         layout = {"processes": accelerator.num_processes, "batch_size": config.batch_size,
                   "grad_accum": config.grad_accum, "steps_per_epoch": steps_per_epoch}
         state = start_state(accelerator, folder, resume, overwrite, layout)
+        if resume is None:
+            state.init_from = started_from
+            if config.init_from and config.bn_refit:
+                refit_statistics(model, data, accelerator, config.bn_refit)
+        spec = dataclasses.replace(spec, init_from=state.init_from)  # a resumed run keeps its start's record
         if accelerator.is_main_process:
             folder.write_config(config.to_yaml(), comment_block(origin))
         check_shared_run_dir(accelerator, folder)
@@ -180,18 +194,36 @@ def hold_folder(accelerator: Accelerator, folder: RunDir):
         lock.release()
 
 
-def build_model(config: TrainConfig, spec: ModelSpec, accelerator: Accelerator):
-    """Model and optimizer, prepared: identical initial weights on every rank from the seed, then each rank
-    its own random stream (dropout masks; DDP has already broadcast rank 0's weights)."""
+def build_model(config: TrainConfig, spec: ModelSpec, accelerator: Accelerator, *, fresh: bool):
+    """Model, optimizer and the init_from record, prepared: identical initial weights on every rank from the seed
+    (or, starting fresh with init_from, from the source model), then each rank its own random stream (dropout
+    masks; DDP has already broadcast rank 0's weights). A resumed run's weights come from its checkpoint."""
     set_seed(config.seed)
     model = spec.build()
+    started_from: dict = {}
+    if config.init_from and fresh:
+        started_from, line = start_from(model, spec, config.init_from, config.class_map)
+        accelerator.print(line)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+    optimizer = torch.optim.SGD(optimizer_groups(model, config.features_lr), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(config.seed, device_specific=True)  # resume restores every rank's RNG state from the checkpoint
-    return model, optimizer
+    return model, optimizer, started_from
+
+
+def refit_statistics(model: torch.nn.Module, data: CachedBatches | StreamedBatches, accelerator: Accelerator,
+                     batches: int) -> None:
+    """BatchNorm statistics of the conv blocks re-estimated on `batches` of epoch 0's training batches, averaged
+    over the ranks (so every rank starts alike). Collective."""
+    features = accelerator.unwrap_model(model).features
+    with accelerator.autocast():
+        used = refit_batchnorm(features, rng_isolated(data.train_batches(0)), batches)
+    for buffer in features.buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(accelerator.reduce(buffer.clone(), reduction="mean"))
+    accelerator.print(f"bn_refit: BatchNorm statistics re-estimated on {used} training batch(es)")
 
 
 def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, overwrite: bool,
@@ -222,6 +254,8 @@ def train_epoch(run: Run, state: TrainState) -> None:
     if done >= run.data.plan.micro_batches:  # stopped after the epoch's last step: only its end is left
         return
     run.model.train()
+    if state.epoch < config.freeze_epochs:  # the conv blocks stay as they are: BatchNorm uses its running statistics
+        accelerator.unwrap_model(run.model).features.eval()
     run.first_bad = torch.full((), NO_STEP, device=accelerator.device)
     window = LossWindow(accelerator.device)
     clock = time.perf_counter()
@@ -264,7 +298,10 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, labels: torch.
             rate = lr_at(state.step, schedule=config.schedule, peak=config.lr, total=run.total_steps,
                          warmup=run.warmup_steps)
             for group in run.optimizer.param_groups:
-                group["lr"] = rate
+                group["lr"] = rate * group.get("lr_scale", 1.0)
+            if state.epoch < config.freeze_epochs:  # no update, no momentum, no weight decay for the conv blocks
+                for parameter in feature_parameters(accelerator.unwrap_model(run.model)):
+                    parameter.grad = None
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     if stepped:
@@ -308,7 +345,7 @@ def log_training(run: Run, state: TrainState, window: LossWindow, bar) -> None:
     mean_loss = accelerator.reduce(window.total / window.batches, reduction="mean").item()
     rate = window.batches * config.batch_size * accelerator.num_processes / (time.perf_counter() - window.start)
     record = {"step": state.step, "epoch": state.epoch + 1, "train/loss": mean_loss,
-              "train/lr": run.optimizer.param_groups[0]["lr"], "train/images_per_s": rate}
+              "train/lr": run.optimizer.param_groups[-1]["lr"], "train/images_per_s": rate}
     run.log.write(record)
     run.tracker.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
     bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}", refresh=False)  # shown at the next redraw
@@ -350,6 +387,14 @@ def end_epoch(run: Run, state: TrainState, started: float) -> None:
                        **{f"val/{k}": metrics[k] for k in ("accuracy", "macro_f1", "samples")}, "val": metrics})
         run.tracker.log_validation(metrics, list(run.spec.classes), step=state.step, epoch=epoch + 1)
         accelerator.print(f"epoch {epoch + 1}: " + format_metrics(metrics, list(run.spec.classes)))
+        for dataset in run.data.extra_val:  # further datasets, each on its own (they never pick the weights)
+            extra = score(accelerator.unwrap_model(run.model), run.data.eval_batches(dataset), accelerator,
+                          list(run.spec.classes))
+            run.log.write({"step": state.step, "epoch": epoch + 1, "dataset": dataset,
+                           **{f"val/{dataset}/{k}": extra[k] for k in ("accuracy", "macro_f1", "samples")}})
+            run.tracker.log({f"val/{dataset}/{k}": extra[k] for k in ("accuracy", "macro_f1")}, step=state.step)
+            accelerator.print(f"epoch {epoch + 1}, {dataset}: accuracy {extra['accuracy']:.4f}  macro F1 "
+                              f"{extra['macro_f1']:.4f}  ({extra['samples']} samples)")
         if metrics["macro_f1"] > state.best_macro_f1:
             state.best_macro_f1, state.best = metrics["macro_f1"], {**metrics, "epoch": epoch + 1}
             run.save(run.folder.best)
