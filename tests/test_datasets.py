@@ -132,6 +132,73 @@ def test_a_csv_listing_with_patient_groups_never_splits_a_patient(tmp_path):
     assert sorted({s["fold"] for s in samples}) == list(range(FOLDS))
 
 
+def given_split_listing(root: Path, extra: list[tuple[str, str, str, str]] = ()) -> Path:
+    """Ten patients of three classes; P01 has two rows given val and three left blank, P02 one given test and
+    two blank; `extra` rows (path, label, group, split) are added."""
+    given = {"P01/0.jpg": "val", "P01/3.jpg": "val", "P02/2.jpg": "test"}
+    rows = [(f"P{p:02d}/{i}.jpg", ["blast", "mono", "neutro"][(p + i) % 3], f"P{p:02d}", given.get(f"P{p:02d}/{i}.jpg", ""))
+            for p in range(10) for i in range(5 if p != 2 else 3)] + list(extra)
+    for n, (rel, *_) in enumerate(rows):
+        make_root(root, {rel: jpeg(1000 + n, size=(40, 30))})
+    listing = root / "listing.csv"
+    with open(listing, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "group", "split"), *rows])
+    return listing
+
+
+def forge(out: Path, split: str, edit) -> None:
+    """Rewrite the first sample of `split`'s first shard with edit(meta), and the manifest to match it (checksum,
+    counts): what a packer that cut a group would have written."""
+    data = json.loads((out / "manifest.json").read_text())
+    info = data["splits"][split]
+    shard = out / info["shards"][0]["file"]
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
+    with wds.TarWriter(str(shard), encoder=False) as tar:
+        for i, s in enumerate(samples):
+            meta = json.loads(s["json"])
+            tar.write({"__key__": s["__key__"], "jpg": s["jpg"], "cls": s["cls"],
+                       "json": json.dumps(edit(meta) if i == 0 else meta).encode()})
+    info["shards"][0].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    metas = [json.loads(s["json"]) for f in info["shards"]
+             for s in wds.WebDataset(str(out / f["file"]), shardshuffle=False, empty_check=False)]
+    info.update(shards_cli.recount(metas, data["classes"], data["folds"]))
+    (out / "manifest.json").write_text(json.dumps(data))
+
+
+def test_a_listing_group_stays_whole_across_given_and_blank_rows_and_verify_checks_it(tmp_path):
+    listing = given_split_listing(tmp_path / "lab")
+    out = tmp_path / "shards"
+    pack_shards(listing, out, workers=1)
+    verify_shards(out)
+    split_of, fold_of = defaultdict(set), defaultdict(set)
+    for s in samples_of(out):
+        split_of[s["group"]].add(s["split"])
+        fold_of[s["group"]].add(s["fold"])
+    assert split_of["group:P01"] == {"val"} and split_of["group:P02"] == {"test"}  # blank rows follow given ones
+    assert all(len(v) == 1 for v in split_of.values()) and all(len(v) == 1 for v in fold_of.values())
+    # verify reads the group from the shards: a group in two splits (test included), or in two folds, fails
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    forge(broken, "train", lambda meta: {**meta, "group": "group:P02"})
+    with pytest.raises(UserError, match="group group:P02 is in split "):
+        verify_shards(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(out, broken)
+    forge(broken, "train", lambda meta: {**meta, "fold": (meta["fold"] + 1) % FOLDS})
+    with pytest.raises(UserError, match=r"is in folds \d and \d: grouped cross-validation would cut it"):
+        verify_shards(broken)
+
+
+def test_a_listing_giving_one_patient_two_splits_is_one_line_naming_it(tmp_path):
+    listing = given_split_listing(tmp_path / "lab", [("P09/7.jpg", "mono", "P09", "train"),
+                                                     ("P09/8.jpg", "mono", "P09", "val"),
+                                                     ("P09/9.jpg", "mono", "P09", "test")])
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, "group 'P09' is given 3 splits: test (line 52); train (line 50); val (line 51)")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_a_listing_names_only_files_inside_its_folder_and_bad_rows_name_their_line(tmp_path):
     lab = tmp_path / "lab"
     (tmp_path / "secret.jpg").write_bytes(jpeg(1))

@@ -257,12 +257,11 @@ def pack_shards(
         classes = scan.classes  # every class the data names, usable images or not: labels never shift
         for name in sorted(set(classes) - {f.image.class_name for f in kept}):
             log(f"warning: class {name} has no usable images (kept in the class list, label {classes.index(name)})")
-        pool_facts = [f for f in kept if f.image.split in POOL]
         if val_split == "random":
             grouping = None
             print("groups: none (--val-split random splits val by image, to show the leak)", flush=True)
         else:
-            grouping = group_images(pool_facts, requested=groups, has_groups=scan.has_groups, cells_file=cells,
+            grouping = group_images(kept, requested=groups, has_groups=scan.has_groups, cells_file=cells,
                                     seed=seed, workers=workers, log=log)
             print(f"groups: {grouping.method} ({grouping.why})", flush=True)
             for rel in grouping.set_apart:
@@ -363,10 +362,10 @@ def recount(metas: list[dict], classes: list[str], folds: int) -> dict:
     }
 
 
-def check_crossings(metas: dict[str, list[dict]], test_carved: bool) -> None:
+def check_crossings(metas: dict[str, list[dict]], carved: set[str]) -> None:
     """UserError if an image's bytes sit in two splits (test splits the data gives may share them: the packer
-    never edits those), or if a group sits in train and val (or, where the packer made the test split, in test
-    and a training split)."""
+    never edits those), or if a group sits in two splits or two folds. An image of a split the data gave (not
+    `carved` by the packer) whose group is its own key is a group of its own (keys are unique within a split)."""
     first_split: dict[str, tuple[str, str]] = {}
     for split, items in metas.items():
         for m in items:
@@ -374,12 +373,17 @@ def check_crossings(metas: dict[str, list[dict]], test_carved: bool) -> None:
             if other[0] != split and not (other[0] in EVAL_SPLITS and split in EVAL_SPLITS):
                 raise UserError(f"image {m['key']} of split {split} has the same bytes as {other[1]} of split "
                                 f"{other[0]}: a leak between splits")
-    made = ["train", "val"] + (["test"] if test_carved else [])
-    owner: dict[str, str] = {}
-    for split in made:
-        for m in metas.get(split, []):
-            if owner.setdefault(m["group"], split) != split:
-                raise UserError(f"group {m['group']} is in split {owner[m['group']]} and in split {split}: a leak")
+    owner: dict[str, tuple[str, int]] = {}
+    for split, items in metas.items():
+        for m in items:
+            if m["group"] == m["key"] and split not in carved:
+                continue
+            first, fold = owner.setdefault(m["group"], (split, m["fold"]))
+            if first != split:
+                raise UserError(f"group {m['group']} is in split {first} and in split {split}: a leak")
+            if fold != m["fold"]:
+                raise UserError(f"group {m['group']} is in folds {fold} and {m['fold']}: grouped cross-validation "
+                                "would cut it")
 
 
 def verify_shards(folder: Path) -> ShardManifest:
@@ -419,7 +423,8 @@ def verify_shards(folder: Path) -> ShardManifest:
                 raise UserError(f"split {split_name}: {field_name} in the manifest is {getattr(split, field_name)}, "
                                 f"the shards hold {value}")
         every[split_name] = metas
-    check_crossings(every, test_carved=bool(manifest.args.get("test_fraction")))
+    carved = {"train"} | {s for s in ("val", "test") if manifest.args.get(f"{s}_fraction")}
+    check_crossings(every, carved)
     try:
         check_descriptions(folder, manifest)
     except ValueError as err:

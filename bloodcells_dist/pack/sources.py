@@ -46,6 +46,7 @@ class SourceImage:
     class_name: str
     key: str  # WebDataset key: made unique within the split by unique_keys()
     group: str = ""  # the listing's group column (patient, slide...), "" where none is given
+    line: int = 0  # the listing's line naming it (0: not from a listing)
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ def scan_listing(listing: Path) -> Scan:
         else:
             stem = canonical.rsplit(".", 1)[0]
             scan.images.append(SourceImage(resolved, canonical, SPLIT_NAMES.get(split_value, ""), name,
-                                           base_key(name, stem), row.get("group", "")))
+                                           base_key(name, stem), row.get("group", ""), line))
     scan.images.sort(key=lambda i: i.rel_path)
     scan.classes = sorted(scanner.classes)  # every label named, also where each of its files was skipped
     return scan
