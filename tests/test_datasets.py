@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
 import shutil
 from collections import Counter, defaultdict
@@ -21,6 +22,7 @@ from bloodcells_dist.pack import audit, shards
 from bloodcells_dist.pack import shards as shards_cli
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.sources import HIDDEN, LINK_OUT, NOT_REGULAR, scan_images
 from bloodcells_dist.pack.splits import FOLDS, assign_splits
 from bloodcells_dist.pack.synthetic import generate_dataset
 from bloodcells_dist.tools import evaluate, export, hub, predict
@@ -241,6 +243,70 @@ def test_split_folders_at_the_root_with_a_val_folder_keep_their_splits(tmp_path)
         pack_shards(root, tmp_path / "out2", val_fraction=0.3, workers=1)
     with pytest.raises(UserError, match="already gives a test split"):
         pack_shards(root, tmp_path / "out3", test_fraction=0.2, workers=1)
+
+
+def test_the_name_given_is_kept_beside_an_empty_class_folder(tmp_path):
+    root = make_root(tmp_path / "src", {**{f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(4)},
+                                        "C": None})
+    manifest = pack_shards(root, tmp_path / "out", name="my-lab", workers=1)
+    assert manifest.dataset == "my-lab" and manifest.classes == ["A", "B", "C"]
+    assert "# my-lab, as WebDataset shards" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_only_regular_files_are_read_a_named_pipe_is_listed_not_opened(tmp_path):
+    root = make_root(tmp_path / "src", {f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(4)})
+    os.mkfifo(root / "A" / "pipe.jpg")  # opening it for reading would wait for a writer for ever
+    (root / "B" / "gone.jpg").symlink_to(root / "B" / "missing.jpg")
+    (root / "B" / "out.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    (tmp_path / "elsewhere.jpg").write_bytes(jpeg(99))
+    scan = scan_images(root)  # lists, never reads: safe to assert on before anything opens a file
+    assert "A/pipe.jpg" not in {i.rel_path for i in scan.images}
+    assert {s.path: s.reason for s in scan.skipped} == {"A/pipe.jpg": NOT_REGULAR, "B/gone.jpg": NOT_REGULAR,
+                                                        "B/out.jpg": LINK_OUT}
+    assert cli(audit.main, "--src", str(root), "--workers", "1", check=True)
+    manifest = pack_shards(root, tmp_path / "out", workers=1)
+    assert {s["path"] for s in manifest.skipped} == {"A/pipe.jpg", "B/gone.jpg", "B/out.jpg"}
+    assert sum(s.samples for s in manifest.splits.values()) == 8
+
+
+def test_hidden_folders_are_no_class_and_are_listed(tmp_path):
+    root = make_root(tmp_path / "src", {**{f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(4)},
+                                        ".ipynb_checkpoints/A-checkpoint.jpg": jpeg(50), ".DS_Store": None})
+    out = tmp_path / "out"
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), check=True)
+    manifest = ShardManifest.load(out)
+    assert manifest.classes == ["A", "B"]
+    assert {s["path"]: s["reason"] for s in manifest.skipped} == {".DS_Store": HIDDEN, ".ipynb_checkpoints": HIDDEN}
+    assert "skipped 2 (2 hidden folder(s))" in proc.stdout
+
+
+@pytest.mark.parametrize("names", [("valid", "invalid"), ("train", "blast"), ("Test", "Control")])
+def test_class_folders_named_like_splits_are_one_line_naming_the_ambiguity(names, tmp_path):
+    root = make_root(tmp_path / "src", {f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate(names) for i in range(5)})
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, f"{names[0]} are named like split folders but hold images", "--layout classes")
+    manifest = pack_shards(root, tmp_path / "out2", layout="classes", workers=1)
+    assert manifest.classes == sorted(names) and sum(s.samples for s in manifest.splits.values()) == 10
+
+
+def test_labels_differing_in_case_or_invisible_characters_are_one_class_with_a_note(tmp_path):
+    labels = ["eos", "EOS", "EOS\u200b", "\ufeffeos", "EOS\u00a0", "neutro", "neutro", "neutro", "neutro"]
+    make_root(tmp_path / "lab", {f"{i}.jpg": jpeg(i) for i in range(len(labels))})
+    listing = tmp_path / "lab" / "listing.csv"
+    with open(listing, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("path", "label"), *((f"{i}.jpg", label) for i, label in enumerate(labels))])
+    out = tmp_path / "out"
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(out), check=True)
+    manifest = ShardManifest.load(out)
+    assert manifest.classes == ["EOS", "neutro"]
+    spellings = " and ".join(f"label {x!r}" for x in ("EOS", "EOS\u200b", "eos", "\ufeffeos"))  # shown escaped
+    assert manifest.clashes == [{"paths": spellings.split(" and "), "conflict": "are one class 'EOS'",
+                                 "resolution": "all read"}]
+    assert f"warning: {spellings} are one class 'EOS': all read" in proc.stderr and "\\u200b" in spellings
+    assert Counter(s["class_name"] for s in samples_of(out)) == {"EOS": 5, "neutro": 4}
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(tmp_path / "strict"), "--strict")
+    assert proc.returncode == 2
 
 
 @pytest.mark.e2e  # two cell recoveries: seconds each

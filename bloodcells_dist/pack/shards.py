@@ -37,7 +37,7 @@ from .audit import apply_policy, build_report, collect_facts, near_pairs, report
 from .groups import METHODS, group_images
 from .interop import check_descriptions, stale_description_names, write_descriptions
 from .manifest import AUDIT_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
-from .sources import EVAL_SPLITS, LAYOUTS, LINK_OUT, check_jpeg, scan_images, split_folder_root, unique_keys
+from .sources import EVAL_SPLITS, HIDDEN, LAYOUTS, LINK_OUT, NOT_REGULAR, check_jpeg, scan_images, split_folder_root, unique_keys
 from .splits import FOLDS, POOL, Sample, assign_splits
 
 MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
@@ -255,8 +255,8 @@ def pack_shards(
         print("\n".join(report_lines(report)), flush=True)
 
         classes = scan.classes  # every class the data names, usable images or not: labels never shift
-        for name in sorted(set(classes) - {f.image.class_name for f in kept}):
-            log(f"warning: class {name} has no usable images (kept in the class list, label {classes.index(name)})")
+        for empty in sorted(set(classes) - {f.image.class_name for f in kept}):
+            log(f"warning: class {empty} has no usable images (kept in the class list, label {classes.index(empty)})")
         if val_split == "random":
             grouping = None
             print("groups: none (--val-split random splits val by image, to show the leak)", flush=True)
@@ -442,8 +442,11 @@ def print_summary(manifest: ShardManifest, seconds: float) -> None:
             print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.groups_per_class[c]:>7}")
         print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.groups_per_class.values()):>7}  "
               f"in {len(split.shards)} shards")
-    links = sum(1 for s in manifest.skipped if s["reason"] == LINK_OUT)
-    link_note = f" ({links} symbolic link(s) leading out of the source root, not followed)" if links else ""
+    kinds = Counter(s["reason"] for s in manifest.skipped)
+    notes = [f"{kinds[reason]} {what}" for reason, what in ((LINK_OUT, "symbolic link(s) leading out of the source "
+                                                             "root, not followed"), (HIDDEN, "hidden folder(s)"),
+                                                            (NOT_REGULAR, "not a regular file, not read")) if kinds[reason]]
+    link_note = f" ({', '.join(notes)})" if notes else ""
     clash_note = f", {len(manifest.clashes)} name clash(es) resolved (manifest: clashes)" if manifest.clashes else ""
     excluded = f", excluded {len(manifest.excluded)} duplicate(s) or label conflict(s)" if manifest.excluded else ""
     print(f"packed {total} images of {manifest.dataset!r}, skipped {len(manifest.skipped)}{link_note}{excluded}"
