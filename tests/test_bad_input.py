@@ -418,6 +418,9 @@ def random_source(root: Path, rng: random.Random) -> tuple[set[str], set[str]]:
     bad_data = [b"", sample[:200], sample[: len(sample) // 2] + b"\xff\xd9", b"not an image",
                 jpeg(3, mode="L"), jpeg(4, fmt="PNG")]
     good, bad = set(), set()
+    for k, cls in enumerate("ABC"):  # an image of its own per class: there is always something to train on
+        make_root(root, {f"TRAIN/{cls}/own.jpeg": jpeg(10**6 + k, size=(32, 24))})
+        good.add(f"TRAIN/{cls}/own.jpeg")
     for _ in range(rng.randrange(20, 40)):
         split = rng.choice(["TRAIN", "TRAIN", "train", "TEST"])
         cls = rng.choice(["A", "B", "b", "C"])

@@ -38,7 +38,7 @@ from .groups import METHODS, group_images
 from .interop import check_descriptions, stale_description_names, write_descriptions
 from .manifest import AUDIT_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from .sources import EVAL_SPLITS, HIDDEN, LAYOUTS, LINK_OUT, NOT_REGULAR, check_jpeg, scan_images, split_folder_root, unique_keys
-from .splits import FOLDS, POOL, Sample, assign_splits
+from .splits import FOLDS, Sample, assign_splits, unmet_fractions
 
 MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
 MIN_SHARD_SAMPLES = 16  # ...unless that would make shards smaller than this
@@ -93,6 +93,27 @@ def dataset_name(src: Path, layout: str, name: str | None) -> str:
     if layout == "splits" and split_folder_root(src) == src / "dataset2-master" / "dataset2-master" / "images":
         return "blood-cells"
     return (src.stem if src.is_file() else src.resolve().name) or "dataset"
+
+
+def check_samples(samples: Sequence[Sample], classes: list[str], *, val_fraction: float,
+                  test_fraction: float) -> list[str]:
+    """Refuse splits a model cannot be trained on (no training image; a class with images but none to train on);
+    return the warnings: held-out splits a fraction could not fill per class, a single class to learn."""
+    training = Counter(s.facts.image.class_name for s in samples if s.split == "train")
+    if not training:
+        raise UserError(f"no training image: --test-fraction {test_fraction} and --val-fraction {val_fraction} leave "
+                        "no group for train (lower them, or give rows split=train)")
+    for name in classes:
+        where = Counter(s.split for s in samples if s.facts.image.class_name == name)
+        if where and not training[name]:
+            raise UserError(f"class {name} has no training image (its {sum(where.values())} image(s) are all in "
+                            f"{', '.join(sorted(where))}): a model cannot learn it; add training images or drop it")
+    held = {k: v for k, v in (("test", test_fraction), ("val", val_fraction)) if v > 0}
+    warned = unmet_fractions(samples, classes, held)
+    if len(training) == 1:
+        warned.append(f"only one class ({next(iter(training))}) has training images: a model of it learns nothing, "
+                      "and its accuracy and macro F1 are 1.0 by construction")
+    return warned
 
 
 def check_out_folder(src: Path, out: Path) -> None:
@@ -269,7 +290,11 @@ def pack_shards(
                     "group of its own")
         samples = assign_splits(kept, grouping.groups if grouping else {}, classes, seed=seed,
                                 val_fraction=val_fraction, test_fraction=test_fraction, val_split=val_split)
-        if not any(s.split in EVAL_SPLITS for s in samples):
+        warned = check_samples(samples, classes, val_fraction=0.0 if val_split == "random" else val_fraction,
+                               test_fraction=test_fraction)
+        for line in warned:
+            log(f"warning: {line}")
+        if not test_fraction and not any(s.split in EVAL_SPLITS for s in samples):
             log("note: no test split: the data gives none and --test-fraction is 0 (pass e.g. --test-fraction 0.15)")
         plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
         try:
@@ -306,6 +331,7 @@ def pack_shards(
         skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
         excluded=excluded,
         clashes=[{"paths": list(c.paths), "conflict": c.conflict, "resolution": c.resolution} for c in clashes],
+        warnings=warned,
         audit={k: report[k] for k in ("exact_duplicates", "near_duplicates")} | {"report": AUDIT_NAME},
         folds=FOLDS,
         args={"src": str(src.resolve()), "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,

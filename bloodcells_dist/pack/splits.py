@@ -70,6 +70,21 @@ def deal_greedy(counts: dict[str, Counter], shares: dict[str, float], seed: int,
     return out
 
 
+def unmet_fractions(samples: Sequence[Sample], classes: list[str], held: dict[str, float]) -> list[str]:
+    """One line per class and held-out split that a fraction asked for but that holds none of the class's images
+    (too few groups: round(fraction x groups) is 0), and one per such split left empty."""
+    lines = []
+    for split, fraction in held.items():
+        for name in classes:
+            pool = {s.group for s in samples if s.facts.image.class_name == name and s.facts.image.split in POOL}
+            if pool and not any(s.split == split and s.facts.image.class_name == name for s in samples):
+                lines.append(f"class {name}: {split} holds none of its images: its {len(pool)} group(s) are too few "
+                             f"for --{split}-fraction {fraction}")
+        if not any(s.split == split for s in samples):
+            lines.append(f"--{split}-fraction {fraction}: {split} is empty: every class has too few groups")
+    return lines
+
+
 def rows_of(images: Sequence[ImageFacts], limit: int = 5) -> str:
     """'lines 3, 7' where a listing names the images, else their paths; at most `limit`, then how many more."""
     lines = all(f.image.line for f in images)
