@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image, ImageDraw
 
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.data.preprocess import FILL, Preprocess, fit_to, window_side
@@ -132,6 +134,43 @@ def test_a_csv_listing_with_patient_groups_never_splits_a_patient(tmp_path):
     patients = Counter(next(iter(v)) for v in split_of.values())
     assert patients["test"] >= 2 and patients["val"] >= 2 and patients["train"] >= 6  # 12 patients, whole
     assert sorted({s["fold"] for s in samples}) == list(range(FOLDS))
+
+
+def cells_picture(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A picture unlike any other seed's: random coloured discs on a pale background."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", size, (235, 220, 225))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y, r = rng.randrange(size[0]), rng.randrange(size[1]), rng.randrange(6, 20)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(40, 200) for _ in range(3)))
+    return image
+
+
+def encoded(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_rotated_and_flipped_copies_are_near_duplicates_and_across_classes_a_label_conflict(tmp_path):
+    files = {f"{c}/{i}.jpg": encoded(cells_picture(10 * k + i)) for k, c in enumerate("AB") for i in range(6)}
+    turned = cells_picture(0).transpose(Image.Transpose.ROTATE_90)  # A/0, turned and re-encoded, filed under B
+    files["B/turned.jpg"] = encoded(turned, quality=60)
+    files["A/mirrored.jpg"] = encoded(cells_picture(1).transpose(Image.Transpose.FLIP_LEFT_RIGHT), quality=70)
+    root = make_root(tmp_path / "src", files)
+    report_file = tmp_path / "audit.json"
+    proc = cli(audit.main, "--src", str(root), "--out", str(report_file), "--workers", "1", check=True)
+    near = {(p["a"], p["b"]): p["kind"] for p in json.loads(report_file.read_text())["near_duplicates"]["list"]}
+    assert near == {("A/0.jpg", "B/turned.jpg"): "across_classes", ("A/1.jpg", "A/mirrored.jpg"): "within_class"}
+    assert "near duplicates across classes: A/0.jpg and B/turned.jpg" in proc.stdout
+    out = tmp_path / "out"
+    manifest = pack_shards(root, out, workers=1)
+    assert [(e["path"], e["reason"].split(":")[0]) for e in manifest.excluded] == [("A/0.jpg", "label conflict"),
+                                                                                  ("B/turned.jpg", "label conflict")]
+    packed_paths = {s["path"]: s for s in samples_of(out)}
+    assert "A/0.jpg" not in packed_paths and "B/turned.jpg" not in packed_paths
+    assert packed_paths["A/1.jpg"]["group"] == packed_paths["A/mirrored.jpg"]["group"]  # one group: one split
 
 
 def given_split_listing(root: Path, extra: list[tuple[str, str, str, str]] = ()) -> Path:

@@ -257,7 +257,8 @@ def pack_shards(
         keyed, key_clashes = unique_keys([f.image for f in facts])  # only readable files claim keys
         facts = [replace(f, image=img) for img, f in zip(keyed, facts)]
         clashes = scan.clashes + key_clashes
-        kept, excluded = apply_policy(facts)
+        pairs = near_pairs(facts)
+        kept, excluded = apply_policy(facts, pairs)
         if strict and (skipped or clashes or excluded):
             first = (f"{skipped[0].path}: {skipped[0].reason}" if skipped else
                      f"{' and '.join(clashes[0].paths)} {clashes[0].conflict}" if clashes else
@@ -272,7 +273,7 @@ def pack_shards(
             log(f"warning: {' and '.join(c.paths)} {c.conflict}: {c.resolution}")
         for e in excluded:
             log(f"warning: excluded {e['path']}: {e['reason']}")
-        report = build_report(scan, facts, skipped, excluded, near_pairs(facts))
+        report = build_report(scan, facts, skipped, excluded, pairs)
         print("\n".join(report_lines(report)), flush=True)
 
         classes = scan.classes  # every class the data names, usable images or not: labels never shift
