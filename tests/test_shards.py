@@ -7,7 +7,10 @@ import hashlib
 import io
 import json
 import os
+import random
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -277,6 +280,29 @@ def test_a_single_class_is_packed_with_a_warning_the_manifest_keeps(tmp_path):
     line = "only one class (A) has training images: a model of it learns nothing, and its accuracy and macro F1 are " \
            "1.0 by construction"
     assert f"warning: {line}" in proc.stderr and ShardManifest.load(tmp_path / "out").warnings == [line]
+
+
+def test_a_write_error_mid_pack_is_one_line_and_leaves_no_partial_tar(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored, as the forked writers inherit both) makes the
+    shard holding the one large image fail with an OSError (EFBIG), as a full disk fails with ENOSPC; the
+    shards already written must go too."""
+    noise = Image.frombytes("RGB", (400, 300), random.Random(0).randbytes(400 * 300 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, "JPEG", quality=95)
+    files = {f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(8)}
+    root = make_root(tmp_path / "src", {**files, "A/large.jpg": buf.getvalue()})
+    out = tmp_path / "out"
+    limit = len(buf.getvalue()) // 2  # every shard of small images fits, the large image's does not
+    old_handler, old_limit = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), "--shard-size", "2", "--workers", "2")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, f"cannot write shards to {out}: File too large (the partial shards were removed)")
+    assert sorted(p.name for p in out.iterdir()) == []  # no .tar, no temporary file, no manifest
 
 
 def test_existing_shards_need_overwrite(synthetic_root, tmp_path):

@@ -197,6 +197,16 @@ def clear_old_pack(out: Path, overwrite: bool) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_partial(out: Path, plan: dict[str, list[tuple[Path, list[Sample]]]]) -> None:
+    """After a failed pack: remove its shards (whole or temporary), audit report and descriptions, which no
+    manifest lists."""
+    for jobs in plan.values():
+        for path, _ in jobs:
+            path.unlink(missing_ok=True)
+    for path in sorted(out.glob(".*.tmp-*")) + [out / AUDIT_NAME] + stale_description_names(out):
+        path.unlink(missing_ok=True)
+
+
 def plan_shards(samples: list[Sample], out: Path, *, seed: int,
                 shard_size: int | None) -> dict[str, list[tuple[Path, list[Sample]]]]:
     """Split name -> [(shard path, its samples)]: seeded order so every shard mixes classes, sizes within one."""
@@ -300,6 +310,9 @@ def pack_shards(
         plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
         try:
             clear_old_pack(out, overwrite)
+        except OSError as err:
+            raise UserError(f"cannot clear {out} for the new shards: {err.strerror or err}") from None
+        try:
             with progress(total=len(samples), desc="packing", unit="img") as bar:
                 futures = {split: [pool.submit(write_shard, path, chunk, classes) for path, chunk in jobs]
                            for split, jobs in plan.items()}
@@ -310,8 +323,13 @@ def pack_shards(
                         bar.update(len(chunk))
                         written += 1
                         at_shard(written)  # the interruption test's hook: a no-op unless it is set
-        except OSError as err:  # full disk, a folder we may not write in...
-            raise UserError(f"cannot write shards to {out}: {err.strerror or err}") from None
+        except (OSError, UserError) as err:  # a full disk, a folder we may not write in, a file changed meanwhile...
+            pool.shutdown(wait=True, cancel_futures=True)  # no worker may rename a shard into place after the cleanup
+            remove_partial(out, plan)
+            if isinstance(err, UserError):
+                raise
+            raise UserError(f"cannot write shards to {out}: {err.strerror or err} (the partial shards were removed)") \
+                from None
 
     splits = {}
     for split, jobs in plan.items():
@@ -347,7 +365,9 @@ def pack_shards(
         write_descriptions(out, manifest)  # _info.json (timm), README.md (datasets, Hub), *.wids.json
         manifest.save(out)  # last: its presence means every shard and description above is complete
     except OSError as err:
-        raise UserError(f"cannot write the manifest to {out}: {err.strerror or err}") from None
+        remove_partial(out, plan)
+        raise UserError(f"cannot write the manifest to {out}: {err.strerror or err} (the shards were removed: "
+                        "nothing reads shards without their manifest)") from None
     return manifest
 
 
