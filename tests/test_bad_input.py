@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -418,6 +419,9 @@ def random_source(root: Path, rng: random.Random) -> tuple[set[str], set[str]]:
     bad_data = [b"", sample[:200], sample[: len(sample) // 2] + b"\xff\xd9", b"not an image",
                 jpeg(3, mode="L"), jpeg(4, fmt="PNG")]
     good, bad = set(), set()
+    for k, cls in enumerate("ABC"):  # an image of its own per class: there is always something to train on
+        make_root(root, {f"TRAIN/{cls}/own.jpeg": jpeg(10**6 + k, size=(32, 24))})
+        good.add(f"TRAIN/{cls}/own.jpeg")
     for _ in range(rng.randrange(20, 40)):
         split = rng.choice(["TRAIN", "TRAIN", "train", "TEST"])
         cls = rng.choice(["A", "B", "b", "C"])
@@ -461,3 +465,22 @@ def test_random_mix_every_good_file_in_one_shard_every_bad_one_listed_once(seed,
             for s in wds.WebDataset(str(out / shard.file), shardshuffle=False, empty_check=False):
                 shard_of.setdefault(json.loads(s["json"])["path"], []).append(shard.file)
     assert all(len(v) == 1 for v in shard_of.values()) and set(shard_of) == set(found)
+
+
+# ---------------------------------------------------------------- the docs' table cannot drift from the tests
+
+
+def test_every_bad_input_row_names_a_test_that_exists():
+    """docs/data.md's bad-input table: every row names, in its last column, tests that exist under tests/."""
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "data.md").read_text()
+    table = text[text.index("## Bad input: what each case does"):].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| input |")]
+    defined = {m for path in (REPO / "tests").glob("test_*.py")
+               for m in re.findall(r"^def (test_\w+)\(", path.read_text(), flags=re.M)}
+    assert len(rows) >= 30
+    for row in rows:
+        named = re.findall(r"`(test_\w+)`", row.rsplit(" | ", 1)[-1])
+        assert named, f"the row names no test: {row[:80]}"
+        assert set(named) <= defined, f"{sorted(set(named) - defined)} named in docs/data.md do not exist"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import os
 import random
 import shutil
 from collections import Counter, defaultdict
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image, ImageDraw
 
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.data.preprocess import FILL, Preprocess, fit_to, window_side
@@ -21,6 +24,7 @@ from bloodcells_dist.pack import audit, shards
 from bloodcells_dist.pack import shards as shards_cli
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.sources import HIDDEN, LINK_OUT, NOT_REGULAR, scan_images
 from bloodcells_dist.pack.splits import FOLDS, assign_splits
 from bloodcells_dist.pack.synthetic import generate_dataset
 from bloodcells_dist.tools import evaluate, export, hub, predict
@@ -132,6 +136,110 @@ def test_a_csv_listing_with_patient_groups_never_splits_a_patient(tmp_path):
     assert sorted({s["fold"] for s in samples}) == list(range(FOLDS))
 
 
+def cells_picture(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A picture unlike any other seed's: random coloured discs on a pale background."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", size, (235, 220, 225))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y, r = rng.randrange(size[0]), rng.randrange(size[1]), rng.randrange(6, 20)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(40, 200) for _ in range(3)))
+    return image
+
+
+def encoded(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_rotated_and_flipped_copies_are_near_duplicates_and_across_classes_a_label_conflict(tmp_path):
+    files = {f"{c}/{i}.jpg": encoded(cells_picture(10 * k + i)) for k, c in enumerate("AB") for i in range(6)}
+    turned = cells_picture(0).transpose(Image.Transpose.ROTATE_90)  # A/0, turned and re-encoded, filed under B
+    files["B/turned.jpg"] = encoded(turned, quality=60)
+    files["A/mirrored.jpg"] = encoded(cells_picture(1).transpose(Image.Transpose.FLIP_LEFT_RIGHT), quality=70)
+    root = make_root(tmp_path / "src", files)
+    report_file = tmp_path / "audit.json"
+    proc = cli(audit.main, "--src", str(root), "--out", str(report_file), "--workers", "1", check=True)
+    near = {(p["a"], p["b"]): p["kind"] for p in json.loads(report_file.read_text())["near_duplicates"]["list"]}
+    assert near == {("A/0.jpg", "B/turned.jpg"): "across_classes", ("A/1.jpg", "A/mirrored.jpg"): "within_class"}
+    assert "near duplicates across classes: A/0.jpg and B/turned.jpg" in proc.stdout
+    out = tmp_path / "out"
+    manifest = pack_shards(root, out, workers=1)
+    assert [(e["path"], e["reason"].split(":")[0]) for e in manifest.excluded] == [("A/0.jpg", "label conflict"),
+                                                                                  ("B/turned.jpg", "label conflict")]
+    packed_paths = {s["path"]: s for s in samples_of(out)}
+    assert "A/0.jpg" not in packed_paths and "B/turned.jpg" not in packed_paths
+    assert packed_paths["A/1.jpg"]["group"] == packed_paths["A/mirrored.jpg"]["group"]  # one group: one split
+
+
+def given_split_listing(root: Path, extra: list[tuple[str, str, str, str]] = ()) -> Path:
+    """Ten patients of three classes; P01 has two rows given val and three left blank, P02 one given test and
+    two blank; `extra` rows (path, label, group, split) are added."""
+    given = {"P01/0.jpg": "val", "P01/3.jpg": "val", "P02/2.jpg": "test"}
+    rows = [(f"P{p:02d}/{i}.jpg", ["blast", "mono", "neutro"][(p + i) % 3], f"P{p:02d}", given.get(f"P{p:02d}/{i}.jpg", ""))
+            for p in range(10) for i in range(5 if p != 2 else 3)] + list(extra)
+    for n, (rel, *_) in enumerate(rows):
+        make_root(root, {rel: jpeg(1000 + n, size=(40, 30))})
+    listing = root / "listing.csv"
+    with open(listing, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "group", "split"), *rows])
+    return listing
+
+
+def forge(out: Path, split: str, edit) -> None:
+    """Rewrite the first sample of `split`'s first shard with edit(meta), and the manifest to match it (checksum,
+    counts): what a packer that cut a group would have written."""
+    data = json.loads((out / "manifest.json").read_text())
+    info = data["splits"][split]
+    shard = out / info["shards"][0]["file"]
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
+    with wds.TarWriter(str(shard), encoder=False) as tar:
+        for i, s in enumerate(samples):
+            meta = json.loads(s["json"])
+            tar.write({"__key__": s["__key__"], "jpg": s["jpg"], "cls": s["cls"],
+                       "json": json.dumps(edit(meta) if i == 0 else meta).encode()})
+    info["shards"][0].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    metas = [json.loads(s["json"]) for f in info["shards"]
+             for s in wds.WebDataset(str(out / f["file"]), shardshuffle=False, empty_check=False)]
+    info.update(shards_cli.recount(metas, data["classes"], data["folds"]))
+    (out / "manifest.json").write_text(json.dumps(data))
+
+
+def test_a_listing_group_stays_whole_across_given_and_blank_rows_and_verify_checks_it(tmp_path):
+    listing = given_split_listing(tmp_path / "lab")
+    out = tmp_path / "shards"
+    pack_shards(listing, out, workers=1)
+    verify_shards(out)
+    split_of, fold_of = defaultdict(set), defaultdict(set)
+    for s in samples_of(out):
+        split_of[s["group"]].add(s["split"])
+        fold_of[s["group"]].add(s["fold"])
+    assert split_of["group:P01"] == {"val"} and split_of["group:P02"] == {"test"}  # blank rows follow given ones
+    assert all(len(v) == 1 for v in split_of.values()) and all(len(v) == 1 for v in fold_of.values())
+    # verify reads the group from the shards: a group in two splits (test included), or in two folds, fails
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    forge(broken, "train", lambda meta: {**meta, "group": "group:P02"})
+    with pytest.raises(UserError, match="group group:P02 is in split "):
+        verify_shards(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(out, broken)
+    forge(broken, "train", lambda meta: {**meta, "fold": (meta["fold"] + 1) % FOLDS})
+    with pytest.raises(UserError, match=r"is in folds \d and \d: grouped cross-validation would cut it"):
+        verify_shards(broken)
+
+
+def test_a_listing_giving_one_patient_two_splits_is_one_line_naming_it(tmp_path):
+    listing = given_split_listing(tmp_path / "lab", [("P09/7.jpg", "mono", "P09", "train"),
+                                                     ("P09/8.jpg", "mono", "P09", "val"),
+                                                     ("P09/9.jpg", "mono", "P09", "test")])
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, "group 'P09' is given 3 splits: test (line 52); train (line 50); val (line 51)")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_a_listing_names_only_files_inside_its_folder_and_bad_rows_name_their_line(tmp_path):
     lab = tmp_path / "lab"
     (tmp_path / "secret.jpg").write_bytes(jpeg(1))
@@ -174,6 +282,70 @@ def test_split_folders_at_the_root_with_a_val_folder_keep_their_splits(tmp_path)
         pack_shards(root, tmp_path / "out2", val_fraction=0.3, workers=1)
     with pytest.raises(UserError, match="already gives a test split"):
         pack_shards(root, tmp_path / "out3", test_fraction=0.2, workers=1)
+
+
+def test_the_name_given_is_kept_beside_an_empty_class_folder(tmp_path):
+    root = make_root(tmp_path / "src", {**{f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(4)},
+                                        "C": None})
+    manifest = pack_shards(root, tmp_path / "out", name="my-lab", workers=1)
+    assert manifest.dataset == "my-lab" and manifest.classes == ["A", "B", "C"]
+    assert "# my-lab, as WebDataset shards" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_only_regular_files_are_read_a_named_pipe_is_listed_not_opened(tmp_path):
+    root = make_root(tmp_path / "src", {f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(4)})
+    os.mkfifo(root / "A" / "pipe.jpg")  # opening it for reading would wait for a writer for ever
+    (root / "B" / "gone.jpg").symlink_to(root / "B" / "missing.jpg")
+    (root / "B" / "out.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    (tmp_path / "elsewhere.jpg").write_bytes(jpeg(99))
+    scan = scan_images(root)  # lists, never reads: safe to assert on before anything opens a file
+    assert "A/pipe.jpg" not in {i.rel_path for i in scan.images}
+    assert {s.path: s.reason for s in scan.skipped} == {"A/pipe.jpg": NOT_REGULAR, "B/gone.jpg": NOT_REGULAR,
+                                                        "B/out.jpg": LINK_OUT}
+    assert cli(audit.main, "--src", str(root), "--workers", "1", check=True)
+    manifest = pack_shards(root, tmp_path / "out", workers=1)
+    assert {s["path"] for s in manifest.skipped} == {"A/pipe.jpg", "B/gone.jpg", "B/out.jpg"}
+    assert sum(s.samples for s in manifest.splits.values()) == 8
+
+
+def test_hidden_folders_are_no_class_and_are_listed(tmp_path):
+    root = make_root(tmp_path / "src", {**{f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(4)},
+                                        ".ipynb_checkpoints/A-checkpoint.jpg": jpeg(50), ".DS_Store": None})
+    out = tmp_path / "out"
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), check=True)
+    manifest = ShardManifest.load(out)
+    assert manifest.classes == ["A", "B"]
+    assert {s["path"]: s["reason"] for s in manifest.skipped} == {".DS_Store": HIDDEN, ".ipynb_checkpoints": HIDDEN}
+    assert "skipped 2 (2 hidden folder(s))" in proc.stdout
+
+
+@pytest.mark.parametrize("names", [("valid", "invalid"), ("train", "blast"), ("Test", "Control")])
+def test_class_folders_named_like_splits_are_one_line_naming_the_ambiguity(names, tmp_path):
+    root = make_root(tmp_path / "src", {f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate(names) for i in range(5)})
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, f"{names[0]} are named like split folders but hold images", "--layout classes")
+    manifest = pack_shards(root, tmp_path / "out2", layout="classes", workers=1)
+    assert manifest.classes == sorted(names) and sum(s.samples for s in manifest.splits.values()) == 10
+
+
+def test_labels_differing_in_case_or_invisible_characters_are_one_class_with_a_note(tmp_path):
+    labels = ["eos", "EOS", "EOS\u200b", "\ufeffeos", "EOS\u00a0", "neutro", "neutro", "neutro", "neutro"]
+    make_root(tmp_path / "lab", {f"{i}.jpg": jpeg(i) for i in range(len(labels))})
+    listing = tmp_path / "lab" / "listing.csv"
+    with open(listing, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("path", "label"), *((f"{i}.jpg", label) for i, label in enumerate(labels))])
+    out = tmp_path / "out"
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(out), check=True)
+    manifest = ShardManifest.load(out)
+    assert manifest.classes == ["EOS", "neutro"]
+    spellings = " and ".join(f"label {x!r}" for x in ("EOS", "EOS\u200b", "eos", "\ufeffeos"))  # shown escaped
+    assert manifest.clashes == [{"paths": spellings.split(" and "), "conflict": "are one class 'EOS'",
+                                 "resolution": "all read"}]
+    assert f"warning: {spellings} are one class 'EOS': all read" in proc.stderr and "\\u200b" in spellings
+    assert Counter(s["class_name"] for s in samples_of(out)) == {"EOS": 5, "neutro": 4}
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(tmp_path / "strict"), "--strict")
+    assert proc.returncode == 2
 
 
 @pytest.mark.e2e  # two cell recoveries: seconds each

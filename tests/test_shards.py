@@ -7,7 +7,10 @@ import hashlib
 import io
 import json
 import os
+import random
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -25,6 +28,7 @@ from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.pack.synthetic import TRUTH_NAME
 
 from .conftest import REAL_TRAIN, REPO, cli, true_cells
+from .test_bad_input import jpeg, make_root, one_error_line
 
 
 def read_all(folder: Path) -> dict[str, list[dict]]:
@@ -236,6 +240,69 @@ def test_unusable_root_is_one_clear_error(case, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert not out.exists()
+
+
+def test_a_fraction_too_few_groups_cannot_honour_is_said_per_class(tmp_path):
+    root = make_root(tmp_path / "src", {**{f"A/{i}.jpg": jpeg(i) for i in range(2)},
+                                        **{f"B/{i}.jpg": jpeg(10 + i) for i in range(10)}})
+    out = tmp_path / "out"
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), "--test-fraction", "0.2", check=True)
+    said = ["class A: test holds none of its images: its 2 group(s) are too few for --test-fraction 0.2",
+            "class A: val holds none of its images: its 2 group(s) are too few for --val-fraction 0.2"]
+    assert all(f"warning: {line}" in proc.stderr for line in said) and "--test-fraction is 0" not in proc.stderr
+    assert ShardManifest.load(out).warnings == said
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(tmp_path / "few"), "--test-fraction", "0.2",
+               "--val-fraction", "0.01", check=True)
+    assert "warning: --val-fraction 0.01: val is empty: every class has too few groups" in proc.stderr
+
+
+UNTRAINABLE = {  # name -> (source files, pack flags, words of the one error line)
+    "class_only_in_test": ({**{f"TRAIN/{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(4)},
+                            "TEST/C/0.jpg": jpeg(99)}, [], "class C has no training image (its 1 image(s) are all in test)"),
+    "test_fraction_takes_all": ({f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(4)},
+                                ["--test-fraction", "0.99", "--val-fraction", "0"], "no training image: --test-fraction 0.99"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNTRAINABLE))
+def test_splits_nothing_can_be_trained_on_are_refused_in_one_line(case, tmp_path):
+    files, flags, words = UNTRAINABLE[case]
+    out = tmp_path / "out"
+    proc = cli(shards.main, "pack", "--src", str(make_root(tmp_path / "src", files)), "--out", str(out), *flags)
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, words)
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_single_class_is_packed_with_a_warning_the_manifest_keeps(tmp_path):
+    root = make_root(tmp_path / "src", {f"A/{i}.jpg": jpeg(i) for i in range(5)})
+    proc = cli(shards.main, "pack", "--src", str(root), "--out", str(tmp_path / "out"), check=True)
+    line = "only one class (A) has training images: a model of it learns nothing, and its accuracy and macro F1 are " \
+           "1.0 by construction"
+    assert f"warning: {line}" in proc.stderr and ShardManifest.load(tmp_path / "out").warnings == [line]
+
+
+def test_a_write_error_mid_pack_is_one_line_and_leaves_no_partial_tar(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored, as the forked writers inherit both) makes the
+    shard holding the one large image fail with an OSError (EFBIG), as a full disk fails with ENOSPC; the
+    shards already written must go too."""
+    noise = Image.frombytes("RGB", (400, 300), random.Random(0).randbytes(400 * 300 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, "JPEG", quality=95)
+    files = {f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(8)}
+    root = make_root(tmp_path / "src", {**files, "A/large.jpg": buf.getvalue()})
+    out = tmp_path / "out"
+    limit = len(buf.getvalue()) // 2  # every shard of small images fits, the large image's does not
+    old_handler, old_limit = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        proc = cli(shards.main, "pack", "--src", str(root), "--out", str(out), "--shard-size", "2", "--workers", "2")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, f"cannot write shards to {out}: File too large (the partial shards were removed)")
+    assert sorted(p.name for p in out.iterdir()) == []  # no .tar, no temporary file, no manifest
 
 
 def test_existing_shards_need_overwrite(synthetic_root, tmp_path):

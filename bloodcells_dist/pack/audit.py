@@ -7,8 +7,10 @@
 - a label conflict (the same bytes under two classes): every copy on the training side is excluded;
 - a file and its exact duplicate never sit in two splits: a copy in a test split the data gives wins, and
   the training-side copies are excluded. Test splits the data gives are never edited, only reported;
-- near duplicates (perceptual hash within NEAR_BITS of 64 bits, e.g. a re-encoded or resized copy) are
-  reported; with `--groups files` those within a class share a group, so no split separates them.
+- near duplicates (perceptual hash within NEAR_BITS of 64 bits under one of the 8 rotations by 90 degrees and
+  flips, e.g. a re-encoded, resized, rotated or mirrored copy) are reported; with `--groups files` those within a
+  class share a group, so no split separates them. Across classes a near pair must also look alike pixel by
+  pixel (NEAR_PIXELS), and is then a label conflict like an exact one: every training-side copy is excluded.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from ..progress import progress
 from .sources import EVAL_SPLITS, Scan, Skipped, SourceImage, check_jpeg, scan_images
 
 NEAR_BITS = 4  # near duplicates: re-saved copies in PBC were 2-4 bits apart; distinct cells 6 or more (most 14-18)
+NEAR_PIXELS = 4.0  # mean |grey difference| (0-255) of two aligned 32x32 thumbnails confirming a pair across classes:
+#                   re-encoded (q40), halved, rotated or mirrored Kaggle frames 0.2-0.6; the 405 Kaggle TRAIN pairs
+#                   across classes within NEAR_BITS, distinct frames all, 14 or more
 MAX_LISTED = 1000  # near-duplicate pairs listed in the JSON report (all are counted)
 
 
@@ -44,16 +49,51 @@ class ImageFacts:
     height: int
     sha256: str
     phash: int  # 64-bit DCT perceptual hash of the grey image
+    phashes: tuple[int, ...] = ()  # the hashes of its 8 rotations and flips (DIHEDRAL order; the first is phash)
+    thumb: bytes = b""  # the 32x32 grey image the hashes are of, to confirm a near pair pixel by pixel
+
+
+def dihedral(square: np.ndarray) -> list[np.ndarray]:
+    """The 8 rotations by 90 degrees and flips of a square array, the array itself first."""
+    return [np.rot90(a, k) for a in (square, square.T) for k in range(4)]
+
+
+def grey_thumb(data: bytes) -> np.ndarray:
+    """The 32x32 grey image (uint8) the perceptual hashes are of."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("L", (64, 64))  # JPEG: decode at 1/2..1/8 scale, much faster than a full decode
+        return np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BILINEAR))
+
+
+def hash_bits(low: np.ndarray) -> int:
+    """64 bits: which of the 8x8 lowest DCT frequencies lie above their median."""
+    low = low.ravel()
+    return int(np.packbits(low > np.median(low[1:])).view(">u8")[0])  # the DC term only says how bright it is
+
+
+def phash_of(grey: np.ndarray) -> int:
+    """64-bit pHash: the signs of the 8x8 lowest DCT frequencies of a 32x32 grey image against their median."""
+    return hash_bits(dctn(grey.astype(np.float64), norm="ortho")[:8, :8])
+
+
+def dihedral_hashes(grey: np.ndarray) -> tuple[int, ...]:
+    """phash_of each of dihedral(grey), from one DCT: turning the image by 90 degrees transposes its DCT and
+    flips the sign of the odd frequencies along one axis (exactly, for the orthonormal DCT-II)."""
+    low = dctn(grey.astype(np.float64), norm="ortho")[:8, :8]
+    odd = (-1.0) ** np.arange(8)
+    def rot90(c: np.ndarray) -> np.ndarray:  # np.rot90 is a transpose, then rows reversed
+        return c.T * odd[:, None]
+    turned = []
+    for c in (low, low.T):
+        for _ in range(4):
+            turned.append(hash_bits(c))
+            c = rot90(c)
+    return tuple(turned)
 
 
 def perceptual_hash(data: bytes) -> int:
-    """64-bit pHash: the signs of the 8x8 lowest DCT frequencies of the 32x32 grey image against their median."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("L", (64, 64))  # JPEG: decode at 1/2..1/8 scale, much faster than a full decode
-        grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
-    low = dctn(grey, norm="ortho")[:8, :8].ravel()
-    bits = low > np.median(low[1:])  # the DC term only says how bright the image is
-    return int(np.packbits(bits).view(">u8")[0])
+    """64-bit pHash of an image's bytes (see phash_of)."""
+    return phash_of(grey_thumb(data))
 
 
 def image_facts(image: SourceImage) -> ImageFacts | Skipped:
@@ -61,7 +101,9 @@ def image_facts(image: SourceImage) -> ImageFacts | Skipped:
     try:
         data = image.path.read_bytes()
         width, height = check_jpeg(data)
-        return ImageFacts(image, width, height, hashlib.sha256(data).hexdigest(), perceptual_hash(data))
+        grey = grey_thumb(data)
+        hashes = dihedral_hashes(grey)
+        return ImageFacts(image, width, height, hashlib.sha256(data).hexdigest(), hashes[0], hashes, grey.tobytes())
     except (ValueError, OSError) as err:
         return Skipped(image.rel_path, str(err))
 
@@ -80,23 +122,43 @@ def duplicate_sets(facts: Sequence[ImageFacts]) -> list[list[ImageFacts]]:
     return sorted(sets, key=lambda s: s[0].image.rel_path)
 
 
-def near_pairs(facts: Sequence[ImageFacts], bits: int = NEAR_BITS, block: int = 512) -> list[tuple[int, int, int]]:
-    """(i, j, Hamming distance) of every pair i < j whose perceptual hashes are within `bits`, identical bytes
-    excluded (those are exact duplicates)."""
-    hashes = np.array([f.phash for f in facts], dtype=np.uint64)
+def look_alike(a: ImageFacts, b: ImageFacts, turn: int) -> bool:
+    """Whether a's thumbnail and b's, turned the `turn`-th dihedral way, differ by under NEAR_PIXELS on average
+    (true where a thumbnail is unknown)."""
+    if not a.thumb or not b.thumb:
+        return True
+    grey_a, grey_b = (np.frombuffer(f.thumb, np.uint8).reshape(32, 32).astype(np.int16) for f in (a, b))
+    return float(np.abs(grey_a - dihedral(grey_b)[turn]).mean()) < NEAR_PIXELS
+
+
+def near_pairs(facts: Sequence[ImageFacts], bits: int = NEAR_BITS, block: int = 256) -> list[tuple[int, int, int]]:
+    """(i, j, Hamming distance) of every pair i < j whose perceptual hashes are within `bits`, j's turned any of
+    the 8 dihedral ways (rotated by 90 degrees, flipped); identical bytes are excluded (exact duplicates), and a
+    pair across classes must look alike pixel by pixel too (look_alike)."""
+    hashes = np.array([f.phashes or (f.phash,) * 8 for f in facts], dtype=np.uint64).reshape(len(facts), 8)
+    turns = [np.ascontiguousarray(hashes[:, t]) for t in range(8)]
     pairs = []
     for start in range(0, len(hashes), block):
-        distance = np.bitwise_count(hashes[start:start + block, None] ^ hashes[None, :])
-        for i, j in zip(*np.nonzero(distance <= bits)):
-            i = int(i) + start
-            if i < j and facts[i].sha256 != facts[j].sha256:
-                pairs.append((i, int(j), int(distance[i - start, j])))
+        rows = hashes[start:start + block, :1]
+        best = np.bitwise_count(rows ^ turns[0][None, start:])  # only columns j >= start: the upper triangle
+        for t in range(1, 8):  # one numpy pass per turn, hashed once per image
+            np.minimum(best, np.bitwise_count(rows ^ turns[t][None, start:]), out=best)
+        for i, j in zip(*np.nonzero(best <= bits)):
+            a, b = int(i) + start, int(j) + start
+            if b <= a or facts[a].sha256 == facts[b].sha256:
+                continue
+            turn = min(range(8), key=lambda t: int(np.bitwise_count(hashes[a, 0] ^ hashes[b, t])))
+            if facts[a].image.class_name != facts[b].image.class_name and not look_alike(facts[a], facts[b], turn):
+                continue
+            pairs.append((a, b, int(best[i, j])))
     return pairs
 
 
-def apply_policy(facts: Sequence[ImageFacts]) -> tuple[list[ImageFacts], list[dict]]:
-    """(kept, excluded): the default policy for exact duplicates (module docstring). Excluded entries hold
-    path, reason and the path of the copy that stays (or the classes in conflict)."""
+def apply_policy(facts: Sequence[ImageFacts],
+                 pairs: Sequence[tuple[int, int, int]] = ()) -> tuple[list[ImageFacts], list[dict]]:
+    """(kept, excluded): the default policy for exact duplicates and near duplicates across classes (`pairs`, from
+    near_pairs; module docstring). Excluded entries hold path, reason and the path of the copy that stays (or the
+    copies in conflict)."""
     drop: dict[str, dict] = {}
     for group in duplicate_sets(facts):
         classes = sorted({f.image.class_name for f in group})
@@ -118,6 +180,17 @@ def apply_policy(facts: Sequence[ImageFacts]) -> tuple[list[ImageFacts], list[di
                 drop[f.image.rel_path] = {"path": f.image.rel_path,
                                           "reason": f"exact duplicate of {training[0].image.rel_path} (one copy kept)",
                                           "kept": training[0].image.rel_path}
+    for i, j, bits in pairs:
+        a, b = facts[i], facts[j]
+        if a.image.class_name == b.image.class_name:
+            continue
+        for f, other in ((a, b), (b, a)):
+            if side(f.image) == "train" and f.image.rel_path not in drop:
+                drop[f.image.rel_path] = {"path": f.image.rel_path, "reason": "label conflict: a near duplicate "
+                                          f"({bits} bits apart, up to a rotation or flip) is labelled "
+                                          f"{' and '.join(sorted((a.image.class_name, b.image.class_name)))}",
+                                          "copies": [a.image.rel_path, b.image.rel_path],
+                                          "detail": f"{other.image.rel_path} ({other.image.class_name})"}
     kept = [f for f in facts if f.image.rel_path not in drop]
     return kept, sorted(drop.values(), key=lambda d: d["path"])
 
@@ -206,6 +279,9 @@ def report_lines(report: dict) -> list[str]:
         if group["kind"] != "within_class":
             lines.append(f"  {group['kind'].replace('_', ' ')}: " + ", ".join(f"{f['path']} ({f['class']})"
                                                                              for f in group["files"]))
+    for pair in report["near_duplicates"]["list"]:
+        if pair["kind"] == "across_classes":
+            lines.append(f"  near duplicates across classes: {pair['a']} and {pair['b']} ({pair['bits']} bits)")
     return lines
 
 
@@ -238,9 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scan = scan_images(args.src, args.layout)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         facts, unreadable = collect_facts(scan.images, pool)
-    _, excluded = apply_policy(facts)
-    report = build_report(scan, facts, sorted(scan.skipped + unreadable, key=lambda s: s.path), excluded,
-                          near_pairs(facts))
+    pairs = near_pairs(facts)
+    _, excluded = apply_policy(facts, pairs)
+    report = build_report(scan, facts, sorted(scan.skipped + unreadable, key=lambda s: s.path), excluded, pairs)
     print("\n".join(report_lines(report)))
     if args.out:
         write_report(report, args.out)

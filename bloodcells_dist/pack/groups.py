@@ -29,6 +29,7 @@ from .cells import (
     recover_cells,
     ring_similarity,
 )
+from .splits import POOL
 
 METHODS = ("auto", "cells", "csv", "files")
 COPY_SAMPLE = 100  # images sampled per class to look for augmented copies
@@ -135,11 +136,13 @@ def merge_near_duplicates(facts: Sequence[ImageFacts]) -> dict[str, str]:
     return {f.image.rel_path: facts[root(i)].image.key for i, f in enumerate(facts)}
 
 
-def group_images(facts: Sequence[ImageFacts], *, requested: str, has_groups: bool, cells_file: Path | None,
+def group_images(kept: Sequence[ImageFacts], *, requested: str, has_groups: bool, cells_file: Path | None,
                  seed: int, workers: int, log: Callable[[str], None]) -> Grouping:
-    """The group of every image the packer splits (`facts`: the pool after the audit's policy)."""
+    """The group of every image (`kept`: after the audit's policy). The listing's groups cover every row, those
+    the listing puts in a split too (splits.py keeps such a group whole); cells and files group the pool only."""
     if cells_file is not None and requested not in ("auto", "cells"):
         raise UserError(f"--cells gives recovered cells, but --groups is {requested}")
+    facts = [f for f in kept if f.image.split in POOL]
     method, why, measured = ("cells", "as given (--cells)", {}) if cells_file is not None else \
         choose_method(requested, has_groups=has_groups, facts=facts, seed=seed, workers=workers)
     apart: list[str] = []
@@ -151,7 +154,7 @@ def group_images(facts: Sequence[ImageFacts], *, requested: str, has_groups: boo
         groups, apart = recover_cells([(f.image.rel_path, f.image.class_name, f.image.path) for f in facts],
                                       workers=workers, progress=log)
     elif method == "csv":
-        groups = {f.image.rel_path: f"group:{f.image.group}" if f.image.group else f.image.key for f in facts}
+        groups = {f.image.rel_path: f"group:{f.image.group}" if f.image.group else f.image.key for f in kept}
     else:
         groups = merge_near_duplicates(facts)
     return Grouping(method, why, groups, measured, apart)

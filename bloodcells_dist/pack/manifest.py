@@ -97,6 +97,7 @@ class ShardManifest:
     skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable or stray inputs, with the reason
     excluded: list[dict] = field(default_factory=list)  # readable images the audit's policy left out, and why
     clashes: list[dict] = field(default_factory=list)  # names differing only in case/suffix, and what was done
+    warnings: list[str] = field(default_factory=list)  # what the packer could not honour or doubts (one class...)
     audit: dict = field(default_factory=dict)  # duplicate counts; the whole report is AUDIT_NAME
     folds: int = 5
     args: dict = field(default_factory=dict)

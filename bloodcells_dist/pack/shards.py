@@ -37,8 +37,8 @@ from .audit import apply_policy, build_report, collect_facts, near_pairs, report
 from .groups import METHODS, group_images
 from .interop import check_descriptions, stale_description_names, write_descriptions
 from .manifest import AUDIT_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
-from .sources import EVAL_SPLITS, LAYOUTS, LINK_OUT, check_jpeg, scan_images, split_folder_root, unique_keys
-from .splits import FOLDS, POOL, Sample, assign_splits
+from .sources import EVAL_SPLITS, HIDDEN, LAYOUTS, LINK_OUT, NOT_REGULAR, check_jpeg, scan_images, split_folder_root, unique_keys
+from .splits import FOLDS, Sample, assign_splits, unmet_fractions
 
 MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
 MIN_SHARD_SAMPLES = 16  # ...unless that would make shards smaller than this
@@ -93,6 +93,27 @@ def dataset_name(src: Path, layout: str, name: str | None) -> str:
     if layout == "splits" and split_folder_root(src) == src / "dataset2-master" / "dataset2-master" / "images":
         return "blood-cells"
     return (src.stem if src.is_file() else src.resolve().name) or "dataset"
+
+
+def check_samples(samples: Sequence[Sample], classes: list[str], *, val_fraction: float,
+                  test_fraction: float) -> list[str]:
+    """Refuse splits a model cannot be trained on (no training image; a class with images but none to train on);
+    return the warnings: held-out splits a fraction could not fill per class, a single class to learn."""
+    training = Counter(s.facts.image.class_name for s in samples if s.split == "train")
+    if not training:
+        raise UserError(f"no training image: --test-fraction {test_fraction} and --val-fraction {val_fraction} leave "
+                        "no group for train (lower them, or give rows split=train)")
+    for name in classes:
+        where = Counter(s.split for s in samples if s.facts.image.class_name == name)
+        if where and not training[name]:
+            raise UserError(f"class {name} has no training image (its {sum(where.values())} image(s) are all in "
+                            f"{', '.join(sorted(where))}): a model cannot learn it; add training images or drop it")
+    held = {k: v for k, v in (("test", test_fraction), ("val", val_fraction)) if v > 0}
+    warned = unmet_fractions(samples, classes, held)
+    if len(training) == 1:
+        warned.append(f"only one class ({next(iter(training))}) has training images: a model of it learns nothing, "
+                      "and its accuracy and macro F1 are 1.0 by construction")
+    return warned
 
 
 def check_out_folder(src: Path, out: Path) -> None:
@@ -176,6 +197,16 @@ def clear_old_pack(out: Path, overwrite: bool) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_partial(out: Path, plan: dict[str, list[tuple[Path, list[Sample]]]]) -> None:
+    """After a failed pack: remove its shards (whole or temporary), audit report and descriptions, which no
+    manifest lists."""
+    for jobs in plan.values():
+        for path, _ in jobs:
+            path.unlink(missing_ok=True)
+    for path in sorted(out.glob(".*.tmp-*")) + [out / AUDIT_NAME] + stale_description_names(out):
+        path.unlink(missing_ok=True)
+
+
 def plan_shards(samples: list[Sample], out: Path, *, seed: int,
                 shard_size: int | None) -> dict[str, list[tuple[Path, list[Sample]]]]:
     """Split name -> [(shard path, its samples)]: seeded order so every shard mixes classes, sizes within one."""
@@ -236,7 +267,8 @@ def pack_shards(
         keyed, key_clashes = unique_keys([f.image for f in facts])  # only readable files claim keys
         facts = [replace(f, image=img) for img, f in zip(keyed, facts)]
         clashes = scan.clashes + key_clashes
-        kept, excluded = apply_policy(facts)
+        pairs = near_pairs(facts)
+        kept, excluded = apply_policy(facts, pairs)
         if strict and (skipped or clashes or excluded):
             first = (f"{skipped[0].path}: {skipped[0].reason}" if skipped else
                      f"{' and '.join(clashes[0].paths)} {clashes[0].conflict}" if clashes else
@@ -251,18 +283,17 @@ def pack_shards(
             log(f"warning: {' and '.join(c.paths)} {c.conflict}: {c.resolution}")
         for e in excluded:
             log(f"warning: excluded {e['path']}: {e['reason']}")
-        report = build_report(scan, facts, skipped, excluded, near_pairs(facts))
+        report = build_report(scan, facts, skipped, excluded, pairs)
         print("\n".join(report_lines(report)), flush=True)
 
         classes = scan.classes  # every class the data names, usable images or not: labels never shift
-        for name in sorted(set(classes) - {f.image.class_name for f in kept}):
-            log(f"warning: class {name} has no usable images (kept in the class list, label {classes.index(name)})")
-        pool_facts = [f for f in kept if f.image.split in POOL]
+        for empty in sorted(set(classes) - {f.image.class_name for f in kept}):
+            log(f"warning: class {empty} has no usable images (kept in the class list, label {classes.index(empty)})")
         if val_split == "random":
             grouping = None
             print("groups: none (--val-split random splits val by image, to show the leak)", flush=True)
         else:
-            grouping = group_images(pool_facts, requested=groups, has_groups=scan.has_groups, cells_file=cells,
+            grouping = group_images(kept, requested=groups, has_groups=scan.has_groups, cells_file=cells,
                                     seed=seed, workers=workers, log=log)
             print(f"groups: {grouping.method} ({grouping.why})", flush=True)
             for rel in grouping.set_apart:
@@ -270,11 +301,18 @@ def pack_shards(
                     "group of its own")
         samples = assign_splits(kept, grouping.groups if grouping else {}, classes, seed=seed,
                                 val_fraction=val_fraction, test_fraction=test_fraction, val_split=val_split)
-        if not any(s.split in EVAL_SPLITS for s in samples):
+        warned = check_samples(samples, classes, val_fraction=0.0 if val_split == "random" else val_fraction,
+                               test_fraction=test_fraction)
+        for line in warned:
+            log(f"warning: {line}")
+        if not test_fraction and not any(s.split in EVAL_SPLITS for s in samples):
             log("note: no test split: the data gives none and --test-fraction is 0 (pass e.g. --test-fraction 0.15)")
         plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
         try:
             clear_old_pack(out, overwrite)
+        except OSError as err:
+            raise UserError(f"cannot clear {out} for the new shards: {err.strerror or err}") from None
+        try:
             with progress(total=len(samples), desc="packing", unit="img") as bar:
                 futures = {split: [pool.submit(write_shard, path, chunk, classes) for path, chunk in jobs]
                            for split, jobs in plan.items()}
@@ -285,8 +323,13 @@ def pack_shards(
                         bar.update(len(chunk))
                         written += 1
                         at_shard(written)  # the interruption test's hook: a no-op unless it is set
-        except OSError as err:  # full disk, a folder we may not write in...
-            raise UserError(f"cannot write shards to {out}: {err.strerror or err}") from None
+        except (OSError, UserError) as err:  # a full disk, a folder we may not write in, a file changed meanwhile...
+            pool.shutdown(wait=True, cancel_futures=True)  # no worker may rename a shard into place after the cleanup
+            remove_partial(out, plan)
+            if isinstance(err, UserError):
+                raise
+            raise UserError(f"cannot write shards to {out}: {err.strerror or err} (the partial shards were removed)") \
+                from None
 
     splits = {}
     for split, jobs in plan.items():
@@ -307,6 +350,7 @@ def pack_shards(
         skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
         excluded=excluded,
         clashes=[{"paths": list(c.paths), "conflict": c.conflict, "resolution": c.resolution} for c in clashes],
+        warnings=warned,
         audit={k: report[k] for k in ("exact_duplicates", "near_duplicates")} | {"report": AUDIT_NAME},
         folds=FOLDS,
         args={"src": str(src.resolve()), "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
@@ -321,7 +365,9 @@ def pack_shards(
         write_descriptions(out, manifest)  # _info.json (timm), README.md (datasets, Hub), *.wids.json
         manifest.save(out)  # last: its presence means every shard and description above is complete
     except OSError as err:
-        raise UserError(f"cannot write the manifest to {out}: {err.strerror or err}") from None
+        remove_partial(out, plan)
+        raise UserError(f"cannot write the manifest to {out}: {err.strerror or err} (the shards were removed: "
+                        "nothing reads shards without their manifest)") from None
     return manifest
 
 
@@ -363,10 +409,10 @@ def recount(metas: list[dict], classes: list[str], folds: int) -> dict:
     }
 
 
-def check_crossings(metas: dict[str, list[dict]], test_carved: bool) -> None:
+def check_crossings(metas: dict[str, list[dict]], carved: set[str]) -> None:
     """UserError if an image's bytes sit in two splits (test splits the data gives may share them: the packer
-    never edits those), or if a group sits in train and val (or, where the packer made the test split, in test
-    and a training split)."""
+    never edits those), or if a group sits in two splits or two folds. An image of a split the data gave (not
+    `carved` by the packer) whose group is its own key is a group of its own (keys are unique within a split)."""
     first_split: dict[str, tuple[str, str]] = {}
     for split, items in metas.items():
         for m in items:
@@ -374,12 +420,17 @@ def check_crossings(metas: dict[str, list[dict]], test_carved: bool) -> None:
             if other[0] != split and not (other[0] in EVAL_SPLITS and split in EVAL_SPLITS):
                 raise UserError(f"image {m['key']} of split {split} has the same bytes as {other[1]} of split "
                                 f"{other[0]}: a leak between splits")
-    made = ["train", "val"] + (["test"] if test_carved else [])
-    owner: dict[str, str] = {}
-    for split in made:
-        for m in metas.get(split, []):
-            if owner.setdefault(m["group"], split) != split:
-                raise UserError(f"group {m['group']} is in split {owner[m['group']]} and in split {split}: a leak")
+    owner: dict[str, tuple[str, int]] = {}
+    for split, items in metas.items():
+        for m in items:
+            if m["group"] == m["key"] and split not in carved:
+                continue
+            first, fold = owner.setdefault(m["group"], (split, m["fold"]))
+            if first != split:
+                raise UserError(f"group {m['group']} is in split {first} and in split {split}: a leak")
+            if fold != m["fold"]:
+                raise UserError(f"group {m['group']} is in folds {fold} and {m['fold']}: grouped cross-validation "
+                                "would cut it")
 
 
 def verify_shards(folder: Path) -> ShardManifest:
@@ -419,7 +470,8 @@ def verify_shards(folder: Path) -> ShardManifest:
                 raise UserError(f"split {split_name}: {field_name} in the manifest is {getattr(split, field_name)}, "
                                 f"the shards hold {value}")
         every[split_name] = metas
-    check_crossings(every, test_carved=bool(manifest.args.get("test_fraction")))
+    carved = {"train"} | {s for s in ("val", "test") if manifest.args.get(f"{s}_fraction")}
+    check_crossings(every, carved)
     try:
         check_descriptions(folder, manifest)
     except ValueError as err:
@@ -437,8 +489,11 @@ def print_summary(manifest: ShardManifest, seconds: float) -> None:
             print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.groups_per_class[c]:>7}")
         print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.groups_per_class.values()):>7}  "
               f"in {len(split.shards)} shards")
-    links = sum(1 for s in manifest.skipped if s["reason"] == LINK_OUT)
-    link_note = f" ({links} symbolic link(s) leading out of the source root, not followed)" if links else ""
+    kinds = Counter(s["reason"] for s in manifest.skipped)
+    notes = [f"{kinds[reason]} {what}" for reason, what in ((LINK_OUT, "symbolic link(s) leading out of the source "
+                                                             "root, not followed"), (HIDDEN, "hidden folder(s)"),
+                                                            (NOT_REGULAR, "not a regular file, not read")) if kinds[reason]]
+    link_note = f" ({', '.join(notes)})" if notes else ""
     clash_note = f", {len(manifest.clashes)} name clash(es) resolved (manifest: clashes)" if manifest.clashes else ""
     excluded = f", excluded {len(manifest.excluded)} duplicate(s) or label conflict(s)" if manifest.excluded else ""
     print(f"packed {total} images of {manifest.dataset!r}, skipped {len(manifest.skipped)}{link_note}{excluded}"

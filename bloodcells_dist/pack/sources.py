@@ -7,14 +7,17 @@ Layouts (`--layout auto` tells them apart, in this order):
   ROOT/images, or under ROOT/dataset2-master/dataset2-master/images (the Kaggle "blood-cells" download).
 - classes: class folders at the root (torchvision's ImageFolder); `pack` makes every split.
 
-Class names are kept as the data spells them; folders whose names differ only in case are one class, named
-by the first spelling in sorted order (a clash is noted).
+Class names are kept as the data spells them; folder names or labels that differ only in case, in invisible
+characters (a zero-width space, a byte-order mark) or in spaces at either end are one class, named by the first
+visible spelling in sorted order (a clash is noted). Hidden folders (`.ipynb_checkpoints`) are no class, and only
+regular files are read: a named pipe or a device named `.jpg` is listed as skipped, never opened.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import unicodedata
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -34,6 +37,8 @@ JPEG_SUFFIXES = {".jpeg", ".jpg"}
 LAYOUTS = ("auto", "splits", "classes", "csv")
 LISTING_COLUMNS = ("path", "label", "group", "split")
 LINK_OUT = "symbolic link leading outside the source root (not followed)"
+HIDDEN = "hidden folder (a name starting with '.'), not a class"
+NOT_REGULAR = "not a regular file (a named pipe, socket, device or broken link): not read"
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class SourceImage:
     class_name: str
     key: str  # WebDataset key: made unique within the split by unique_keys()
     group: str = ""  # the listing's group column (patient, slide...), "" where none is given
+    line: int = 0  # the listing's line naming it (0: not from a listing)
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,16 @@ def base_key(class_name: str, stem: str) -> str:
     return f"{class_name}/{stem.replace('.', '_')}"
 
 
+def visible(name: str) -> str:
+    """A name without invisible (Unicode format) characters or spaces at either end, in NFC form."""
+    return "".join(c for c in unicodedata.normalize("NFC", name) if unicodedata.category(c) != "Cf").strip()
+
+
+def class_key(name: str) -> str:
+    """What class names are told apart by: visible characters, in any case."""
+    return visible(name).lower()
+
+
 def check_class_name(name: str, where: str) -> str:
     """A class name usable in keys, metric names and file names, or a UserError saying where it came from."""
     if not name or name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 for c in name):
@@ -99,10 +115,19 @@ def split_folder_root(root: Path) -> Path | None:
     return None
 
 
+def split_folders_of_images(top: Path) -> list[str]:
+    """The split-named folders under `top` that hold JPEG files and no folder: class folders named like a split."""
+    named = [p for p in sorted(top.iterdir()) if p.is_dir() and p.name.lower() in SPLIT_NAMES]
+    return [p.name for p in named if not any(c.is_dir() for c in p.iterdir())
+            and any(c.suffix.lower() in JPEG_SUFFIXES for c in p.iterdir())]
+
+
 def detect_layout(src: Path, layout: str = "auto") -> str:
     """The layout of `src` (see the module docstring), or a UserError when it has none or not the one asked."""
     if not src.exists():
         raise UserError(f"dataset root {src} does not exist")
+    if not src.is_dir() and not src.is_file():
+        raise UserError(f"--src {src} is neither a folder nor a regular file (a named pipe or a device?)")
     if src.is_file() or layout == "csv":
         if src.suffix.lower() != ".csv" or not src.is_file():
             raise UserError(f"--src {src}: a file must be a CSV listing (path,label[,group][,split]) ending in .csv")
@@ -113,6 +138,12 @@ def detect_layout(src: Path, layout: str = "auto") -> str:
                         "(expected ROOT/dataset2-master/dataset2-master/images/TRAIN/... or ROOT/TRAIN/...)")
     if layout in ("splits", "classes"):
         return layout
+    top = split_folder_root(src)
+    ambiguous = split_folders_of_images(top) if top is not None else []
+    if ambiguous:
+        raise UserError(f"{top}: folder(s) {', '.join(ambiguous)} are named like split folders but hold images, not "
+                        "class folders: if they are classes, pass --layout classes (or --layout splits to read "
+                        "split folders)")
     return "splits" if has_splits else "classes"
 
 
@@ -149,21 +180,29 @@ class Scanner:
         found: dict[str, list[Path]] = {}
         for parent in parents:
             for folder in self.entries(parent):
+                if folder.is_dir() and folder.name.startswith("."):
+                    self.skip(folder, HIDDEN)
+                    continue
                 if not folder.is_dir():
                     beside = "class folders" if split or self.scan.layout == "splits" else "class folders (at the root)"
                     self.skip(folder, f"stray file beside the {beside}")
                     continue
-                found.setdefault(folder.name.lower(), []).append(folder)
+                found.setdefault(class_key(folder.name), []).append(folder)
         for _, folders in sorted(found.items()):
-            name = check_class_name(sorted(f.name for f in folders)[0], self.rel(folders[0]))
+            name = check_class_name(sorted(visible(f.name) for f in folders)[0], self.rel(folders[0]))
             self.classes.add(name)  # even with no images: a class never drops out of the label list
-            if len({f.name for f in folders}) > 1:
-                self.scan.clashes.append(Clash(tuple(map(self.rel, folders)), f"are one class {name!r}", "all read"))
+            if {f.name for f in folders} != {name}:
+                shown = [self.rel(f) if f.name.isprintable() and f.name == f.name.strip() else repr(self.rel(f))
+                         for f in folders]
+                self.scan.clashes.append(Clash(tuple(shown), f"{'are' if len(folders) > 1 else 'is'} one class "
+                                               f"{name!r}", "all read"))
             for folder in folders:
                 candidates = 0
                 for path in self.entries(folder):
                     if path.is_dir():
                         self.skip(path, "unexpected folder inside a class folder")
+                    elif not path.is_file():  # never opened: reading a named pipe would block for ever
+                        self.skip(path, NOT_REGULAR)
                     elif path.suffix.lower() not in JPEG_SUFFIXES:
                         self.skip(path, f"not a .jpeg/.jpg file name ({path.suffix or 'no suffix'})")
                     else:
@@ -221,12 +260,16 @@ def scan_listing(listing: Path) -> Scan:
         scan.notes.append(f"listing columns ignored: {', '.join(ignored)}")
     scan.has_groups = "group" in header
     seen: dict[str, int] = {}
-    names: dict[str, str] = {}  # lower-case label -> the spelling kept (first in sorted order)
+    spellings: dict[str, set[str]] = {}  # class_key -> the labels spelling it
     for line, row in rows:
-        if not row["path"] or not row["label"]:
+        if not row["path"] or not visible(row["label"]):
             raise UserError(f"{listing}: line {line} has an empty path or label")
-        names.setdefault(row["label"].lower(), row["label"])
-        names[row["label"].lower()] = min(names[row["label"].lower()], row["label"])
+        spellings.setdefault(class_key(row["label"]), set()).add(row["label"])
+    names = {k: min(map(visible, labels)) for k, labels in spellings.items()}  # the spelling kept
+    for k, labels in sorted(spellings.items()):
+        if labels != {names[k]}:
+            scan.clashes.append(Clash(tuple(f"label {label!r}" for label in sorted(labels)),
+                                      f"{'are' if len(labels) > 1 else 'is'} one class {names[k]!r}", "all read"))
     for line, row in rows:
         rel, label = row["path"].replace("\\", "/"), row["label"]
         split_value = row.get("split", "").lower()
@@ -234,7 +277,7 @@ def scan_listing(listing: Path) -> Scan:
             raise UserError(f"{listing}: line {line}: split {row['split']!r} is not one of "
                             f"{', '.join(sorted(set(SPLIT_NAMES)))} (or empty: the packer decides)")
         file = (scanner.root / rel)
-        name = check_class_name(names[label.lower()], f"{listing}: line {line}")
+        name = check_class_name(names[class_key(label)], f"{listing}: line {line}")
         scanner.classes.add(name)
         try:
             resolved = file.resolve()
@@ -255,7 +298,7 @@ def scan_listing(listing: Path) -> Scan:
         else:
             stem = canonical.rsplit(".", 1)[0]
             scan.images.append(SourceImage(resolved, canonical, SPLIT_NAMES.get(split_value, ""), name,
-                                           base_key(name, stem), row.get("group", "")))
+                                           base_key(name, stem), row.get("group", ""), line))
     scan.images.sort(key=lambda i: i.rel_path)
     scan.classes = sorted(scanner.classes)  # every label named, also where each of its files was skipped
     return scan

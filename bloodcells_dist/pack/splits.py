@@ -1,6 +1,8 @@
 """Which split and cross-validation fold each image goes to, by whole groups, stratified by class.
 
-Splits the data gives (a TEST folder, a listing's split column) are kept. The rest, the pool (a TRAIN folder
+Splits the data gives (a TEST folder, a listing's split column) are kept, and a group some of whose images the
+data puts in a split takes its other images with it (a patient with rows given `val` and rows left blank is all
+val); the data giving one group two splits is an error. The rest, the pool (a TRAIN folder
 or images with no split), is cut by group: `test_fraction` of the groups to test (only where the data gives
 no test split), then `val_fraction` of them to val (only where it gives no val split), the rest to train.
 Every group also gets one of FOLDS folds for grouped k-fold cross-validation.
@@ -18,6 +20,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..cli import UserError
 from .audit import ImageFacts
 
 FOLDS = 5  # every group gets a fold index for grouped k-fold cross-validation
@@ -67,6 +70,45 @@ def deal_greedy(counts: dict[str, Counter], shares: dict[str, float], seed: int,
     return out
 
 
+def unmet_fractions(samples: Sequence[Sample], classes: list[str], held: dict[str, float]) -> list[str]:
+    """One line per class and held-out split that a fraction asked for but that holds none of the class's images
+    (too few groups: round(fraction x groups) is 0), and one per such split left empty."""
+    lines = []
+    for split, fraction in held.items():
+        for name in classes:
+            pool = {s.group for s in samples if s.facts.image.class_name == name and s.facts.image.split in POOL}
+            if pool and not any(s.split == split and s.facts.image.class_name == name for s in samples):
+                lines.append(f"class {name}: {split} holds none of its images: its {len(pool)} group(s) are too few "
+                             f"for --{split}-fraction {fraction}")
+        if not any(s.split == split for s in samples):
+            lines.append(f"--{split}-fraction {fraction}: {split} is empty: every class has too few groups")
+    return lines
+
+
+def rows_of(images: Sequence[ImageFacts], limit: int = 5) -> str:
+    """'lines 3, 7' where a listing names the images, else their paths; at most `limit`, then how many more."""
+    lines = all(f.image.line for f in images)
+    named = [str(n) for n in sorted(f.image.line for f in images)] if lines else sorted(f.image.rel_path for f in images)
+    text = ", ".join(named[:limit]) + (f" and {len(named) - limit} more" if len(named) > limit else "")
+    return f"line{'s' * (len(named) > 1)} {text}" if lines else text
+
+
+def given_splits(facts: Sequence[ImageFacts], groups: dict[str, str]) -> dict[str, str]:
+    """Group -> the held-out split (val, test...) the data gives some of its images, which the rest follow; a
+    UserError naming the group and its rows where the data gives one group two splits. Only images `groups`
+    names count: one outside the grouping (a TEST folder's, with cells) is a group of its own."""
+    given: dict[str, dict[str, list[ImageFacts]]] = {}
+    for f in facts:
+        if f.image.split and f.image.rel_path in groups:
+            given.setdefault(groups[f.image.rel_path], {}).setdefault(f.image.split, []).append(f)
+    for group, by_split in sorted(given.items()):
+        if len(by_split) > 1:
+            parts = "; ".join(f"{split} ({rows_of(images)})" for split, images in sorted(by_split.items()))
+            raise UserError(f"group {group.removeprefix('group:')!r} is given {len(by_split)} splits: {parts}; a "
+                            "split never cuts a group: give its rows one split, or leave them empty")
+    return {g: split for g, by_split in given.items() for split in by_split if split not in POOL}
+
+
 def assign_splits(facts: Sequence[ImageFacts], groups: dict[str, str], classes: list[str], *, seed: int,
                   val_fraction: float, test_fraction: float, val_split: str = "group") -> list[Sample]:
     """Final split, label, group and fold of every image (see the module docstring). val_split='random' cuts
@@ -79,6 +121,7 @@ def assign_splits(facts: Sequence[ImageFacts], groups: dict[str, str], classes: 
         members.setdefault(group_of[f.image.rel_path], Counter())[f.image.class_name] += 1
     single_class = all(len(c) == 1 for c in members.values())
     fold: dict[str, int] = {}
+    pinned = given_splits(facts, groups)
     split_of: dict[str, str] = {}
     if single_class:
         for class_name in sorted({f.image.class_name for f in facts}):
@@ -86,15 +129,16 @@ def assign_splits(facts: Sequence[ImageFacts], groups: dict[str, str], classes: 
             names = sorted({group_of[f.image.rel_path] for f in of_class})
             random.Random(f"{seed}:folds:{class_name}").shuffle(names)
             fold.update({g: i % FOLDS for i, g in enumerate(names)})
-            pool = sorted({group_of[f.image.rel_path] for f in of_class if f.image.split in POOL})
+            pool = sorted({group_of[f.image.rel_path] for f in of_class if f.image.split in POOL} - set(pinned))
             split_of.update(deal_per_class(pool, held, seed, class_name))
     else:
         fold = {g: int(b) for g, b in deal_greedy(members, {str(k): 1 / FOLDS for k in range(FOLDS)}, seed,
                                                   "folds").items()}
-        in_pool = {group_of[f.image.rel_path] for f in facts if f.image.split in POOL}
+        in_pool = {group_of[f.image.rel_path] for f in facts if f.image.split in POOL} - set(pinned)
         shares = {**held, "train": 1 - sum(held.values())}
         dealt = deal_greedy({g: c for g, c in members.items() if g in in_pool}, shares, seed, "splits")
         split_of = {g: s for g, s in dealt.items() if s != "train"}
+    split_of.update(pinned)
     random_val: set[str] = set()
     if val_split == "random" and val_fraction > 0:  # image-level: leaks copies of one cell into both sides
         for class_name in sorted({f.image.class_name for f in facts}):
