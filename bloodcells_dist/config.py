@@ -27,6 +27,7 @@ class TrainConfig:
     shard_weights: tuple[float, ...] = ()  # with several shard folders: each one's sampling weight (1: every sample once per epoch, 0.5: half, 2: twice); () is all 1
     output_dir: str = "runs/default"  # the run folder: config, metrics, checkpoints, weights, final.json
     train_splits: tuple[str, ...] = ("train",)  # ("train", "val") trains the final model on both
+    train_fraction: float = 1.0  # train on this share of the training groups (cells, patients), a seeded draw per class: a learning curve's points; 1: all
     val_split: str = "val"  # "" to skip validation
     val_fold: int = -1  # >= 0: grouped k-fold CV, fold k of train_splits is validation, the rest trains
     validate_on_train: bool = False  # allow val_split to be one of train_splits (it then scores samples it trained on; final.json says so)
@@ -106,6 +107,8 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):  # also rejects nan
             raise UserError(f"config lr={self.lr}: must be a finite number above 0")
         # (key, low, high): the value must be in [low, high); nan fails every comparison, so it is rejected too
+        if not 0 < self.train_fraction <= 1:
+            raise UserError(f"config train_fraction={self.train_fraction}: must be in (0, 1]")
         ranges = (("dropout", 0, 1), ("label_smoothing", 0, 1), ("momentum", 0, 1), ("weight_decay", 0, math.inf),
                   ("warmup_epochs", 0, math.inf), ("aug_gain", 0, 1),
                   ("mixup", 0, math.inf))

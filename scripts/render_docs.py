@@ -49,9 +49,11 @@ def blood_cells_cv(data: dict) -> str:
     lines = ["| recipe | honest CV (5 folds of cells) | macro F1 | per fold | leaky CV | held-out TEST | epochs | measured on |",
              "|---|---|---|---|---|---|---|---|"]
     for row in data["rows"]:
-        folds = ", ".join(f"{100 * f:.1f}" for f in row["folds"])
+        folds = ", ".join("-" if f is None else f"{100 * f:.1f}" for f in row["folds"])
+        done = sum(f is not None for f in row["folds"])
+        partial = f" ({done} of {len(row['folds'])} folds)" if done < len(row["folds"]) else ""
         test = pct(row.get("test")) + (f" ({row['test_note']})" if row.get("test_note") else "")
-        lines.append(f"| `{row['recipe']}` | **{spread(row['accuracy'])}** | {spread(row['macro_f1'], False)} | {folds} "
+        lines.append(f"| `{row['recipe']}` | **{spread(row['accuracy'])}**{partial} | {spread(row['macro_f1'], False)} | {folds} "
                      f"| {spread(row.get('leaky'))} | {test} | {row['epochs']} | {where(row['provenance'])} |")
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from bloodcells_dist.data.batches import shard_positions
 from bloodcells_dist.data.cache import cache_path, load_or_build, read_samples
 from bloodcells_dist.data.plan import EpochPlan, slot_ranges
 from bloodcells_dist.data.preprocess import FILL, Preprocess, cell_window, nucleus_centre
-from bloodcells_dist.data.selection import Selection
+from bloodcells_dist.data.selection import Selection, group_subset
 from bloodcells_dist.data.stream import EvalStream, TrainStream, stream_loader
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards
@@ -270,3 +270,19 @@ def test_a_cache_that_does_not_fit_falls_back_to_the_stream_with_a_message(synth
     assert json.loads((tmp_path / "auto" / "final.json").read_text())["steps"] == train // 8
     proc = cli(trainer.main, *train_args(synthetic_shards, tmp_path / "cache", *quick, "--data", "cache")[2:])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: data: cache:")
+
+
+def test_a_train_fraction_keeps_whole_groups_per_class_and_smaller_shares_nest(synthetic_shards):
+    manifest = ShardManifest.load(synthetic_shards)
+    samples = read_samples(manifest, str(synthetic_shards), ["train"], None, workers=0)
+    rows = samples.select(Selection(("train",)))
+    groups_of = lambda r: {samples.groups[i] for i in r.tolist()}
+    cells = {c: {samples.groups[i] for i in rows.tolist() if samples.labels[i] == c} for c in range(4)}
+    quarter, half = (group_subset(rows, samples.groups, samples.labels, f, seed=0) for f in (0.25, 0.5))
+    for c, names in cells.items():  # per class: round(share x its groups), at least one
+        assert len(groups_of(quarter) & names) == max(1, round(0.25 * len(names)))
+        assert len(groups_of(half) & names) == max(1, round(0.5 * len(names)))
+    whole = [i for i in rows.tolist() if samples.groups[i] in groups_of(quarter)]
+    assert quarter.tolist() == whole  # every copy of a kept cell, none of a dropped one
+    assert groups_of(quarter) <= groups_of(half)  # the learning curve's points are nested
+    assert group_subset(rows, samples.groups, samples.labels, 1.0, seed=0).tolist() == rows.tolist()

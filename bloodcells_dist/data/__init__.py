@@ -36,7 +36,7 @@ from .batches import CachedBatches, StreamedBatches, shard_positions, streamed_e
 from .cache import cache_bytes, default_cache_dir, load_or_build, memory_budget
 from .plan import EpochPlan
 from .preprocess import Preprocess
-from .selection import Selection, training_selections
+from .selection import Selection, train_subset, training_selections
 
 if TYPE_CHECKING:  # config.py imports preprocess.py: only a type here, no import circle
     from ..config import TrainConfig
@@ -82,6 +82,9 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest,
                                              cache_dir=Path(config.cache_dir or default_cache_dir()),
                                              workers=min(os.cpu_count() or 1, 16))
     train_rows = samples.select(train)
+    if config.train_fraction < 1:
+        train_rows, line = train_subset(train_rows, samples.groups, samples.labels, config.train_fraction, config.seed)
+        accelerator.print(line)
     val_rows = samples.select(val) if val else torch.zeros(0, dtype=torch.long)
     plan = EpochPlan(len(train_rows), config.batch_size, accelerator.num_processes, config.grad_accum,
                      seed=config.seed, shuffle=config.shuffle)

@@ -27,7 +27,7 @@ from .preprocess import Preprocess
 from .selection import Selection
 from .stream import decode_resized, numbered, sample_id, worker_slot
 
-FORMAT = 1
+FORMAT = 2  # 2: the groups column
 
 
 def default_cache_dir() -> Path:
@@ -49,6 +49,7 @@ class DecodedSamples:
     ids: torch.Tensor  # 63-bit sample ids: seed each sample's augmentation
     keys: list[str]
     images: torch.Tensor | None = None
+    groups: list[str] | None = None  # each sample's group (cell, patient, file): what a split never cuts
 
     def select(self, selection: Selection) -> torch.Tensor:
         """Row indices of the selected samples."""
@@ -71,18 +72,20 @@ class ShardReader(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_slot()
         for shard in range(worker, len(self.urls), workers):
-            rows = [(position, s["__key__"], int(s["cls"]), json.loads(s["json"])["fold"],
-                     decode_resized(s["jpg"], self.preprocess) if self.preprocess else None)
-                    for _, position, s in numbered([self.urls[shard]])]
+            rows = [(position, s["__key__"], int(s["cls"]), meta["fold"],
+                     decode_resized(s["jpg"], self.preprocess) if self.preprocess else None,
+                     str(meta.get("group", s["__key__"])))
+                    for _, position, s in numbered([self.urls[shard]]) for meta in [json.loads(s["json"])]]
             yield {"shard": shard, "position": [r[0] for r in rows], "keys": [r[1] for r in rows],
-                   "labels": [r[2] for r in rows], "folds": [r[3] for r in rows],
+                   "labels": [r[2] for r in rows], "folds": [r[3] for r in rows], "groups": [r[5] for r in rows],
                    "images": torch.stack([r[4] for r in rows if r[4] is not None]) if self.preprocess and rows else None}
 
 
 def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], preprocess: Preprocess | None,
                  workers: int) -> DecodedSamples:
     """Read (and with a preprocessing, decode) every sample of the splits with `workers` data workers."""
-    columns: dict[str, list] = {k: [] for k in ("shard", "position", "split", "labels", "folds", "keys", "images")}
+    columns: dict[str, list] = {k: [] for k in ("shard", "position", "split", "labels", "folds", "keys", "groups",
+                                                "images")}
     for index, split in enumerate(splits):
         urls = manifest.shard_urls(shards, split)
         loader = DataLoader(ShardReader(urls, preprocess), batch_size=None, num_workers=min(workers, len(urls)))
@@ -90,7 +93,7 @@ def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], pr
             n = len(part["keys"])
             columns["shard"] += [part["shard"]] * n
             columns["split"] += [index] * n
-            for k in ("position", "labels", "folds", "keys"):
+            for k in ("position", "labels", "folds", "keys", "groups"):
                 columns[k] += part[k]
             if part["images"] is not None:
                 columns["images"].append(part["images"])
@@ -98,7 +101,8 @@ def read_samples(manifest: ShardManifest, shards: str, splits: Sequence[str], pr
     return DecodedSamples(splits=list(splits), shard=tensor("shard"), position=tensor("position"),
                           split=tensor("split"), labels=tensor("labels"), folds=tensor("folds"),
                           ids=torch.tensor([sample_id(k) for k in columns["keys"]], dtype=torch.int64),
-                          keys=columns["keys"], images=torch.cat(columns["images"]) if columns["images"] else None)
+                          keys=columns["keys"], images=torch.cat(columns["images"]) if columns["images"] else None,
+                          groups=columns["groups"])
 
 
 def built_from(manifest: ShardManifest, splits: Sequence[str], preprocess: Preprocess | None) -> dict:
@@ -120,7 +124,7 @@ def content_digest(samples: DecodedSamples) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name in ("shard", "position", "split", "labels", "folds", "ids"):
         digest.update(getattr(samples, name).contiguous().numpy().tobytes())
-    digest.update("\n".join(samples.splits + samples.keys).encode())
+    digest.update("\n".join(samples.splits + samples.keys + (samples.groups or [])).encode())
     if samples.images is not None:
         digest.update(samples.images.contiguous().numpy().data.cast("B"))  # a view: no copy of the images
     return digest.hexdigest()

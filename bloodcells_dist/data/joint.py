@@ -25,7 +25,7 @@ from .augment import training_augment
 from .batches import CachedBatches
 from .cache import DecodedSamples, cache_bytes, default_cache_dir, load_or_build, memory_budget
 from .plan import EpochPlan, take_of
-from .selection import Selection, training_selections
+from .selection import Selection, train_subset, training_selections
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -93,7 +93,11 @@ def open_joint_data(config: TrainConfig, folders: list[str], manifests: list[Sha
         images.append(samples.images)
         labels.append(to_united[samples.labels])
         ids.append(samples.ids)
-        train_parts.append(samples.select(train) + offset)
+        rows = samples.select(train)
+        if config.train_fraction < 1 and name == names[0]:  # the run's own data: its learning curve
+            rows, line = train_subset(rows, samples.groups, samples.labels, config.train_fraction, config.seed)
+            accelerator.print(line)
+        train_parts.append(rows + offset)
         if val is not None:
             val_parts[name] = samples.select(val) + offset
         offset += len(samples.labels)
