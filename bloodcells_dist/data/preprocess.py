@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
@@ -35,18 +37,52 @@ class UnreadableImage(ValueError):
 
 
 def read_rgb(path: Path) -> torch.Tensor:
-    """Any image file -> uint8 (3, H, W) RGB (grayscale, CMYK, alpha, PNG under a .jpeg name included), the one
-    reader of evaluate --images and predict; UnreadableImage saying why when nothing can decode it."""
+    """Any image file -> uint8 (3, H, W) RGB (grayscale, CMYK, alpha, 16-bit, PNG under a .jpeg name included),
+    the one reader of evaluate --images and predict, held to the packer's bar (check_image_data);
+    UnreadableImage saying why when the file fails it or nothing can decode it."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:  # a folder, no permission, a vanished file
         raise UnreadableImage(err.strerror or str(err)) from None
+    if not data:
+        raise UnreadableImage("zero-byte file")
+    check_image_data(data)
     try:  # torchvision first: for JPEG it is the decoder (libjpeg-turbo) the shards are decoded with
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):  # CMYK, BMP, TIFF... or a broken file, which PIL names in plainer words
-        pass
+        image = read_with_pil(data)
+    # A 16-bit PNG decodes as uint16: window fill, padding and the model's scaling all count in uint8 units.
+    return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
+
+
+def check_image_data(data: bytes) -> None:
+    """UnreadableImage unless `data` passes what pack checks: a header PIL reads within its pixel limit (the
+    decompression-bomb bound, its warning taken as an error, as the packer takes it: a 691-byte file may claim
+    20000 x 20000), and for a JPEG a strict libjpeg-turbo decode (a stream cut short with an end marker appended
+    decodes to grey blocks with only a warning). Grayscale and CMYK JPEGs pass, unlike in shards."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height = image.size
+    except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, the warning...
+        raise UnreadableImage(f"{type(err).__name__}: {' '.join(str(err).split())[:200] or 'empty file'}") from None
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except (ValueError, RuntimeError) as err:  # simplejpeg: ValueError for errors and, strict, for warnings
+            truncated = "Premature end of JPEG file" in str(err)
+            raise UnreadableImage("truncated JPEG (premature end of file)" if truncated
+                                  else f"corrupt JPEG ({' '.join(str(err).split())[:200]})") from None
+
+
+def read_with_pil(data: bytes) -> torch.Tensor:
+    """PIL's decode of what torchvision cannot read, as (3, H, W) RGB; 16-bit grayscale scaled, not clipped."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.mode.startswith("I"):  # I;16 and kin: 16-bit values, which convert("RGB") would clip
+                gray = torch.from_numpy(np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8).to(torch.uint8)
+                return gray.expand(3, *gray.shape[-2:]).contiguous()
             return pil_to_tensor(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for bad files
         raise UnreadableImage(f"{type(err).__name__}: {' '.join(str(err).split()) or 'empty file'}") from None
