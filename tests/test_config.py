@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,13 @@ def test_a_resume_may_change_where_and_how_it_reports_not_what_it_trains():
         with pytest.raises(UserError, match=f"cannot resume with {key}="):
             check_resume_config(started, build_config(overrides={"epochs": "4", "image_size": "48,64", key: value}))
     assert "epochs" not in RESUMABLE and "workers" in RESUMABLE
+
+
+def test_the_training_docs_say_what_a_resume_may_change_as_the_code_does():
+    text = " ".join((REPO / "docs" / "training.md").read_text().split())
+    listed = re.search(r"only where things are and how the run reports may change \(([^)]*)\)", text)
+    assert listed and set(re.findall(r"`(\w+)`", listed.group(1))) == set(RESUMABLE) - {"output_dir"}
+    assert "more `--epochs` is refused" in text and "e.g. more `--epochs`" not in text
 
 
 # ---------------------------------------------------------------- precision for the hardware

@@ -3,8 +3,10 @@ epochs, the modes, a stop and an exact resume, mixup. The launched, multi-proces
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,14 @@ from safetensors.torch import load_file
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.config import build_config
 from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.rundir import RunDir
 from bloodcells_dist.train.schedule import lr_at
 from bloodcells_dist.train.spec import load_model
+
+from .conftest import cli
+from .test_bad_input import jpeg, make_root
 
 TINY = {"image_size": "24,32", "widths": "4,8,8,8", "hidden": "16,16", "batch_size": "16", "tracker": "none",
         "workers": "0", "mixed_precision": "no", "log_every": "1", "lr": "0.05"}
@@ -165,6 +171,31 @@ def test_a_folder_holding_a_run_is_refused_unless_overwritten(tiny_run, syntheti
     trainer.train(config, overwrite=True)
     steps = [r["step"] for r in records(run)]
     assert steps == sorted(steps) and len(steps) == len(before.splitlines())  # one run's log, not two
+
+
+def small_shards(folder: Path, classes: str) -> Path:
+    """Shards of 6 small JPEGs per class, the same images whatever the class names."""
+    files = {f"TRAIN/{c}/_{i}_1.jpeg": jpeg(10 * k + i) for k, c in enumerate(classes.split(",")) for i in range(6)}
+    pack_shards(make_root(folder.with_name(folder.name + "-src"), files), folder, workers=1, log=lambda line: None)
+    return folder
+
+
+def test_a_resume_compares_classes_and_never_rewrites_a_finished_run(tmp_path, monkeypatch):
+    shards, renamed = small_shards(tmp_path / "abcd", "A,B,C,D"), small_shards(tmp_path / "wxyz", "W,X,Y,Z")
+    run = tmp_path / "run"
+    config = build_config(overrides=tiny(shards, run, epochs=2, val_split="", batch_size=4))
+    monkeypatch.setenv("BLOODCELLS_AT_STEP", "1:stop")
+    assert trainer.train(config)["stopped"]
+    monkeypatch.delenv("BLOODCELLS_AT_STEP")
+    with pytest.raises(UserError, match=r"classes \['W', 'X', 'Y', 'Z'\].*\['A', 'B', 'C', 'D'\]"):
+        trainer.train(dataclasses.replace(config, shards=str(renamed)), resume=run)
+    assert trainer.train(config, resume=run)["steps"] > 2  # the run's own shards: it goes on
+    record = {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()}
+    elsewhere = shutil.copytree(shards, tmp_path / "moved")
+    proc = cli(trainer.main, "--resume", str(run), "--shards", str(elsewhere))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "finished run" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()} == record  # not a byte changed
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(synthetic_shards, tmp_path):

@@ -17,6 +17,7 @@ class TrainState:
     last_validation: dict | None = None  # metrics of the most recent validation
     train_seconds: float = 0.0  # time spent in training steps, over every sitting of the run
     layout: dict = field(default_factory=dict)  # processes, batch size, grad accumulation, steps per epoch
+    classes: list[str] = field(default_factory=list)  # the shards' classes, label order (empty in older checkpoints)
 
     def to_json(self) -> dict:
         """For trainer_state.json."""

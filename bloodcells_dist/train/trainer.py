@@ -36,7 +36,7 @@ from ..data.plan import stable_seed
 from ..data.selection import training_selections
 from ..pack.manifest import ShardManifest
 from ..progress import device_name, eta_line, progress, start_summary
-from .checkpoint import check_shared_run_dir, find_checkpoint, load_checkpoint, rng_isolated, save_checkpoint
+from .checkpoint import check_resume, check_shared_run_dir, find_checkpoint, load_checkpoint, rng_isolated, save_checkpoint
 from .metrics import format_metrics
 from .precision import detect_hardware, launch_precision, resolve_precision, warn_if_emulated
 from .preemption import COLLECTIVE_TIMEOUT, StopSignal, lost_peer
@@ -83,6 +83,8 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     folder.create()
     manifest = ShardManifest.load(config.shards, allow_pipe)
     check_fold(config, manifest)
+    if resume is not None:
+        check_resume(folder, resume, manifest.classes)
     hardware = detect_hardware()
     precision, why = resolve_precision(config.mixed_precision, hardware, launch_precision())
     accelerator = make_accelerator(config, precision)
@@ -98,6 +100,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
         layout = {"processes": accelerator.num_processes, "batch_size": config.batch_size,
                   "grad_accum": config.grad_accum, "steps_per_epoch": steps_per_epoch}
         state = start_state(accelerator, folder, resume, overwrite, layout)
+        state.classes = list(manifest.classes)  # what a resume compares its shards' classes with
         if accelerator.is_main_process:
             folder.write_config(config.to_yaml(), comment_block(origin))
         check_shared_run_dir(accelerator, folder)
