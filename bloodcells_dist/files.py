@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,19 +21,35 @@ def atomic_path(path: Path | str, *, keep_suffix: bool = True) -> Iterator[Path]
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}" if keep_suffix
                          else f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a link planted under the temporary name is removed, never written through
     try:
         yield tmp
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # replaces a symbolic link at `path` itself, not the file it points to
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path | str, data: str | bytes) -> None:
     """Write text or bytes to `path` atomically (fsynced before the rename)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, os.fdopen(open_own_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def open_own_file(path: Path | str, flags: int) -> int:
+    """os.open of a file we write into a folder someone else may have filled: never through a symbolic link
+    (O_NOFOLLOW: a planted link would have its target truncated) and only a regular file; UserError otherwise."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link: not written through; remove it") from None
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file (a device, socket or pipe?): remove it")
+    return fd
 
 
 def read_user_text(path: Path | str, what: str) -> str:

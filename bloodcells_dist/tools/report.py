@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..cli import Parser, UserError, run_main
+from ..files import atomic_path
 from ..train.rundir import RunDir
 from ..train.scoring import save_confusion_png
 from ..train.spec import load_model
@@ -57,7 +58,8 @@ def save_curves(train: list[dict], val: list[dict], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # replaces a link at path, never writes through it
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

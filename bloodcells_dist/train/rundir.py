@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ..cli import UserError, writable_folder
-from ..files import write_atomic, write_json
+from ..files import open_own_file, write_atomic, write_json
 
 STATE_NAME = "trainer_state.json"  # inside a checkpoint, written last: its presence marks the checkpoint complete
 
@@ -114,7 +114,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise UserError saying which process (pid, host, start time) holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_own_file(self.path, os.O_RDWR | os.O_CREAT)  # not through a link, not a folder or a pipe
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # EACCES or EAGAIN: held by a live process

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..files import atomic_path
 from .metrics import classification_metrics, confusion_matrix
 
 
@@ -62,5 +63,6 @@ def save_confusion_png(matrix: list[list[int]], classes: list[str], path: Path, 
         for j, v in enumerate(row):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # replaces a link at path, never writes through it
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
