@@ -198,3 +198,20 @@ def test_predict_and_evaluate_hold_images_to_the_packers_checks(untrained_model,
                check=True)
     result = json.loads((tmp_path / "e" / "eval-test.json").read_text())
     assert result["samples"] == 1 and result["unreadable"] == 2 and "2 unreadable image(s) skipped" in proc.stderr
+
+
+def test_a_model_answering_nan_gives_error_rows_and_a_failed_evaluation(tmp_path):
+    spec = ModelSpec(classes=tuple(CLASSES), preprocess=Preprocess((24, 32)), widths=(4, 4, 4, 4), hidden=(8, 8))
+    network = spec.build()
+    with torch.no_grad():
+        network.state_dict()[next(k for k in network.state_dict() if k.endswith("bias"))].fill_(float("nan"))
+    save_weights(network, spec, tmp_path / "nan.safetensors")
+    folder = make_root(tmp_path / "images", {"MONOCYTE/a.jpeg": jpeg(0), "NEUTROPHIL/b.jpeg": jpeg(1)})
+    proc = cli(predict.main, "--model", str(tmp_path / "nan.safetensors"), str(folder))
+    rows = read_csv(proc.stdout)
+    assert proc.returncode == 1 and len(rows) == 2 and "not finite (inf or nan) for 2 of 2" in proc.stderr
+    assert all(r["predicted_class"] == "" and "not finite" in r["error"] for r in rows), rows
+    proc = cli(evaluate.main, "--model", str(tmp_path / "nan.safetensors"), "--images", str(folder), "--out",
+               str(tmp_path / "e"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: the model's output is not")
+    assert not (tmp_path / "e" / "eval-test.json").exists()

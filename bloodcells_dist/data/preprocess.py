@@ -30,6 +30,7 @@ MEAN = (0.678, 0.641, 0.659)
 STD = (0.262, 0.260, 0.259)
 FILL = tuple(round(255 * m) for m in MEAN)  # uint8 colour of what lies outside the frame (window, padding)
 FITS = ("crop", "pad", "stretch")
+MIN_STD = 1e-3  # a smaller std turns one grey level into hundreds of units: the model file is broken
 
 
 class UnreadableImage(ValueError):
@@ -187,8 +188,11 @@ def preprocess_problem(p: Preprocess) -> str:
     for name, values in (("mean", p.mean), ("std", p.std)):
         if len(values) != 3 or not all(math.isfinite(v) for v in values):
             return f"{name}={list(values)}: expected 3 finite numbers (R, G, B)"
-    if min(p.std) <= 0:
-        return f"std={list(p.std)}: every channel's std must be above 0"
+    # Pixels are scaled to [0, 1] before the normalisation: their mean lies in it, their std at most 0.5.
+    if not all(0 <= m <= 1 for m in p.mean):
+        return f"mean={list(p.mean)}: every channel's mean must be in [0, 1] (pixels scaled to [0, 1])"
+    if not all(MIN_STD <= v <= 1 for v in p.std):
+        return f"std={list(p.std)}: every channel's std must be in [{MIN_STD}, 1] (pixels scaled to [0, 1])"
     return ""
 
 

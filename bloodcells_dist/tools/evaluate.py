@@ -144,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if metrics["samples"] == 0:  # on every rank alike: the counts are summed over all of them
         raise UserError(f"no sample could be evaluated ({skipped} unreadable image(s)"
                         + (f", e.g. {unreadable[0]})" if unreadable else ")"))
+    if metrics["nonfinite_outputs"]:
+        raise UserError(f"the model's output is not finite (inf or nan) for {metrics['nonfinite_outputs']} of "
+                        f"{metrics['samples']} samples: its weights or preprocessing are broken")
     models = [str(m) for m in args.model]
     scored = [run_weights(m).name if m.is_dir() and not is_hub_folder(m) else m.name for m in args.model]
     metrics.update(split=args.split, fold=args.fold if args.fold >= 0 else None, tta=args.tta,

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from ..cli import UserError
 from ..data.preprocess import MEAN, STD, Preprocess, preprocess_from
 from ..files import write_atomic
+from ..pack.sources import check_class_name
 from .model import BloodCellCNN
 
 SPEC_KEY = "spec"  # the weights file's metadata key holding the spec's JSON
@@ -70,6 +71,7 @@ class ModelSpec:
         classes = raw.get("classes")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
             raise ValueError("classes must be a non-empty list of names")
+        check_class_names(classes)
         if raw.get("num_classes", len(classes)) != len(classes):
             raise ValueError(f"num_classes {raw['num_classes']} but {len(classes)} classes")
         if "id2label" in raw and raw["id2label"] != {str(i): c for i, c in enumerate(classes)}:
@@ -102,6 +104,20 @@ class ModelSpec:
             mean=MEAN, std=STD), widths=tuple(config["widths"]), hidden=tuple(config["hidden"]),
             dropout=float(config["dropout"]), dataset=dataset,
             recipe={k: v for k, v in config.items() if k not in PATHS}, provenance=provenance or {})
+
+
+def check_class_names(classes: list[str]) -> None:
+    """ValueError unless every class is a plain name (as pack requires: it names CSV columns and metrics) and no
+    two are the same in any case (evaluate matches folder names in any case)."""
+    for name in classes:
+        try:
+            check_class_name(name, "classes")
+        except UserError as err:
+            raise ValueError(str(err)) from None
+    folded = [c.casefold() for c in classes]
+    twice = sorted({c for c in classes if folded.count(c.casefold()) > 1})
+    if twice:
+        raise ValueError(f"classes name {', '.join(map(repr, twice))} more than once (in some case)")
 
 
 def save_weights(model: torch.nn.Module, spec: ModelSpec, path: Path) -> None:
