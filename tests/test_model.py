@@ -129,3 +129,13 @@ def test_a_missing_or_foreign_file_is_one_user_error(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(UserError, match="not a usable bloodcells_dist model"):
         load_model(tmp_path / "x.safetensors")
+
+
+def test_a_missing_local_path_is_never_taken_for_a_hub_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt fails at once instead of reaching the network
+    with pytest.raises(UserError) as err:
+        load_model("runs/mistyped")
+    assert str(err.value) == "no model at runs/mistyped (a Hub repo is named hf://runs/mistyped)"
+    with pytest.raises(UserError, match=r"^no Hub repo someone/model could be downloaded"):
+        load_model("hf://someone/model")

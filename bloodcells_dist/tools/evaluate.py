@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = Parser(prog="bloodcells evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, action="append",
-                        help="run folder (its best weights, else its last), weights file, Hub folder or repo id; "
+                        help="run folder (its best weights, else its last), weights file, Hub folder or hf://USER/NAME; "
                              "repeat it to score an ensemble")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", help="shard folder or URL prefix holding manifest.json")
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    model=models[0] if len(models) == 1 else models, weights=scored[0] if len(scored) == 1 else scored,
                    unreadable=int(skipped))
     if accelerator.is_main_process:
-        folders = [m if m.is_dir() else m.parent for m in args.model]
+        folders = [m if m.is_dir() else Path() if str(m).startswith("hf:") else m.parent for m in args.model]
         out = args.out or (folders[0] if len(folders) == 1 else Path(os.path.commonpath([f.resolve() for f in folders])))
         out.mkdir(parents=True, exist_ok=True)
         stem = eval_stem(args.split, args.fold, args.tta) + (f"-ensemble{len(models)}" if len(models) > 1 else "")

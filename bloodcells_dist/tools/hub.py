@@ -121,7 +121,7 @@ widths {list(spec.widths)}, then fully connected layers {list(spec.hidden)} and 
 from bloodcells_dist.train.model import BloodCellCNN
 network = BloodCellCNN.from_pretrained("THIS_REPO_OR_FOLDER")   # the network alone, from config.json
 from bloodcells_dist.train.spec import load_model
-model, spec = load_model("THIS_REPO_OR_FOLDER")                 # with spec.classes and spec.preprocess
+model, spec = load_model("hf://THIS_REPO")  # or a folder; with spec.classes and spec.preprocess
 ```
 or `bloodcells predict --model THIS_FOLDER images/ --out preds.csv`.
 

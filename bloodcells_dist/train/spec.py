@@ -172,21 +172,28 @@ def run_weights(folder: Path) -> Path:
 
 def load_model(path: Path | str) -> tuple[BloodCellCNN, ModelSpec]:
     """An eval-mode model and its spec from a run folder (run_weights), a .safetensors file, a Hub model folder,
-    or a Hub repo id USER/NAME (downloaded and cached by huggingface_hub)."""
+    or a Hub repo named hf://USER/NAME (downloaded and cached by huggingface_hub): only that prefix reaches the
+    Hub, so a mistyped local path is never taken for a repo id."""
+    text = str(path)
+    if text.startswith("hf:/"):  # hf://USER/NAME (a Path keeps one slash)
+        return download_hub_model(text.removeprefix("hf:").lstrip("/"))
     path = Path(path)
     if path.is_dir() and (path / HUB_CONFIG).is_file() and (path / HUB_WEIGHTS).is_file():
         return read_hub_folder(path)
     if path.is_dir():
         path = run_weights(path)
-    elif not path.exists() and str(path).count("/") == 1 and not path.suffix and "://" not in str(path):
-        from huggingface_hub import snapshot_download
-
-        try:  # a Hub repo id
-            folder = Path(snapshot_download(str(path), allow_patterns=[HUB_CONFIG, HUB_WEIGHTS, "README.md"]))
-        except Exception as err:  # offline, no such repo, no access: all the user's to fix
-            raise UserError(f"no model at {path}, and no Hub repo {path} could be downloaded ({type(err).__name__})") from None
-        return read_hub_folder(folder)
     if not path.is_file():
-        raise UserError(f"no model at {path}")
+        hint = f" (a Hub repo is named hf://{path})" if text.count("/") == 1 and not path.exists() else ""
+        raise UserError(f"no model at {path}{hint}")
     return read_weights(path)
 
+
+def download_hub_model(repo_id: str) -> tuple[BloodCellCNN, ModelSpec]:
+    """A Hub repo's model (config.json and weights), downloaded and cached by huggingface_hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=[HUB_CONFIG, HUB_WEIGHTS, "README.md"]))
+    except Exception as err:  # offline, no such repo, no access, a malformed id: all the user's to fix
+        raise UserError(f"no Hub repo {repo_id} could be downloaded ({type(err).__name__})") from None
+    return read_hub_folder(folder)
