@@ -166,3 +166,25 @@ def test_native_bf16_is_read_from_the_cpu_flags_and_torchs_kernels(flags, capabi
     assert cpu_flags(cpuinfo) == set(flags.split()) and cpu_flags(tmp_path / "missing") == set()
     assert resolve_precision("auto", hardware)[0] == ("bf16" if native else "no")
     assert isinstance(detect_hardware().cpu_native_bf16, bool) and detect_hardware().cuda == torch.cuda.is_available()
+
+
+def test_a_recipe_giving_a_key_twice_or_a_yaml_bomb_is_one_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 3\nlr: 0.1\nepochs: 5\n")
+    with pytest.raises(UserError) as err:
+        build_config(recipe)
+    assert str(err.value) == f"config {recipe}: key 'epochs' given twice (lines 1 and 3)"
+    recipe.write_text("epochs: 3\nlr: 0.1\nwidths: [4, 8, 8, 8]\nhidden: {a: 1, a: 2}\n")
+    with pytest.raises(UserError, match="key 'a' given twice"):
+        build_config(recipe)
+    levels = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 values
+    recipe.write_text("\n".join(["bomb:", *(f"  {line}" for line in levels), "widths: *a8", ""]))
+    with pytest.raises(UserError) as err:
+        build_config(recipe)
+    assert "aliases expand past 10000 values" in str(err.value) and len(str(err.value)) < 300
+    recipe.write_text("widths: &w [4, 8, 8, 8]\nhidden: [16, 16]\n")  # a small alias is fine
+    assert build_config(recipe).widths == (4, 8, 8, 8)
+    with pytest.raises(UserError) as err:
+        build_config(overrides={"widths": ",".join(["4"] * 100_000)})
+    assert "100000 values" in str(err.value) and len(str(err.value)) < 300
