@@ -188,3 +188,17 @@ def test_a_recipe_giving_a_key_twice_or_a_yaml_bomb_is_one_line(tmp_path):
     with pytest.raises(UserError) as err:
         build_config(overrides={"widths": ",".join(["4"] * 100_000)})
     assert "100000 values" in str(err.value) and len(str(err.value)) < 300
+
+
+def test_an_image_size_that_cannot_fit_in_memory_is_refused_before_any_allocation():
+    with pytest.raises(UserError, match=r"image_size=\[1000000000, 32\].*at most 4096"):
+        build_config(overrides={"image_size": "1e9,32"})
+    assert build_config(overrides={"image_size": "4096,32"}).image_size == (4096, 32)
+
+
+def test_a_closed_output_pipe_is_one_line_not_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "bloodcells_dist", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc.stdout.close()  # `bloodcells --help | head` with head gone before the first write
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == "error: the output was closed before it was all written (broken pipe)\n"

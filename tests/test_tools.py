@@ -215,3 +215,31 @@ def test_a_model_answering_nan_gives_error_rows_and_a_failed_evaluation(tmp_path
                str(tmp_path / "e"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: the model's output is not")
     assert not (tmp_path / "e" / "eval-test.json").exists()
+
+
+def test_outputs_that_cannot_be_written_are_one_line_before_the_work(untrained_model, tiny_run, image_folder, tmp_path,
+                                                                     capsys):
+    from bloodcells_dist.tools import hub
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be\n")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    model, images = str(untrained_model), str(image_folder)
+    calls = [(predict.main, ["--model", model, images, "--out", str(blocker / "p.csv")], "cannot create --out folder"),
+             (export.main, ["--model", model, "--format", "onnx", "--out", str(blocker / "m.onnx")], "cannot create"),
+             (export.main, ["--model", model, "--format", "torchscript", "--out", str(tmp_path / "d.pt")], "is a folder"),
+             (hub.main, ["save", "--model", model, "--out", str(blocker / "hub")], "cannot create --out"),
+             (hub.main, ["save", "--model", model, "--out", str(blocker)], "is a file, not a folder"),
+             (evaluate.main, ["--model", model, "--images", images, "--out", str(blocker / "e")], "cannot create --out"),
+             (predict.main, ["--model", model, images, "--out", "/dev/full"], "No space left on device")]
+    (tmp_path / "d.pt").mkdir()
+    for main, argv, message in calls:
+        assert run_main(main, argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1] and "Traceback" not in "".join(err), (argv, err)
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "curves.png").mkdir()  # report cannot put its file there: the OSError of a read-only run folder's kind
+    assert run_main(report.main, [str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "curves.png" in err[-1], err

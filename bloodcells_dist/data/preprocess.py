@@ -30,6 +30,7 @@ MEAN = (0.678, 0.641, 0.659)
 STD = (0.262, 0.260, 0.259)
 FILL = tuple(round(255 * m) for m in MEAN)  # uint8 colour of what lies outside the frame (window, padding)
 FITS = ("crop", "pad", "stretch")
+MAX_SIDE = 4096  # pixels per side of the model's input; the cell window's bound too
 MIN_STD = 1e-3  # a smaller std turns one grey level into hundreds of units: the model file is broken
 
 
@@ -176,15 +177,16 @@ class Preprocess:
 
 def preprocess_problem(p: Preprocess) -> str:
     """What is wrong with a preprocessing (e.g. read from a model file someone edited), or ''."""
-    if len(p.image_size) != 2 or min(p.image_size) < 16:
-        return f"image_size={list(p.image_size)}: give height and width, each at least 16 (4 max-pools)"
+    if len(p.image_size) != 2 or min(p.image_size) < 16 or max(p.image_size) > MAX_SIDE:
+        return (f"image_size={list(p.image_size)}: give height and width, each at least 16 (4 max-pools) and at "
+                f"most {MAX_SIDE} (larger cannot be held in memory)")
     if p.fit not in FITS:
         return f"fit={p.fit!r}: expected one of {', '.join(FITS)}"
     crop = p.cell_crop
-    if not math.isfinite(crop) or crop < 0 or (1 < crop and (crop != int(crop) or not 16 <= crop <= 4096)) \
+    if not math.isfinite(crop) or crop < 0 or (1 < crop and (crop != int(crop) or not 16 <= crop <= MAX_SIDE)) \
             or (0 < crop <= 1 and crop < 0.05):
         return (f"cell_crop={crop:g}: 0 (the whole frame), a fraction 0.05-1 of the shorter side, or a window "
-                "side of 16 to 4096 pixels")
+                "side of 16 to {MAX_SIDE} pixels")
     for name, values in (("mean", p.mean), ("std", p.std)):
         if len(values) != 3 or not all(math.isfinite(v) for v in values):
             return f"{name}={list(values)}: expected 3 finite numbers (R, G, B)"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..cli import Parser, UserError, run_main
+from ..cli import Parser, UserError, output_folder, run_main
 from ..data import open_eval_data
 from ..data.preprocess import UnreadableImage, read_rgb
 from ..data.selection import Selection
@@ -120,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, spec = load_models(args.model)
+    folders = [m if m.is_dir() else Path() if str(m).startswith("hf:") else m.parent for m in args.model]
+    out = args.out or (folders[0] if len(folders) == 1 else Path(os.path.commonpath([f.resolve() for f in folders])))
+    if accelerator.is_main_process:
+        output_folder(out, "--out")  # before the evaluation: a read-only run folder is refused at once
     model = model.to(accelerator.device)
     classes = list(spec.classes)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -153,9 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    model=models[0] if len(models) == 1 else models, weights=scored[0] if len(scored) == 1 else scored,
                    unreadable=int(skipped))
     if accelerator.is_main_process:
-        folders = [m if m.is_dir() else Path() if str(m).startswith("hf:") else m.parent for m in args.model]
-        out = args.out or (folders[0] if len(folders) == 1 else Path(os.path.commonpath([f.resolve() for f in folders])))
-        out.mkdir(parents=True, exist_ok=True)
         stem = eval_stem(args.split, args.fold, args.tta) + (f"-ensemble{len(models)}" if len(models) > 1 else "")
         write_json(out / f"{stem}.json", metrics)
         save_confusion_png(metrics["confusion_matrix"], classes, out / f"{stem}-confusion.png",

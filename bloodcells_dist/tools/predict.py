@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import Parser, UserError, run_main
+from ..cli import Parser, UserError, output_file, run_main
 from ..data.preprocess import UnreadableImage, read_rgb
 from ..train.scoring import logits as model_logits
 from ..train.spec import ModelSpec, load_model
@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
 
+    if args.out:
+        output_file(args.out, "--out")  # before the model and the images are read
     model, spec = load_predictor(args.model)
     transform, files, classes = spec.preprocess.transform(), find_images(args.paths), list(spec.classes)
     # ONNX runs on its CPU provider; an ExportedProgram (.pt2) stays on the device it was exported on.
@@ -98,8 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     if on_gpu and isinstance(model, torch.nn.Module):
         model = model.to(device)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
     unreadable = broken = 0
     with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
         writer = csv.writer(out, lineterminator="\n")
