@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.config import build_config
+from bloodcells_dist.data.plan import EpochPlan
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.train import trainer
@@ -266,3 +267,29 @@ def test_recipe_yaml_round_trips_through_the_run_folder(tiny_run):
     run, _ = tiny_run
     saved = yaml.safe_load(RunDir(run).config.read_text())
     assert saved["widths"] == [4, 8, 8, 8] and saved["eval_every"] == 2 and "provenance" not in saved
+
+
+def test_a_folder_holding_a_run_is_refused_before_the_cache_is_built(tmp_path):
+    shards, run = small_shards(tmp_path / "shards", "A,B,C,D"), tmp_path / "run"
+    RunDir(run).create()
+    RunDir(run).metrics.write_text('{"step": 1}\n')  # what an earlier run left
+    config = build_config(overrides=tiny(shards, run, epochs=1, val_split="", data="cache",
+                                         cache_dir=tmp_path / "cache"))
+    with pytest.raises(UserError, match="already holds a run"):
+        trainer.train(config)
+    assert not (tmp_path / "cache").exists()  # refused before any decoding
+
+
+def test_small_data_leaving_many_samples_out_of_every_epoch_is_said_at_the_start(tmp_path, capsys):
+    shards = small_shards(tmp_path / "shards", "A,B,C,D")
+    samples = ShardManifest.load(shards).split("train").samples
+    batch = samples // 2 + 1  # one step per epoch, nearly half the samples left out
+    proc = cli(trainer.main, "--shards", str(shards), "--output-dir", str(tmp_path / "run"), "--epochs", "1",
+               "--val-split", "", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "batch_size"],
+               "--batch-size", str(batch), check=True)
+    warning = [line for line in proc.stderr.splitlines() if "left out of every epoch" in line]
+    assert warning == [f"warning: {samples - batch} of {samples} training samples ({(samples - batch) / samples:.0%}) "
+                       f"are left out of every epoch (a global batch of {batch} fits 1 time(s)); batch_size "
+                       f"{EpochPlan(samples, batch, 1).left_out_warning().rsplit('batch_size ', 1)[1]}"]
+    assert EpochPlan(57, 32, 1).left_out_warning().endswith("batch_size 19 would leave 0 out")
+    assert EpochPlan(64, 32, 1).left_out_warning() == "" and EpochPlan(70, 32, 1).left_out_warning() == ""

@@ -63,6 +63,14 @@ class RunDir:
         """What an earlier run left here (a new run refuses the folder, or with --overwrite removes them)."""
         return [p for p in (self.metrics, self.final, self.checkpoints, self.best, self.last) if p.exists()]
 
+    def refuse_earlier_run(self, overwrite: bool) -> None:
+        """UserError when an earlier run is here and `overwrite` was not given: checked before any expensive work
+        (and again under the lock, before anything is removed)."""
+        old = self.run_files()
+        if old and not overwrite:
+            raise UserError(f"{self} already holds a run ({', '.join(p.name for p in old)}): "
+                            f"--resume {self} continues it, --overwrite replaces it")
+
     def clear(self) -> None:
         """Remove an earlier run's files (not the lock, not W&B's folder)."""
         for path in self.run_files():

@@ -85,6 +85,8 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     check_fold(config, manifest)
     if resume is not None:
         check_resume(folder, resume, manifest.classes)
+    else:
+        folder.refuse_earlier_run(overwrite)  # before the decoded cache is built
     hardware = detect_hardware()
     precision, why = resolve_precision(config.mixed_precision, hardware, launch_precision())
     accelerator = make_accelerator(config, precision)
@@ -205,11 +207,8 @@ def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, o
         state = load_checkpoint(accelerator, checkpoint, layout)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     else:
-        old = folder.run_files()
-        if old and not overwrite:
-            raise UserError(f"{folder} already holds a run ({', '.join(p.name for p in old)}): "
-                            f"--resume {folder} continues it, --overwrite replaces it")
-        if old and accelerator.is_main_process:
+        folder.refuse_earlier_run(overwrite)  # again, now under the lock
+        if folder.run_files() and accelerator.is_main_process:
             folder.clear()
         accelerator.wait_for_everyone()
         state = TrainState()
