@@ -186,7 +186,7 @@ def preprocess_problem(p: Preprocess) -> str:
     if not math.isfinite(crop) or crop < 0 or (1 < crop and (crop != int(crop) or not 16 <= crop <= MAX_SIDE)) \
             or (0 < crop <= 1 and crop < 0.05):
         return (f"cell_crop={crop:g}: 0 (the whole frame), a fraction 0.05-1 of the shorter side, or a window "
-                "side of 16 to {MAX_SIDE} pixels")
+                f"side of 16 to {MAX_SIDE} pixels")
     for name, values in (("mean", p.mean), ("std", p.std)):
         if len(values) != 3 or not all(math.isfinite(v) for v in values):
             return f"{name}={list(values)}: expected 3 finite numbers (R, G, B)"
