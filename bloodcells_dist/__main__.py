@@ -41,6 +41,16 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to the command's own main (which turns user errors into one line)."""
+    try:
+        return dispatch(argv)
+    except BrokenPipeError:  # `bloodcells --help | head`
+        from .cli import closed_output
+
+        return closed_output()
+
+
+def dispatch(argv: Sequence[str] | None) -> int:
+    """The command named first in argv, run with the rest; the usage for none or --help."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())

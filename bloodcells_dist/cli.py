@@ -7,6 +7,7 @@ BLOODCELLS_DEBUG=1 re-raises everything, user errors included, with its tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -40,6 +41,26 @@ def writable_folder(path: Path, flag: str) -> None:
         raise UserError(f"cannot write to {flag} {path}: permission denied")
 
 
+def output_file(path: Path, flag: str) -> None:
+    """Check a file to write named by `flag` before any work: not a folder, its folder created and writable."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file name")
+    writable_folder(path.parent, f"{flag} folder")
+
+
+def output_folder(path: Path, flag: str) -> None:
+    """Check (and create) a folder to write into named by `flag` before any work: not a file, writable."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    writable_folder(path, flag)
+
+
+# What the machine, not our code, says when an output cannot be written: a read-only file system, a full disk or
+# quota, no permission, a folder where a file should go. One line, as for a UserError (BLOODCELLS_DEBUG: traceback).
+ENVIRONMENT_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EISDIR,
+                      errno.ENOTDIR}
+
+
 def debugging() -> bool:
     """BLOODCELLS_DEBUG=1: every error keeps its traceback (user errors and tolerated tracker errors too)."""
     return os.environ.get("BLOODCELLS_DEBUG", "") not in ("", "0")
@@ -68,6 +89,23 @@ def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if debugging() or err.errno not in ENVIRONMENT_ERRNOS or isinstance(err, BrokenPipeError):
+            raise
+        path = err.filename2 or err.filename  # a rename's target, not its temporary file
+        where = f": {path}" if path else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return closed_output()
+
+
+def closed_output() -> int:
+    """What the reader of our output closing it (`bloodcells train --help | head`) ends in: one line and the exit
+    status of a program stopped by SIGPIPE, with stdout pointed at /dev/null so the flush at exit stays quiet."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    print("error: the output was closed before it was all written (broken pipe)", file=sys.stderr)
+    return 141

@@ -16,6 +16,7 @@ import yaml
 
 from .cli import UserError
 from .data.preprocess import Preprocess
+from .files import read_user_yaml
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,8 @@ def coerce(key: str, value: object) -> object:
         if typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0]
             items = value if isinstance(value, (list, tuple)) else [value]
+            if len(items) > MAX_ITEMS:
+                raise ValueError(f"{len(items)} values; a list here holds a few")
             return tuple(number(item, v) if item in (int, float) else item(v) for v in items)
         if kind is bool:
             if not isinstance(value, bool):
@@ -215,7 +218,16 @@ def coerce(key: str, value: object) -> object:
             return ""
         raise ValueError(f"expected {kind.__name__}")
     except (ValueError, TypeError, OverflowError, yaml.YAMLError) as err:
-        raise UserError(f"config {key}={value!r}: {err}") from None
+        raise UserError(f"config {key}={brief(value)}: {err}") from None
+
+
+MAX_ITEMS = 64  # values in a list-valued key (image_size, widths, train_splits...): more is a mistake or an attack
+
+
+def brief(value: object, width: int = 80) -> str:
+    """repr(value) cut to `width` characters: a message names a value, it never prints a huge one."""
+    text = repr(value) if not isinstance(value, (list, tuple)) or len(value) <= MAX_ITEMS else f"[{len(value)} values]"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def check_keys(keys: Sequence[str], where: str) -> None:
@@ -227,12 +239,7 @@ def check_keys(keys: Sequence[str], where: str) -> None:
 
 def read_yaml(path: Path) -> dict:
     """A recipe file as a dict of known keys."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise UserError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"config {path} is not valid YAML: {err}") from None
+    raw = read_user_yaml(path, "config") or {}  # one line for a key given twice or a YAML bomb
     if not isinstance(raw, dict):
         raise UserError(f"config {path} must be a mapping of key: value")
     check_keys(list(raw), str(path))

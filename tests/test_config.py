@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,13 @@ def test_a_resume_may_change_where_and_how_it_reports_not_what_it_trains():
     assert "epochs" not in RESUMABLE and "workers" in RESUMABLE
 
 
+def test_the_training_docs_say_what_a_resume_may_change_as_the_code_does():
+    text = " ".join((REPO / "docs" / "training.md").read_text().split())
+    listed = re.search(r"only where things are and how the run reports may change \(([^)]*)\)", text)
+    assert listed and set(re.findall(r"`(\w+)`", listed.group(1))) == set(RESUMABLE) - {"output_dir"}
+    assert "more `--epochs` is refused" in text and "e.g. more `--epochs`" not in text
+
+
 # ---------------------------------------------------------------- precision for the hardware
 
 AVX2 = Hardware(cuda=False, cuda_bf16=False, cpu_native_bf16=False, cpu_detail="AVX2, no AMX/AVX512-BF16")
@@ -158,3 +166,39 @@ def test_native_bf16_is_read_from_the_cpu_flags_and_torchs_kernels(flags, capabi
     assert cpu_flags(cpuinfo) == set(flags.split()) and cpu_flags(tmp_path / "missing") == set()
     assert resolve_precision("auto", hardware)[0] == ("bf16" if native else "no")
     assert isinstance(detect_hardware().cpu_native_bf16, bool) and detect_hardware().cuda == torch.cuda.is_available()
+
+
+def test_a_recipe_giving_a_key_twice_or_a_yaml_bomb_is_one_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 3\nlr: 0.1\nepochs: 5\n")
+    with pytest.raises(UserError) as err:
+        build_config(recipe)
+    assert str(err.value) == f"config {recipe}: key 'epochs' given twice (lines 1 and 3)"
+    recipe.write_text("epochs: 3\nlr: 0.1\nwidths: [4, 8, 8, 8]\nhidden: {a: 1, a: 2}\n")
+    with pytest.raises(UserError, match="key 'a' given twice"):
+        build_config(recipe)
+    levels = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 values
+    recipe.write_text("\n".join(["bomb:", *(f"  {line}" for line in levels), "widths: *a8", ""]))
+    with pytest.raises(UserError) as err:
+        build_config(recipe)
+    assert "aliases expand past 10000 values" in str(err.value) and len(str(err.value)) < 300
+    recipe.write_text("widths: &w [4, 8, 8, 8]\nhidden: [16, 16]\n")  # a small alias is fine
+    assert build_config(recipe).widths == (4, 8, 8, 8)
+    with pytest.raises(UserError) as err:
+        build_config(overrides={"widths": ",".join(["4"] * 100_000)})
+    assert "100000 values" in str(err.value) and len(str(err.value)) < 300
+
+
+def test_an_image_size_that_cannot_fit_in_memory_is_refused_before_any_allocation():
+    with pytest.raises(UserError, match=r"image_size=\[1000000000, 32\].*at most 4096"):
+        build_config(overrides={"image_size": "1e9,32"})
+    assert build_config(overrides={"image_size": "4096,32"}).image_size == (4096, 32)
+
+
+def test_a_closed_output_pipe_is_one_line_not_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "bloodcells_dist", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc.stdout.close()  # `bloodcells --help | head` with head gone before the first write
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == "error: the output was closed before it was all written (broken pipe)\n"

@@ -279,7 +279,7 @@ def test_a_train_fraction_keeps_whole_groups_per_class_and_smaller_shares_nest(s
     groups_of = lambda r: {samples.groups[i] for i in r.tolist()}
     cells = {c: {samples.groups[i] for i in rows.tolist() if samples.labels[i] == c} for c in range(4)}
     quarter, half = (group_subset(rows, samples.groups, samples.labels, f, seed=0) for f in (0.25, 0.5))
-    for c, names in cells.items():  # per class: round(share x its groups), at least one
+    for names in cells.values():  # per class: round(share x its groups), at least one
         assert len(groups_of(quarter) & names) == max(1, round(0.25 * len(names)))
         assert len(groups_of(half) & names) == max(1, round(0.5 * len(names)))
     whole = [i for i in rows.tolist() if samples.groups[i] in groups_of(quarter)]

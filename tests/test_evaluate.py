@@ -15,6 +15,7 @@ import webdataset as wds
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.tools import cv, evaluate, export, hub, predict
 from bloodcells_dist.train import trainer
+from bloodcells_dist.train.metrics import classification_metrics, format_metrics
 from bloodcells_dist.train.model import Ensemble
 from bloodcells_dist.train.spec import load_model
 
@@ -25,6 +26,19 @@ pytestmark = pytest.mark.e2e
 
 def evaluation(folder, name="eval-test") -> dict:
     return json.loads((folder / f"{name}.json").read_text())
+
+
+def test_macro_f1_averages_the_classes_present_and_names_the_absent_ones():
+    classes = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+    perfect = torch.tensor([[5, 0, 0, 0], [0, 3, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])  # only two classes in the split
+    metrics = classification_metrics(perfect, classes)
+    assert metrics["macro_f1"] == 1.0 and metrics["absent_classes"] == ["MONOCYTE", "NEUTROPHIL"]
+    assert "macro F1 1.0000 (over 2 classes: MONOCYTE, NEUTROPHIL absent)" in format_metrics(metrics, classes)
+    # a class only predicted (never true) is present, with F1 0, as scikit-learn counts it
+    wrong = torch.tensor([[4, 0, 0, 1], [0, 3, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    metrics = classification_metrics(wrong, classes)
+    assert metrics["absent_classes"] == ["MONOCYTE"]
+    assert metrics["macro_f1"] == pytest.approx((8 / 9 + 1 + 0) / 3)
 
 
 def test_evaluate_counts_every_test_sample_once_with_one_and_two_processes(reference_run, synthetic_shards, tmp_path):

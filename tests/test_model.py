@@ -72,6 +72,12 @@ def test_a_weights_file_of_version_0_1_still_loads(tmp_path):
     assert spec.preprocess.cell_crop == 160 and same_weights(loaded, model)
 
 
+def relabel(classes: list[str]):
+    """An edit of a Hub config.json giving other class names (with id2label and label2id to match)."""
+    return lambda c: c.update(classes=classes, id2label={str(i): n for i, n in enumerate(classes)},
+                              label2id={n: i for i, n in enumerate(classes)})
+
+
 @pytest.mark.parametrize("edit, words", [
     (lambda c: c.update(cell_crop=-5), "cell_crop=-5"),
     (lambda c: c.update(std=[0.2, 0.0, 0.2]), "std="),
@@ -81,6 +87,12 @@ def test_a_weights_file_of_version_0_1_still_loads(tmp_path):
     (lambda c: c.update(widths=[4, 8, 8]), "widths"),
     (lambda c: c.update(fit="squash"), "fit="),
     (lambda c: c.pop("mean"), "mean"),
+    (lambda c: c.update(std=[1e-300] * 3), "std="),
+    (lambda c: c.update(mean=[1e308] * 3), "mean="),
+    (relabel(["basophil", "basophil", "ig"]), "'basophil' more than once"),
+    (relabel(["basophil", "Basophil", "ig"]), "more than once"),
+    (relabel(["basophil", "../etc", "ig"]), "'../etc'"),
+    (relabel(["basophil", "eosin\nophil", "ig"]), "control character"),
 ])
 def test_an_unusable_spec_is_refused_before_any_image(edit, words, tmp_path):
     network().save_pretrained(tmp_path / "hub", config=SPEC.to_json())
@@ -117,3 +129,13 @@ def test_a_missing_or_foreign_file_is_one_user_error(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(UserError, match="not a usable bloodcells_dist model"):
         load_model(tmp_path / "x.safetensors")
+
+
+def test_a_missing_local_path_is_never_taken_for_a_hub_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt fails at once instead of reaching the network
+    with pytest.raises(UserError) as err:
+        load_model("runs/mistyped")
+    assert str(err.value) == "no model at runs/mistyped (a Hub repo is named hf://runs/mistyped)"
+    with pytest.raises(UserError, match=r"^no Hub repo someone/model could be downloaded"):
+        load_model("hf://someone/model")

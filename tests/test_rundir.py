@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from bloodcells_dist.files import atomic_path, write_atomic, write_json
 from bloodcells_dist.train.provenance import comment_block, provenance
 from bloodcells_dist.train.rundir import STATE_NAME, RunDir
 from bloodcells_dist.train.state import TrainState
+from bloodcells_dist.train.tracking import MetricsLog
 
 HOLD = """
 import sys, time
@@ -78,6 +80,33 @@ def test_the_lock_refuses_a_second_process_and_dies_with_the_first(tmp_path):
     lock.acquire()  # the kernel released the dead holder's lock
     assert f"pid {__import__('os').getpid()}" in run.lock_file.read_text()
     lock.release()
+
+
+def test_a_run_never_writes_through_a_link_or_into_what_is_not_a_file(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.lock_file.symlink_to(victim)
+    with pytest.raises(UserError, match=r"\.lock is a symbolic link"):
+        run.lock().acquire()
+    run.metrics.symlink_to(victim)
+    with pytest.raises(UserError, match=r"metrics\.jsonl is a symbolic link"):
+        MetricsLog(run.metrics, enabled=True).write({"step": 1})
+    # an atomic write replaces a link at its path, and removes one planted under its temporary name
+    run.final.symlink_to(victim)
+    (run.path / f".final.tmp-{os.getpid()}.json").symlink_to(victim)
+    run.write_final({"steps": 1})
+    assert not run.final.is_symlink() and run.finished()
+    assert victim.read_text() == "precious\n"
+    run.lock_file.unlink()
+    run.lock_file.mkdir()
+    with pytest.raises(UserError, match=r"\.lock: Is a directory"):
+        run.lock().acquire()
+    run.lock_file.rmdir()
+    os.mkfifo(run.lock_file)
+    with pytest.raises(UserError, match=r"\.lock is not a regular file"):
+        run.lock().acquire()
 
 
 def test_the_state_round_trips_and_reads_old_checkpoints():

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bloodcells_dist.cli import run_main
-from bloodcells_dist.tools import export, predict, report
+from bloodcells_dist.data.preprocess import Preprocess, read_rgb
+from bloodcells_dist.tools import evaluate, export, predict, report
 from bloodcells_dist.train import trainer
+from bloodcells_dist.train.spec import ModelSpec, save_weights
 
 from .conftest import cli, train_args
+from .test_bad_input import jpeg, make_root
 
 pytestmark = pytest.mark.e2e
 
@@ -136,3 +144,103 @@ def test_other_user_errors_are_one_line(tiny_run, image_folder, tmp_path, capsys
         assert run_main(main, argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of (H, W, 3) uint16 pixels (PIL writes none)."""
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_a_16_bit_png_is_read_as_its_8_bit_twin_by_predict(tmp_path):
+    spec = ModelSpec(classes=tuple(CLASSES), preprocess=Preprocess((24, 32), fit="pad"), widths=(4, 4, 4, 4),
+                     hidden=(8, 8))  # padding fills in uint8 units: where 16-bit values went wrong
+    save_weights(spec.build(), spec, tmp_path / "pad.safetensors")
+    eight = np.asarray(Image.open(io.BytesIO(jpeg(0, size=(60, 30)))))
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    (tmp_path / "sixteen.png").write_bytes(png16(eight.astype(np.uint16) * 257))
+    image = read_rgb(tmp_path / "sixteen.png")
+    assert image.dtype == torch.uint8 and torch.equal(image, read_rgb(tmp_path / "eight.png"))
+    proc = cli(predict.main, "--model", str(tmp_path / "pad.safetensors"), str(tmp_path / "eight.png"),
+               str(tmp_path / "sixteen.png"), check=True)
+    eight_row, sixteen_row = read_csv(proc.stdout)
+    assert [eight_row[p] for p in PROBS] == [sixteen_row[p] for p in PROBS]
+
+
+def huge_header_jpeg() -> bytes:
+    """A JPEG of a few hundred bytes whose frame header claims 20000 x 20000 pixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)
+    return bytes(data)
+
+
+def test_predict_and_evaluate_hold_images_to_the_packers_checks(untrained_model, tmp_path):
+    good = jpeg(0, size=(160, 120))
+    truncated = good[:len(good) // 2] + b"\xff\xd9"  # cut short, end marker appended: decodes with a warning only
+    folder = make_root(tmp_path / "images", {"MONOCYTE/good.jpeg": good, "MONOCYTE/truncated.jpeg": truncated,
+                                             "NEUTROPHIL/huge.jpeg": huge_header_jpeg()})
+    proc = cli(predict.main, "--model", str(untrained_model), str(folder))
+    assert proc.returncode == 1 and "3 images, 2 unreadable" in proc.stderr
+    rows = {Path(r["path"]).name: r for r in read_csv(proc.stdout)}
+    assert rows["good.jpeg"]["error"] == "" and rows["good.jpeg"]["predicted_class"] in CLASSES
+    assert "corrupt JPEG" in rows["truncated.jpeg"]["error"] and rows["truncated.jpeg"]["predicted_class"] == ""
+    assert "400000000 pixels" in rows["huge.jpeg"]["error"] and rows["huge.jpeg"]["predicted_class"] == ""
+    proc = cli(evaluate.main, "--model", str(untrained_model), "--images", str(folder), "--out", str(tmp_path / "e"),
+               check=True)
+    result = json.loads((tmp_path / "e" / "eval-test.json").read_text())
+    assert result["samples"] == 1 and result["unreadable"] == 2 and "2 unreadable image(s) skipped" in proc.stderr
+
+
+def test_a_model_answering_nan_gives_error_rows_and_a_failed_evaluation(tmp_path):
+    spec = ModelSpec(classes=tuple(CLASSES), preprocess=Preprocess((24, 32)), widths=(4, 4, 4, 4), hidden=(8, 8))
+    network = spec.build()
+    with torch.no_grad():
+        network.state_dict()[next(k for k in network.state_dict() if k.endswith("bias"))].fill_(float("nan"))
+    save_weights(network, spec, tmp_path / "nan.safetensors")
+    folder = make_root(tmp_path / "images", {"MONOCYTE/a.jpeg": jpeg(0), "NEUTROPHIL/b.jpeg": jpeg(1)})
+    proc = cli(predict.main, "--model", str(tmp_path / "nan.safetensors"), str(folder))
+    rows = read_csv(proc.stdout)
+    assert proc.returncode == 1 and len(rows) == 2 and "not finite (inf or nan) for 2 of 2" in proc.stderr
+    assert all(r["predicted_class"] == "" and "not finite" in r["error"] for r in rows), rows
+    proc = cli(evaluate.main, "--model", str(tmp_path / "nan.safetensors"), "--images", str(folder), "--out",
+               str(tmp_path / "e"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: the model's output is not")
+    assert not (tmp_path / "e" / "eval-test.json").exists()
+
+
+def test_outputs_that_cannot_be_written_are_one_line_before_the_work(untrained_model, tiny_run, image_folder, tmp_path,
+                                                                     capsys):
+    from bloodcells_dist.tools import hub
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be\n")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    model, images = str(untrained_model), str(image_folder)
+    calls = [(predict.main, ["--model", model, images, "--out", str(blocker / "p.csv")], "cannot create --out folder"),
+             (export.main, ["--model", model, "--format", "onnx", "--out", str(blocker / "m.onnx")], "cannot create"),
+             (export.main, ["--model", model, "--format", "torchscript", "--out", str(tmp_path / "d.pt")], "is a folder"),
+             (hub.main, ["save", "--model", model, "--out", str(blocker / "hub")], "cannot create --out"),
+             (hub.main, ["save", "--model", model, "--out", str(blocker)], "is a file, not a folder"),
+             (evaluate.main, ["--model", model, "--images", images, "--out", str(blocker / "e")], "cannot create --out"),
+             (predict.main, ["--model", model, images, "--out", "/dev/full"], "No space left on device")]
+    (tmp_path / "d.pt").mkdir()
+    for main, argv, message in calls:
+        assert run_main(main, argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1] and "Traceback" not in "".join(err), (argv, err)
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "curves.png").unlink(missing_ok=True)  # drawn by the report test, if it ran first
+    (run / "curves.png").mkdir()  # report cannot put its file there: the OSError of a read-only run folder's kind
+    assert run_main(report.main, [str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "curves.png" in err[-1], err

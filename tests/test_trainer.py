@@ -3,8 +3,10 @@ epochs, the modes, a stop and an exact resume, mixup. The launched, multi-proces
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,16 @@ from safetensors.torch import load_file
 
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.config import build_config
+from bloodcells_dist.data.plan import EpochPlan
 from bloodcells_dist.pack.manifest import ShardManifest
+from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.rundir import RunDir
 from bloodcells_dist.train.schedule import lr_at
 from bloodcells_dist.train.spec import load_model
+
+from .conftest import cli
+from .test_bad_input import jpeg, make_root
 
 TINY = {"image_size": "24,32", "widths": "4,8,8,8", "hidden": "16,16", "batch_size": "16", "tracker": "none",
         "workers": "0", "mixed_precision": "no", "log_every": "1", "lr": "0.05"}
@@ -167,6 +174,31 @@ def test_a_folder_holding_a_run_is_refused_unless_overwritten(tiny_run, syntheti
     assert steps == sorted(steps) and len(steps) == len(before.splitlines())  # one run's log, not two
 
 
+def small_shards(folder: Path, classes: str) -> Path:
+    """Shards of 6 small JPEGs per class, the same images whatever the class names."""
+    files = {f"TRAIN/{c}/_{i}_1.jpeg": jpeg(10 * k + i) for k, c in enumerate(classes.split(",")) for i in range(6)}
+    pack_shards(make_root(folder.with_name(folder.name + "-src"), files), folder, workers=1, log=lambda line: None)
+    return folder
+
+
+def test_a_resume_compares_classes_and_never_rewrites_a_finished_run(tmp_path, monkeypatch):
+    shards, renamed = small_shards(tmp_path / "abcd", "A,B,C,D"), small_shards(tmp_path / "wxyz", "W,X,Y,Z")
+    run = tmp_path / "run"
+    config = build_config(overrides=tiny(shards, run, epochs=2, val_split="", batch_size=4))
+    monkeypatch.setenv("BLOODCELLS_AT_STEP", "1:stop")
+    assert trainer.train(config)["stopped"]
+    monkeypatch.delenv("BLOODCELLS_AT_STEP")
+    with pytest.raises(UserError, match=r"classes \['W', 'X', 'Y', 'Z'\].*\['A', 'B', 'C', 'D'\]"):
+        trainer.train(dataclasses.replace(config, shards=str(renamed)), resume=run)
+    assert trainer.train(config, resume=run)["steps"] > 2  # the run's own shards: it goes on
+    record = {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()}
+    elsewhere = shutil.copytree(shards, tmp_path / "moved")
+    proc = cli(trainer.main, "--resume", str(run), "--shards", str(elsewhere))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "finished run" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()} == record  # not a byte changed
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(synthetic_shards, tmp_path):
     run = tmp_path / "run"
     config = build_config(overrides=tiny(synthetic_shards, run, epochs=1, lr="1e6", checkpoint_every=2))
@@ -235,3 +267,29 @@ def test_recipe_yaml_round_trips_through_the_run_folder(tiny_run):
     run, _ = tiny_run
     saved = yaml.safe_load(RunDir(run).config.read_text())
     assert saved["widths"] == [4, 8, 8, 8] and saved["eval_every"] == 2 and "provenance" not in saved
+
+
+def test_a_folder_holding_a_run_is_refused_before_the_cache_is_built(tmp_path):
+    shards, run = small_shards(tmp_path / "shards", "A,B,C,D"), tmp_path / "run"
+    RunDir(run).create()
+    RunDir(run).metrics.write_text('{"step": 1}\n')  # what an earlier run left
+    config = build_config(overrides=tiny(shards, run, epochs=1, val_split="", data="cache",
+                                         cache_dir=tmp_path / "cache"))
+    with pytest.raises(UserError, match="already holds a run"):
+        trainer.train(config)
+    assert not (tmp_path / "cache").exists()  # refused before any decoding
+
+
+def test_small_data_leaving_many_samples_out_of_every_epoch_is_said_at_the_start(tmp_path, capsys):
+    shards = small_shards(tmp_path / "shards", "A,B,C,D")
+    samples = ShardManifest.load(shards).split("train").samples
+    batch = samples // 2 + 1  # one step per epoch, nearly half the samples left out
+    proc = cli(trainer.main, "--shards", str(shards), "--output-dir", str(tmp_path / "run"), "--epochs", "1",
+               "--val-split", "", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "batch_size"],
+               "--batch-size", str(batch), check=True)
+    warning = [line for line in proc.stderr.splitlines() if "left out of every epoch" in line]
+    assert warning == [f"warning: {samples - batch} of {samples} training samples ({(samples - batch) / samples:.0%}) "
+                       f"are left out of every epoch (a global batch of {batch} fits 1 time(s)); batch_size "
+                       f"{EpochPlan(samples, batch, 1).left_out_warning().rsplit('batch_size ', 1)[1]}"]
+    assert EpochPlan(57, 32, 1).left_out_warning().endswith("batch_size 19 would leave 0 out")
+    assert EpochPlan(64, 32, 1).left_out_warning() == "" and EpochPlan(70, 32, 1).left_out_warning() == ""

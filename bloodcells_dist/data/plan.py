@@ -72,6 +72,17 @@ class EpochPlan:
         """Samples left out of each epoch (fewer than one global batch)."""
         return self.samples - self.steps_per_epoch * self.global_batch
 
+    def left_out_warning(self, share: float = 0.1) -> str:
+        """'' or one line when more than `share` of the samples sit out every epoch, naming the batch_size (at most
+        this one) that leaves the fewest out."""
+        if self.remainder <= share * self.samples:
+            return ""
+        per_sample = self.world_size * self.grad_accum  # a global batch is batch_size times this
+        best = min(range(1, self.batch_size + 1), key=lambda b: (self.samples % (b * per_sample), -b))
+        return (f"{self.remainder} of {self.samples} training samples ({self.remainder / self.samples:.0%}) are left "
+                f"out of every epoch (a global batch of {self.global_batch} fits {self.steps_per_epoch} time(s)); "
+                f"batch_size {best} would leave {self.samples % (best * per_sample)} out")
+
     def order(self, epoch: int) -> torch.Tensor:
         """The epoch's permutation of sample positions 0..samples-1 (identity without shuffle); with parts, the
         epoch's positions (weighted_positions) in a seeded order."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
@@ -28,6 +30,8 @@ MEAN = (0.678, 0.641, 0.659)
 STD = (0.262, 0.260, 0.259)
 FILL = tuple(round(255 * m) for m in MEAN)  # uint8 colour of what lies outside the frame (window, padding)
 FITS = ("crop", "pad", "stretch")
+MAX_SIDE = 4096  # pixels per side of the model's input; the cell window's bound too
+MIN_STD = 1e-3  # a smaller std turns one grey level into hundreds of units: the model file is broken
 
 
 class UnreadableImage(ValueError):
@@ -35,18 +39,52 @@ class UnreadableImage(ValueError):
 
 
 def read_rgb(path: Path) -> torch.Tensor:
-    """Any image file -> uint8 (3, H, W) RGB (grayscale, CMYK, alpha, PNG under a .jpeg name included), the one
-    reader of evaluate --images and predict; UnreadableImage saying why when nothing can decode it."""
+    """Any image file -> uint8 (3, H, W) RGB (grayscale, CMYK, alpha, 16-bit, PNG under a .jpeg name included),
+    the one reader of evaluate --images and predict, held to the packer's bar (check_image_data);
+    UnreadableImage saying why when the file fails it or nothing can decode it."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:  # a folder, no permission, a vanished file
         raise UnreadableImage(err.strerror or str(err)) from None
+    if not data:
+        raise UnreadableImage("zero-byte file")
+    check_image_data(data)
     try:  # torchvision first: for JPEG it is the decoder (libjpeg-turbo) the shards are decoded with
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):  # CMYK, BMP, TIFF... or a broken file, which PIL names in plainer words
-        pass
+        image = read_with_pil(data)
+    # A 16-bit PNG decodes as uint16: window fill, padding and the model's scaling all count in uint8 units.
+    return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
+
+
+def check_image_data(data: bytes) -> None:
+    """UnreadableImage unless `data` passes what pack checks: a header PIL reads within its pixel limit (the
+    decompression-bomb bound, its warning taken as an error, as the packer takes it: a 691-byte file may claim
+    20000 x 20000), and for a JPEG a strict libjpeg-turbo decode (a stream cut short with an end marker appended
+    decodes to grey blocks with only a warning). Grayscale and CMYK JPEGs pass, unlike in shards."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height = image.size
+    except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, the warning...
+        raise UnreadableImage(f"{type(err).__name__}: {' '.join(str(err).split())[:200] or 'empty file'}") from None
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except (ValueError, RuntimeError) as err:  # simplejpeg: ValueError for errors and, strict, for warnings
+            truncated = "Premature end of JPEG file" in str(err)
+            raise UnreadableImage("truncated JPEG (premature end of file)" if truncated
+                                  else f"corrupt JPEG ({' '.join(str(err).split())[:200]})") from None
+
+
+def read_with_pil(data: bytes) -> torch.Tensor:
+    """PIL's decode of what torchvision cannot read, as (3, H, W) RGB; 16-bit grayscale scaled, not clipped."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.mode.startswith("I"):  # I;16 and kin: 16-bit values, which convert("RGB") would clip
+                gray = torch.from_numpy(np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8).to(torch.uint8)
+                return gray.expand(3, *gray.shape[-2:]).contiguous()
             return pil_to_tensor(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for bad files
         raise UnreadableImage(f"{type(err).__name__}: {' '.join(str(err).split()) or 'empty file'}") from None
@@ -139,20 +177,24 @@ class Preprocess:
 
 def preprocess_problem(p: Preprocess) -> str:
     """What is wrong with a preprocessing (e.g. read from a model file someone edited), or ''."""
-    if len(p.image_size) != 2 or min(p.image_size) < 16:
-        return f"image_size={list(p.image_size)}: give height and width, each at least 16 (4 max-pools)"
+    if len(p.image_size) != 2 or min(p.image_size) < 16 or max(p.image_size) > MAX_SIDE:
+        return (f"image_size={list(p.image_size)}: give height and width, each at least 16 (4 max-pools) and at "
+                f"most {MAX_SIDE} (larger cannot be held in memory)")
     if p.fit not in FITS:
         return f"fit={p.fit!r}: expected one of {', '.join(FITS)}"
     crop = p.cell_crop
-    if not math.isfinite(crop) or crop < 0 or (1 < crop and (crop != int(crop) or not 16 <= crop <= 4096)) \
+    if not math.isfinite(crop) or crop < 0 or (1 < crop and (crop != int(crop) or not 16 <= crop <= MAX_SIDE)) \
             or (0 < crop <= 1 and crop < 0.05):
         return (f"cell_crop={crop:g}: 0 (the whole frame), a fraction 0.05-1 of the shorter side, or a window "
-                "side of 16 to 4096 pixels")
+                f"side of 16 to {MAX_SIDE} pixels")
     for name, values in (("mean", p.mean), ("std", p.std)):
         if len(values) != 3 or not all(math.isfinite(v) for v in values):
             return f"{name}={list(values)}: expected 3 finite numbers (R, G, B)"
-    if min(p.std) <= 0:
-        return f"std={list(p.std)}: every channel's std must be above 0"
+    # Pixels are scaled to [0, 1] before the normalisation: their mean lies in it, their std at most 0.5.
+    if not all(0 <= m <= 1 for m in p.mean):
+        return f"mean={list(p.mean)}: every channel's mean must be in [0, 1] (pixels scaled to [0, 1])"
+    if not all(MIN_STD <= v <= 1 for v in p.std):
+        return f"std={list(p.std)}: every channel's std must be in [{MIN_STD}, 1] (pixels scaled to [0, 1])"
     return ""
 
 

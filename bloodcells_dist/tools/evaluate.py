@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..cli import Parser, UserError, run_main
+from ..cli import Parser, UserError, output_folder, run_main
 from ..data import open_eval_data
 from ..data.preprocess import UnreadableImage, read_rgb
 from ..data.selection import Selection
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = Parser(prog="bloodcells evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, action="append",
-                        help="run folder (its best weights, else its last), weights file, Hub folder or repo id; "
+                        help="run folder (its best weights, else its last), weights file, Hub folder or hf://USER/NAME; "
                              "repeat it to score an ensemble")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", help="shard folder or URL prefix holding manifest.json")
@@ -120,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, spec = load_models(args.model)
+    folders = [m if m.is_dir() else Path() if str(m).startswith("hf:") else m.parent for m in args.model]
+    out = args.out or (folders[0] if len(folders) == 1 else Path(os.path.commonpath([f.resolve() for f in folders])))
+    if accelerator.is_main_process:
+        output_folder(out, "--out")  # before the evaluation: a read-only run folder is refused at once
     model = model.to(accelerator.device)
     classes = list(spec.classes)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -144,15 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if metrics["samples"] == 0:  # on every rank alike: the counts are summed over all of them
         raise UserError(f"no sample could be evaluated ({skipped} unreadable image(s)"
                         + (f", e.g. {unreadable[0]})" if unreadable else ")"))
+    if metrics["nonfinite_outputs"]:
+        raise UserError(f"the model's output is not finite (inf or nan) for {metrics['nonfinite_outputs']} of "
+                        f"{metrics['samples']} samples: its weights or preprocessing are broken")
     models = [str(m) for m in args.model]
     scored = [run_weights(m).name if m.is_dir() and not is_hub_folder(m) else m.name for m in args.model]
     metrics.update(split=args.split, fold=args.fold if args.fold >= 0 else None, tta=args.tta,
                    model=models[0] if len(models) == 1 else models, weights=scored[0] if len(scored) == 1 else scored,
                    unreadable=int(skipped))
     if accelerator.is_main_process:
-        folders = [m if m.is_dir() else m.parent for m in args.model]
-        out = args.out or (folders[0] if len(folders) == 1 else Path(os.path.commonpath([f.resolve() for f in folders])))
-        out.mkdir(parents=True, exist_ok=True)
         stem = eval_stem(args.split, args.fold, args.tta) + (f"-ensemble{len(models)}" if len(models) > 1 else "")
         write_json(out / f"{stem}.json", metrics)
         save_confusion_png(metrics["confusion_matrix"], classes, out / f"{stem}-confusion.png",

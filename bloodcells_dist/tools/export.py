@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import Parser, UserError, run_main
+from ..cli import Parser, UserError, output_file, run_main
 from ..files import atomic_path
 from ..train.spec import ModelSpec, load_model
 
@@ -125,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.format == "onnx":
         require_onnx()
+    output_file(args.out, "--out")
     model, spec = load_model(args.model)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     export(model, spec, args.format, args.out)
     # Read the file back and compare with PyTorch on an odd batch size, which also proves the batch axis is free.
     exported, _ = load_exported(args.out)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from ..cli import Parser, UserError, run_main
+from ..cli import Parser, UserError, output_folder, run_main
 from ..files import write_atomic
 from ..train.spec import HUB_CONFIG, HUB_WEIGHTS, ModelSpec, load_model, run_weights
 
@@ -121,7 +121,7 @@ widths {list(spec.widths)}, then fully connected layers {list(spec.hidden)} and 
 from bloodcells_dist.train.model import BloodCellCNN
 network = BloodCellCNN.from_pretrained("THIS_REPO_OR_FOLDER")   # the network alone, from config.json
 from bloodcells_dist.train.spec import load_model
-model, spec = load_model("THIS_REPO_OR_FOLDER")                 # with spec.classes and spec.preprocess
+model, spec = load_model("hf://THIS_REPO")  # or a folder; with spec.classes and spec.preprocess
 ```
 or `bloodcells predict --model THIS_FOLDER images/ --out preds.csv`.
 
@@ -171,13 +171,15 @@ def start_line(init_from: dict) -> str:
 def save_pretrained(model_path: Path, out: Path, *, overwrite: bool = False, license_id: str = "mit") -> Path:
     """Write the Hub folder of a run folder's model (or a weights file) into `out`."""
     model_path, out = Path(model_path), Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
     model, spec = load_model(model_path)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} is not empty; pass --overwrite to replace it")
         for name in (HUB_CONFIG, HUB_WEIGHTS, CARD_NAME):
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--out")
     write_atomic(out / CARD_NAME, model_card(spec, measured_metrics(model_path, spec), license_id=license_id))
     model.save_pretrained(out, config=spec.to_json())  # the mixin: model.safetensors and config.json; keeps our card
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import Parser, UserError, run_main
+from ..cli import Parser, UserError, output_file, run_main
 from ..data.preprocess import UnreadableImage, read_rgb
 from ..train.scoring import logits as model_logits
 from ..train.spec import ModelSpec, load_model
@@ -66,13 +66,16 @@ def predict_rows(model: Model, classes: Sequence[str], transform: Callable, file
                 continue
             images.append(transform(image))  # outside the try: a failure here is a bug, with its traceback
         logits = model_logits(model, torch.stack(images).to(device), tta) if images else torch.empty(0, len(classes))
-        probs = iter(logits.float().softmax(1).cpu().tolist())
+        probs = iter(zip(logits.float().softmax(1).cpu().tolist(), logits.isfinite().all(1).tolist()))
         for i, path in enumerate(chunk):
             if i in errors:
                 yield [str(path), "", *[""] * len(classes), errors[i]]
-            else:
-                p = next(probs)
+                continue
+            p, finite = next(probs)
+            if finite:
                 yield [str(path), classes[p.index(max(p))], *(f"{x:.6f}" for x in p), ""]
+            else:  # a broken model (weights or preprocessing): no class to name
+                yield [str(path), "", *[""] * len(classes), "the model's output is not finite (inf or nan)"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
 
+    if args.out:
+        output_file(args.out, "--out")  # before the model and the images are read
     model, spec = load_predictor(args.model)
     transform, files, classes = spec.preprocess.transform(), find_images(args.paths), list(spec.classes)
     # ONNX runs on its CPU provider; an ExportedProgram (.pt2) stays on the device it was exported on.
@@ -95,9 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     if on_gpu and isinstance(model, torch.nn.Module):
         model = model.to(device)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-    unreadable = 0
+    unreadable = broken = 0
     with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["path", "predicted_class", *(f"prob_{c}" for c in classes), "error"])
@@ -105,9 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             device=device)
         for row in rows:
             writer.writerow(row)
-            unreadable += bool(row[-1])
-    print(f"{len(files)} images, {unreadable} unreadable" + (f"; wrote {args.out}" if args.out else ""),
-          file=sys.stderr)
+            unreadable += row[-1].startswith("unreadable")
+            broken += bool(row[-1]) and not row[-1].startswith("unreadable")
+    print(f"{len(files)} images, {unreadable} unreadable" + (f", {broken} without a finite output" if broken else "")
+          + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+    if broken:
+        print(f"error: the model's output is not finite (inf or nan) for {broken} of {len(files)} image(s): its "
+              "weights or preprocessing are broken", file=sys.stderr)
+        return 1
     if unreadable:  # the rows are written (with the reason), but a script must not take this run for a clean one
         print(f"error: {unreadable} of {len(files)} image(s) could not be read (their rows say why)", file=sys.stderr)
         return 1

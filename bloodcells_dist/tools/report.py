@@ -12,9 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from ..cli import Parser, UserError, run_main
+from ..files import atomic_path, read_user_yaml
 from ..train.rundir import RunDir
 from ..train.scoring import save_confusion_png
 from ..train.spec import load_model
@@ -57,7 +56,8 @@ def save_curves(train: list[dict], val: list[dict], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # replaces a link at path, never writes through it
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -66,8 +66,9 @@ def log_to_wandb(run: Path, images: dict[str, Path]) -> None:
     try:
         import wandb
 
-        config = yaml.safe_load(RunDir(run).config.read_text()) if RunDir(run).config.is_file() else {}
-        with wandb.init(project=config.get("wandb_project", "bloodcells_dist"), dir=str(run), mode="offline",
+        config = read_user_yaml(RunDir(run).config, "config") if RunDir(run).config.is_file() else {}
+        project = config.get("wandb_project", "bloodcells_dist") if isinstance(config, dict) else "bloodcells_dist"
+        with wandb.init(project=project, dir=str(run), mode="offline",
                         name=f"{run.name}-report", job_type="report") as wb:
             wb.log({name: wandb.Image(str(path)) for name, path in images.items()})
         print(f"logged {', '.join(images)} to an offline W&B run in {run / 'wandb'}")

@@ -54,6 +54,19 @@ def find_checkpoint(path: Path) -> Path:
     return latest
 
 
+def check_resume(folder: RunDir, resume: Path, classes: list[str]) -> None:
+    """Before any work: a UserError when a resume would rewrite a finished run's record, or continue a run on
+    shards whose classes (names and label order) differ from those it was trained on."""
+    if folder.finished():
+        raise UserError(f"{folder} holds a finished run (final.json): a resume would rewrite its record; evaluate "
+                        "it as it is, or train a new run into another --output-dir")
+    checkpoint = find_checkpoint(resume)
+    state = TrainState.from_json(json.loads((checkpoint / STATE_NAME).read_text()))
+    if state.classes and state.classes != list(classes):
+        raise UserError(f"cannot resume {checkpoint} on shards of classes {list(classes)}: the run was trained on "
+                        f"{state.classes}, and label indices would change meaning; resume with the run's shards")
+
+
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: dict) -> TrainState:
     """Restore everything save_checkpoint saved; return the trainer state.
 

@@ -14,17 +14,21 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
 
 
 def classification_metrics(cm: torch.Tensor, classes: Sequence[str]) -> dict:
-    """Accuracy, per-class precision / recall / F1 / support, macro F1, the matrix itself and the sample count."""
+    """Accuracy, per-class precision / recall / F1 / support, macro F1, the matrix itself and the sample count.
+    Macro F1 is the mean over the classes present in truth or prediction (as scikit-learn averages): a class
+    absent from both has no F1 to count, and `absent_classes` names it."""
     cm = cm.double()
     tp = cm.diag()
     precision = tp / cm.sum(0).clamp(min=1)
     recall = tp / cm.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     total = int(cm.sum().item())
+    present = (cm.sum(0) + cm.sum(1)) > 0
     return {
         "samples": total,
         "accuracy": tp.sum().item() / max(total, 1),
-        "macro_f1": f1.mean().item(),
+        "macro_f1": f1[present].mean().item() if present.any() else 0.0,
+        "absent_classes": [c for i, c in enumerate(classes) if not present[i]],
         "per_class": {
             c: {"precision": precision[i].item(), "recall": recall[i].item(), "f1": f1[i].item(),
                 "support": int(cm[i].sum().item())}
@@ -37,7 +41,9 @@ def classification_metrics(cm: torch.Tensor, classes: Sequence[str]) -> dict:
 def format_metrics(metrics: dict, classes: Sequence[str]) -> str:
     """A human-readable table: accuracy, macro F1, per-class scores and the confusion matrix."""
     width = max(len(c) for c in classes)
-    lines = [f"samples {metrics['samples']}  accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}",
+    absent = metrics.get("absent_classes") or []
+    lines = [f"samples {metrics['samples']}  accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}"
+             + (f" (over {len(classes) - len(absent)} classes: {', '.join(absent)} absent)" if absent else ""),
              f"{'class':<{width}}  precision  recall     f1  support"]
     for c in classes:
         m = metrics["per_class"][c]

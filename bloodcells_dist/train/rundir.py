@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ..cli import UserError, writable_folder
-from ..files import write_atomic, write_json
+from ..files import open_own_file, write_atomic, write_json
 
 STATE_NAME = "trainer_state.json"  # inside a checkpoint, written last: its presence marks the checkpoint complete
 
@@ -62,6 +62,14 @@ class RunDir:
     def run_files(self) -> list[Path]:
         """What an earlier run left here (a new run refuses the folder, or with --overwrite removes them)."""
         return [p for p in (self.metrics, self.final, self.checkpoints, self.best, self.last) if p.exists()]
+
+    def refuse_earlier_run(self, overwrite: bool) -> None:
+        """UserError when an earlier run is here and `overwrite` was not given: checked before any expensive work
+        (and again under the lock, before anything is removed)."""
+        old = self.run_files()
+        if old and not overwrite:
+            raise UserError(f"{self} already holds a run ({', '.join(p.name for p in old)}): "
+                            f"--resume {self} continues it, --overwrite replaces it")
 
     def clear(self) -> None:
         """Remove an earlier run's files (not the lock, not W&B's folder)."""
@@ -114,7 +122,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise UserError saying which process (pid, host, start time) holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_own_file(self.path, os.O_RDWR | os.O_CREAT)  # not through a link, not a folder or a pipe
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # EACCES or EAGAIN: held by a live process

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..files import atomic_path
 from .metrics import classification_metrics, confusion_matrix
 
 
@@ -26,16 +27,18 @@ def logits(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
 @torch.no_grad()
 def score(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator, classes: list[str],
           tta: bool = False) -> dict:
-    """Metrics over every sample of every rank's (images, labels, ...) batches, each counted once.
-    Collective: one all-reduce."""
+    """Metrics over every sample of every rank's (images, labels, ...) batches, each counted once, and how many
+    had inf/nan logits (nonfinite_outputs). Collective: one all-reduce."""
     model.eval()
-    cm = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    n = len(classes)
+    counts = torch.zeros(n * n + 1, dtype=torch.long)  # the confusion matrix, then the samples with inf/nan logits
     for images, labels, *_ in batches:
         with accelerator.autocast():
             out = logits(model, images.to(accelerator.device, non_blocking=True), tta)
-        cm += confusion_matrix(labels.cpu(), out.argmax(1).cpu(), len(classes))
-    cm = accelerator.reduce(cm.to(accelerator.device), reduction="sum").cpu()
-    return classification_metrics(cm, classes)
+        counts[:-1] += confusion_matrix(labels.cpu(), out.argmax(1).cpu(), n).flatten()
+        counts[-1] += int((~out.isfinite().all(1)).sum())
+    counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+    return {**classification_metrics(counts[:-1].reshape(n, n), classes), "nonfinite_outputs": int(counts[-1])}
 
 
 def eval_stem(split: str, fold: int, tta: bool) -> str:
@@ -62,5 +65,6 @@ def save_confusion_png(matrix: list[list[int]], classes: list[str], path: Path, 
         for j, v in enumerate(row):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # replaces a link at path, never writes through it
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)

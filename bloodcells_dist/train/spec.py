@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from ..cli import UserError
 from ..data.preprocess import MEAN, STD, Preprocess, preprocess_from
 from ..files import write_atomic
+from ..pack.sources import check_class_name
 from .model import BloodCellCNN
 
 SPEC_KEY = "spec"  # the weights file's metadata key holding the spec's JSON
@@ -73,6 +74,7 @@ class ModelSpec:
         classes = raw.get("classes")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
             raise ValueError("classes must be a non-empty list of names")
+        check_class_names(classes)
         if raw.get("num_classes", len(classes)) != len(classes):
             raise ValueError(f"num_classes {raw['num_classes']} but {len(classes)} classes")
         if "id2label" in raw and raw["id2label"] != {str(i): c for i, c in enumerate(classes)}:
@@ -105,6 +107,20 @@ class ModelSpec:
             mean=MEAN, std=STD), widths=tuple(config["widths"]), hidden=tuple(config["hidden"]),
             dropout=float(config["dropout"]), dataset=dataset,
             recipe={k: v for k, v in config.items() if k not in PATHS}, provenance=provenance or {})
+
+
+def check_class_names(classes: list[str]) -> None:
+    """ValueError unless every class is a plain name (as pack requires: it names CSV columns and metrics) and no
+    two are the same in any case (evaluate matches folder names in any case)."""
+    for name in classes:
+        try:
+            check_class_name(name, "classes")
+        except UserError as err:
+            raise ValueError(str(err)) from None
+    folded = [c.casefold() for c in classes]
+    twice = sorted({c for c in classes if folded.count(c.casefold()) > 1})
+    if twice:
+        raise ValueError(f"classes name {', '.join(map(repr, twice))} more than once (in some case)")
 
 
 def save_weights(model: torch.nn.Module, spec: ModelSpec, path: Path) -> None:
@@ -159,21 +175,28 @@ def run_weights(folder: Path) -> Path:
 
 def load_model(path: Path | str) -> tuple[BloodCellCNN, ModelSpec]:
     """An eval-mode model and its spec from a run folder (run_weights), a .safetensors file, a Hub model folder,
-    or a Hub repo id USER/NAME (downloaded and cached by huggingface_hub)."""
+    or a Hub repo named hf://USER/NAME (downloaded and cached by huggingface_hub): only that prefix reaches the
+    Hub, so a mistyped local path is never taken for a repo id."""
+    text = str(path)
+    if text.startswith("hf:/"):  # hf://USER/NAME (a Path keeps one slash)
+        return download_hub_model(text.removeprefix("hf:").lstrip("/"))
     path = Path(path)
     if path.is_dir() and (path / HUB_CONFIG).is_file() and (path / HUB_WEIGHTS).is_file():
         return read_hub_folder(path)
     if path.is_dir():
         path = run_weights(path)
-    elif not path.exists() and str(path).count("/") == 1 and not path.suffix and "://" not in str(path):
-        from huggingface_hub import snapshot_download
-
-        try:  # a Hub repo id
-            folder = Path(snapshot_download(str(path), allow_patterns=[HUB_CONFIG, HUB_WEIGHTS, "README.md"]))
-        except Exception as err:  # offline, no such repo, no access: all the user's to fix
-            raise UserError(f"no model at {path}, and no Hub repo {path} could be downloaded ({type(err).__name__})") from None
-        return read_hub_folder(folder)
     if not path.is_file():
-        raise UserError(f"no model at {path}")
+        hint = f" (a Hub repo is named hf://{path})" if text.count("/") == 1 and not path.exists() else ""
+        raise UserError(f"no model at {path}{hint}")
     return read_weights(path)
 
+
+def download_hub_model(repo_id: str) -> tuple[BloodCellCNN, ModelSpec]:
+    """A Hub repo's model (config.json and weights), downloaded and cached by huggingface_hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=[HUB_CONFIG, HUB_WEIGHTS, "README.md"]))
+    except Exception as err:  # offline, no such repo, no access, a malformed id: all the user's to fix
+        raise UserError(f"no Hub repo {repo_id} could be downloaded ({type(err).__name__})") from None
+    return read_hub_folder(folder)

@@ -18,6 +18,7 @@ class TrainState:
     train_seconds: float = 0.0  # time spent in training steps, over every sitting of the run
     layout: dict = field(default_factory=dict)  # processes, batch size, grad accumulation, steps per epoch
     init_from: dict = field(default_factory=dict)  # the model the run started from (transfer.py); {} from scratch
+    classes: list[str] = field(default_factory=list)  # the shards' classes, label order (empty in older checkpoints)
 
     def to_json(self) -> dict:
         """For trainer_state.json."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ..cli import debugging
+from ..files import open_own_file, write_atomic
 from .rundir import RunDir
 
 
@@ -45,12 +46,12 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
             kept = [line for line, record in read_jsonl(path) if record.get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         """One line; flushed so a killed run keeps what it logged."""
         if self.enabled:
-            with open(self.path, "a") as f:
+            with os.fdopen(open_own_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
 
@@ -61,7 +62,7 @@ def wandb_run_id(run_dir: Path) -> str:
     if saved:
         return saved
     run_id = secrets.token_hex(4)  # W&B ids are letters and digits, unique within the project
-    path.write_text(run_id + "\n")
+    write_atomic(path, run_id + "\n")
     return run_id
 
 

@@ -38,7 +38,7 @@ from ..data.plan import stable_seed
 from ..data.selection import training_selections
 from ..pack.manifest import ShardManifest
 from ..progress import device_name, eta_line, progress, start_summary
-from .checkpoint import check_shared_run_dir, find_checkpoint, load_checkpoint, rng_isolated, save_checkpoint
+from .checkpoint import check_resume, check_shared_run_dir, find_checkpoint, load_checkpoint, rng_isolated, save_checkpoint
 from .metrics import format_metrics
 from .precision import detect_hardware, launch_precision, resolve_precision, warn_if_emulated
 from .preemption import COLLECTIVE_TIMEOUT, StopSignal, lost_peer
@@ -88,7 +88,11 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     manifests = [ShardManifest.load(folder, allow_pipe) for folder in folders]
     manifest = manifests[0]  # the run's own data: it validates
     check_fold(config, manifest)
-    classes = united_classes(manifests)
+    classes = united_classes(manifests)  # with several shard folders, united by name
+    if resume is not None:
+        check_resume(folder, resume, classes)
+    else:
+        folder.refuse_earlier_run(overwrite)  # before the decoded cache is built
     hardware = detect_hardware()
     precision, why = resolve_precision(config.mixed_precision, hardware, launch_precision())
     accelerator = make_accelerator(config, precision)
@@ -112,6 +116,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
             if config.init_from and config.bn_refit:
                 refit_statistics(model, data, accelerator, config.bn_refit)
         spec = dataclasses.replace(spec, init_from=state.init_from)  # a resumed run keeps its start's record
+        state.classes = list(classes)  # what a resume compares its shards' classes with
         if accelerator.is_main_process:
             folder.write_config(config.to_yaml(), comment_block(origin))
         check_shared_run_dir(accelerator, folder)
@@ -234,11 +239,8 @@ def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, o
         state = load_checkpoint(accelerator, checkpoint, layout)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     else:
-        old = folder.run_files()
-        if old and not overwrite:
-            raise UserError(f"{folder} already holds a run ({', '.join(p.name for p in old)}): "
-                            f"--resume {folder} continues it, --overwrite replaces it")
-        if old and accelerator.is_main_process:
+        folder.refuse_earlier_run(overwrite)  # again, now under the lock
+        if folder.run_files() and accelerator.is_main_process:
             folder.clear()
         accelerator.wait_for_everyone()
         state = TrainState()
