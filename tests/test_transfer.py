@@ -227,3 +227,11 @@ def test_save_weights_round_trips_the_start_record(tmp_path):
     spec = ModelSpec(**{**spec.__dict__, "init_from": {"source": "x", "dataset": "pbc"}})
     save_weights(spec.build(), spec, tmp_path / "m.safetensors")
     assert load_model(tmp_path / "m.safetensors")[1].init_from == {"source": "x", "dataset": "pbc"}
+
+
+def test_a_missing_source_is_refused_before_the_cache_is_built(synthetic_shards, tmp_path):
+    config = build_config(overrides=tiny(synthetic_shards, tmp_path / "run", init_from=tmp_path / "nowhere",
+                                         cache_dir=tmp_path / "cache"))
+    with pytest.raises(UserError, match="config init_from .*nowhere: no such file or folder"):
+        trainer.train(config)
+    assert not (tmp_path / "cache").exists()

@@ -49,7 +49,7 @@ from .scoring import score
 from .spec import ModelSpec, save_weights
 from .state import TrainState
 from .tracking import MetricsLog, Tracker
-from .transfer import feature_parameters, optimizer_groups, refit_batchnorm, start_from
+from .transfer import feature_parameters, optimizer_groups, read_source, refit_batchnorm, start_from
 
 NO_STEP = 2**62  # "no step": larger than any step number
 
@@ -93,6 +93,8 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
         check_resume(folder, resume, classes)
     else:
         folder.refuse_earlier_run(overwrite)  # before the decoded cache is built
+    # The model to start from, read (and refused if it is none) before any expensive work; a resume has its weights.
+    source = read_source(config.init_from) if config.init_from and resume is None else None
     hardware = detect_hardware()
     precision, why = resolve_precision(config.mixed_precision, hardware, launch_precision())
     accelerator = make_accelerator(config, precision)
@@ -107,7 +109,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
         spec = ModelSpec.from_config(config.to_dict(), classes, provenance=origin,
                                      dataset="+".join(dataset_names(folders, manifests)) if len(manifests) > 1
                                      else manifest.dataset)
-        model, optimizer, started_from = build_model(config, spec, accelerator, fresh=resume is None)
+        model, optimizer, started_from = build_model(config, spec, accelerator, source)
         layout = {"processes": accelerator.num_processes, "batch_size": config.batch_size,
                   "grad_accum": config.grad_accum, "steps_per_epoch": steps_per_epoch}
         state = start_state(accelerator, folder, resume, overwrite, layout)
@@ -199,15 +201,16 @@ def hold_folder(accelerator: Accelerator, folder: RunDir):
         lock.release()
 
 
-def build_model(config: TrainConfig, spec: ModelSpec, accelerator: Accelerator, *, fresh: bool):
+def build_model(config: TrainConfig, spec: ModelSpec, accelerator: Accelerator,
+                source: tuple[dict[str, torch.Tensor], ModelSpec] | None):
     """Model, optimizer and the init_from record, prepared: identical initial weights on every rank from the seed
-    (or, starting fresh with init_from, from the source model), then each rank its own random stream (dropout
-    masks; DDP has already broadcast rank 0's weights). A resumed run's weights come from its checkpoint."""
+    (or, given the source model read by transfer.read_source, from it), then each rank its own random stream
+    (dropout masks; DDP has already broadcast rank 0's weights). A resumed run's weights come from its checkpoint."""
     set_seed(config.seed)
     model = spec.build()
     started_from: dict = {}
-    if config.init_from and fresh:
-        started_from, line = start_from(model, spec, config.init_from, config.class_map)
+    if source is not None:
+        started_from, line = start_from(model, spec, config.init_from, config.class_map, loaded=source)
         accelerator.print(line)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

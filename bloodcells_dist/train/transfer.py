@@ -169,10 +169,11 @@ def preprocessing_differences(source: ModelSpec, spec: ModelSpec) -> list[str]:
     return [f"{k} {was} -> {now}" for k, (was, now) in pairs.items() if was != now]
 
 
-def start_from(model: nn.Module, spec: ModelSpec, path: str, class_map_entries: Sequence[str]) -> tuple[dict, str]:
-    """Load the source into `model`; (the record the spec keeps, the line the run prints). Warns, in one line,
-    when this run prepares images otherwise than the source did."""
-    state, source = read_source(path)
+def start_from(model: nn.Module, spec: ModelSpec, path: str, class_map_entries: Sequence[str],
+               loaded: tuple[dict[str, torch.Tensor], ModelSpec] | None = None) -> tuple[dict, str]:
+    """Load the source (or the already `loaded` read_source of it) into `model`; (the record the spec keeps, the
+    line the run prints). Warns, in one line, when this run prepares images otherwise than the source did."""
+    state, source = loaded or read_source(path)
     match, fresh_layers = transfer_weights(model, spec, state, source, parse_class_map(class_map_entries))
     changed = preprocessing_differences(source, spec)
     if changed:
