@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from .metrics import classification_metrics, confusion_matrix
 
@@ -25,16 +26,22 @@ def logits(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
 
 @torch.no_grad()
 def score(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator, classes: list[str],
-          tta: bool = False) -> dict:
+          tta: bool = False, samples: list | None = None) -> dict:
     """Metrics over every sample of every rank's (images, labels, ...) batches, each counted once.
-    Collective: one all-reduce."""
+    Collective: one all-reduce. With `samples`, batches of (images, labels, keys) also append each sample's
+    (key, label, class probabilities) to it, every rank's (gathered on all ranks)."""
     model.eval()
     cm = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    for images, labels, *_ in batches:
+    kept: list = []
+    for images, labels, *rest in batches:
         with accelerator.autocast():
             out = logits(model, images.to(accelerator.device, non_blocking=True), tta)
         cm += confusion_matrix(labels.cpu(), out.argmax(1).cpu(), len(classes))
+        if samples is not None:
+            kept.extend(zip(list(rest[0]), labels.tolist(), out.float().softmax(1).cpu().tolist()))
     cm = accelerator.reduce(cm.to(accelerator.device), reduction="sum").cpu()
+    if samples is not None:
+        samples.extend(gather_object(kept) if accelerator.num_processes > 1 else kept)
     return classification_metrics(cm, classes)
 
 
@@ -52,8 +59,8 @@ def save_confusion_png(matrix: list[list[int]], classes: list[str], path: Path, 
 
     fig, ax = plt.subplots(figsize=(5.5, 4.8))
     ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), [c.title() for c in classes], rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), [c.title() for c in classes])
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")  # as the data spells them
+    ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
