@@ -1,4 +1,5 @@
-"""The report page: per-image predictions from evaluate, the HTML page of an evaluation or a run, read with a parser."""
+"""The pages: the report of an evaluation or a run (with evaluate's per-image predictions) and the audit page,
+read with an HTML parser."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from bloodcells_dist.pack import audit
+from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.tools import evaluate, report
 from bloodcells_dist.train import trainer
 
-from .conftest import cli, train_args
+from .conftest import REPO, cli, train_args
+
+PBC_SAMPLE = REPO.parent / "shared" / "datasets" / "pbc-sample"
 
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
@@ -137,3 +142,32 @@ def test_report_of_a_short_run_has_curves_the_kept_epoch_and_its_validation_imag
     assert evaluation["samples"] == final["best"]["samples"] and evaluation["weights"] == "best.safetensors"
     assert evaluation["confusion_matrix"] == final["best"]["confusion_matrix"]
     assert (run / "confusion.png").is_file() and "report.html" in proc.stdout
+
+
+def test_audit_page_shows_duplicates_conflicts_unreadable_files_and_samples(tmp_path):
+    if not PBC_SAMPLE.is_dir():
+        pytest.skip("the PBC sample is not at ../shared/datasets/pbc-sample")
+    proc = cli(audit.main, "--src", str(PBC_SAMPLE), "--out", str(tmp_path / "audit.json"), "--html",
+               str(tmp_path / "audit.html"), check=True)
+    report_json = json.loads((tmp_path / "audit.json").read_text())
+    page = parse(tmp_path / "audit.html")
+    assert f"wrote {tmp_path / 'audit.html'}" in proc.stdout
+    excluded = report_json["excluded"]
+    assert "before exclusions" in proc.stdout and f"after the {len(excluded)} exclusion(s)" in proc.stdout
+    assert_self_contained(page)
+    exact = report_json["exact_duplicates"]["list"]
+    assert page.figures["duplicates"] == sum(len(g["files"]) for g in exact) == 4  # each set side by side
+    conflicts = [e for e in excluded if e["reason"].startswith("label conflict")]
+    assert conflicts and page.figures["conflicts"] == sum(len(e["copies"]) for e in conflicts)  # each copy shown
+    text = " ".join(page.text)
+    assert report_json["unreadable"][0]["path"] in text and report_json["unreadable"][0]["reason"] in text
+    per_class = report_json["sizes"]
+    assert page.figures["samples"] == sum(min(audit.SAMPLES_PER_CLASS, s["images"]) for s in per_class.values())
+    assert all(c in text for c in report_json["classes"]) and "packed (after exclusions)" in text
+
+
+def test_pack_writes_the_audit_page_beside_audit_json(synthetic_root, tmp_path):
+    pack_shards(synthetic_root, tmp_path, seed=0, groups="files")
+    page = parse(tmp_path / audit.AUDIT_PAGE)
+    assert_self_contained(page)
+    assert page.figures["near"] == 2 * json.loads((tmp_path / "audit.json").read_text())["near_duplicates"]["pairs"]
