@@ -4,12 +4,17 @@ read with an HTML parser."""
 from __future__ import annotations
 
 import csv
+import html as html_lib
 import json
+import re
+import shutil
+import subprocess
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from bloodcells_dist.pack import audit
 from bloodcells_dist.pack.shards import pack_shards
@@ -171,3 +176,48 @@ def test_pack_writes_the_audit_page_beside_audit_json(synthetic_root, tmp_path):
     page = parse(tmp_path / audit.AUDIT_PAGE)
     assert_self_contained(page)
     assert page.figures["near"] == 2 * json.loads((tmp_path / "audit.json").read_text())["near_duplicates"]["pairs"]
+
+
+PROBE = """<script>window.__errors = []; addEventListener("error", e => __errors.push(String(e.message || e.target.src)), true);
+addEventListener("load", () => { const broken = [...document.images].filter(i => !(i.complete && i.naturalWidth > 0));
+document.documentElement.setAttribute("data-probe", JSON.stringify({images: document.images.length,
+broken: broken.length, errors: __errors})); });</script>"""
+
+
+def chromium() -> str:
+    """The headless browser, or a skip saying how to get it (.ci/run installs it)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.skip("no chromium on this machine (apt-get install chromium; .ci/run installs it where it can)")
+    return found
+
+
+def browse(page: Path, tmp_path: Path) -> tuple[dict, Path]:
+    """Open the page in headless Chromium: what a probe script saw once it loaded (images, broken images, script
+    errors; the probe goes into a copy, the page itself has no script) and a screenshot of its top."""
+    browser, flags = chromium(), ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    probed = tmp_path / f"probed-{page.name}"
+    probed.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))
+    dom = subprocess.run([browser, *flags, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, f"the page did not finish loading in Chromium: {dom[:300]}"
+    shot = tmp_path / f"{page.stem}.png"
+    subprocess.run([browser, *flags, "--window-size=1200,1500", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120)
+    return json.loads(html_lib.unescape(found.group(1))), shot
+
+
+@pytest.mark.e2e
+def test_pages_load_every_image_without_errors_in_chromium(untrained_model, synthetic_shards, synthetic_root,
+                                                           tmp_path):
+    cli(evaluate.main, "--model", str(untrained_model), "--shards", str(synthetic_shards), "--out", str(tmp_path),
+        check=True)
+    cli(report.main, str(tmp_path / "eval-test.json"), check=True)
+    cli(audit.main, "--src", str(synthetic_root), "--html", str(tmp_path / "audit.html"), check=True)
+    for name in ("eval-test.html", "audit.html"):
+        seen, shot = browse(tmp_path / name, tmp_path)
+        assert seen["images"] == len(parse(tmp_path / name).images) > 0 and seen["broken"] == 0, seen
+        assert seen["errors"] == [], seen
+        with Image.open(shot) as image:  # a screenshot of the page as a user sees it
+            assert image.size == (1200, 1500) and len(image.getcolors(2**16) or range(300)) > 50
