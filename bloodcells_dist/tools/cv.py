@@ -61,7 +61,8 @@ def fold_evaluation(shards: str, run: Path, fold: int, tta: bool, allow_pipe: bo
 
 def out_of_fold(evaluations: dict[int, Path], path: Path) -> dict:
     """Every fold's held-out predictions in one CSV (each training image once, by the model that never saw it)."""
-    classes, samples = [], []
+    classes: list[str] = []
+    samples: list = []
     for evaluation in (evaluations[fold] for fold in sorted(evaluations)):
         classes, rows = read_predictions(evaluation.with_name(json.loads(evaluation.read_text())["predictions"]))
         samples += [(r["key"], classes.index(r["label"]), r["probs"]) for r in rows]
