@@ -2,7 +2,7 @@
 
     pack | verify | audit | cells | synthetic    the pack stage (bloodcells_dist/pack/)
     train                                        the trainer (also `accelerate launch -m bloodcells_dist.train`)
-    evaluate | predict | export | hub | report | cv   tools around a trained model (bloodcells_dist/tools/)
+    evaluate | predict | export | hub | report | cv | label-issues   tools around a trained model (tools/)
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ COMMANDS = {
     "predict": ("bloodcells_dist.tools.predict", [], "classify image files into a CSV"),
     "export": ("bloodcells_dist.tools.export", [], "export a model to torch.export, ONNX or TorchScript"),
     "hub": ("bloodcells_dist.tools.hub", [], "save a model as a Hugging Face Hub folder, or push one"),
-    "report": ("bloodcells_dist.tools.report", [], "plot a run's curves and confusion matrix"),
+    "report": ("bloodcells_dist.tools.report", [], "one HTML page of a run or an evaluation: curves, errors, calibration"),
+    "label-issues": ("bloodcells_dist.tools.label_issues", [], "rank the labels a cross-validation contradicts (cleanlab)"),
 }
 
 

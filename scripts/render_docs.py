@@ -80,7 +80,17 @@ def fold_check(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check}
+def label_issues(data: dict) -> str:
+    """Flipped labels found by `bloodcells label-issues`: precision and recall of the flagged images."""
+    lines = ["| what | flagged | precision | recall | measured on |", "|---|---|---|---|---|"]
+    for name, label in (("top_ranked", "top-ranked, as many as the flips"), ("all_flagged", "every flagged image")):
+        row = data[name]
+        lines.append(f"| {label} | {row['flagged']} | {pct(row['precision'])} | {pct(row['recall'])} "
+                     f"| {where(data['provenance'])} |")
+    return f"{data['what']}; cv accuracy {spread(data['cv_accuracy'])}. `{data['command']}`\n\n" + "\n".join(lines)
+
+
+RENDERERS = {"blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check, "label-issues": label_issues}
 
 
 def config_reference() -> str:

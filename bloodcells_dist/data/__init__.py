@@ -3,7 +3,7 @@
     data = open_training_data(config, manifest, accelerator)     # picks the cache or the stream, says which
     for images, labels in data.train_batches(epoch, start): ...   # this rank's micro-batches, model-ready
     metrics = score(model, data.eval_batches(), accelerator, classes)
-    for images, labels in open_eval_data(shards, manifest, selection, preprocess, accelerator, ...): ...  # evaluate
+    for images, labels, keys in open_eval_data(shards, manifest, selection, preprocess, accelerator, ...): ...  # evaluate
 
 selection.py  which samples: splits and cross-validation folds (the one place that knows about folds)
 preprocess.py window, resize and normalisation of an image (what a model records and predict replays); read_rgb
@@ -111,9 +111,10 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest,
 
 
 def open_eval_data(shards: str, manifest: ShardManifest, selection: Selection, preprocess: Preprocess,
-                   accelerator: Accelerator, *, batch_size: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   accelerator: Accelerator, *, batch_size: int,
+                   workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """This rank's share of the selected samples, each counted once over all ranks, preprocessed as a model
-    was trained and normalised on its device: (images, labels) batches."""
+    was trained and normalised on its device: (images, labels, keys) batches."""
     urls = [u for s in selection.splits for u in manifest.shard_urls(shards, s)]
     normalise = DeviceAugment(mean=preprocess.mean, std=preprocess.std)
     return streamed_eval_batches(urls, selection=selection, preprocess=preprocess, batch_size=batch_size,

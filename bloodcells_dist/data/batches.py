@@ -18,7 +18,7 @@ from .preprocess import Preprocess
 from .selection import Selection
 from .stream import EvalStream, TrainStream, stream_loader
 
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterator[tuple]  # (images, labels) or, from the stream, (images, labels, keys)
 
 
 @dataclass
@@ -112,13 +112,13 @@ class StreamedBatches:
 
 def streamed_eval_batches(urls: list[str], *, selection: Selection | None, preprocess: Preprocess, batch_size: int,
                           rank: int, world_size: int, workers: int, normalise: DeviceAugment,
-                          device: torch.device) -> Batches:
+                          device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """Every selected sample of the shards exactly once over all ranks (this rank's shards), normalised on the
-    device: validation during training and `evaluate --shards` alike."""
+    device, with their keys: validation during training and `evaluate --shards` alike."""
     stream = EvalStream(urls, preprocess=preprocess, batch_size=batch_size, rank=rank, world_size=world_size,
                         selection=selection)
-    for images, labels, _ in stream_loader(stream, workers, device.type == "cuda"):
-        yield normalise(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+    for images, labels, keys in stream_loader(stream, workers, device.type == "cuda"):
+        yield normalise(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True), keys
 
 
 def shard_positions(index: DecodedSamples, shard_counts: dict[str, int], rows: torch.Tensor) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """Audit a dataset before it is packed: unreadable files, exact and near duplicates, label conflicts, sizes, balance.
 
-    bloodcells audit --src ROOT_OR_LISTING [--out audit.json] [--layout auto] [--workers 2]
+    bloodcells audit --src ROOT_OR_LISTING [--out audit.json] [--html audit.html] [--layout auto] [--workers 2]
 
 `pack` runs the same audit and applies its policy (`apply_policy`); the standalone command only reports:
 - exact duplicates (same sha256) within a class: one copy is kept (the first by path), the others are listed;
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import statistics
 import sys
 from collections import Counter, defaultdict
@@ -29,7 +30,7 @@ from PIL import Image
 from scipy.fft import dctn
 
 from ..cli import Parser, UserError, run_main
-from ..files import write_json
+from ..files import write_atomic, write_json
 from ..progress import progress
 from .sources import EVAL_SPLITS, Scan, Skipped, SourceImage, check_jpeg, scan_images
 
@@ -38,6 +39,9 @@ NEAR_PIXELS = 4.0  # mean |grey difference| (0-255) of two aligned 32x32 thumbna
 #                   re-encoded (q40), halved, rotated or mirrored Kaggle frames 0.2-0.6; the 405 Kaggle TRAIN pairs
 #                   across classes within NEAR_BITS, distinct frames all, 14 or more
 MAX_LISTED = 1000  # near-duplicate pairs listed in the JSON report (all are counted)
+AUDIT_PAGE = "audit.html"  # the audit as a page, beside pack's audit.json
+PAGE_LISTED = 100  # duplicate sets, near pairs and label conflicts shown with their images on the page
+SAMPLES_PER_CLASS = 12  # random images per class on the page (a fixed seed: the same page for the same data)
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,7 @@ def report_lines(report: dict) -> list[str]:
     width = max([len(c) for c in report["classes"]] + [5])
     lines = [f"audit of {report['source']} (layout {report['layout']}): {report['files']:,} files, "
              f"{report['readable_images']:,} readable images, {len(report['unreadable'])} unreadable or not an image",
+             "readable images per class, before exclusions (the class balance below counts what pack keeps):",
              f"{'class':<{width}} {'images':>7}  {'most common size':<18} {'sizes':>5}  aspect w/h (min-max)"]
     for name, s in report["sizes"].items():
         common, n = next(iter(s["sizes"].items()))
@@ -272,7 +277,8 @@ def report_lines(report: dict) -> list[str]:
     balance = report["balance"]
     ratio = balance["largest_to_smallest"]
     lines.append("class balance: " + ", ".join(f"{c} {n:,}" for c, n in balance["images_per_class"].items())
-                 + (f" (largest / smallest {ratio})" if ratio else " (a class has no usable image)"))
+                 + f" (after the {len(report['excluded'])} exclusion(s): the images pack keeps; "
+                 + (f"largest / smallest {ratio})" if ratio else "a class has no usable image)"))
     for entry in report["unreadable"][:5]:
         lines.append(f"  unreadable: {entry['path']}: {entry['reason']}")
     for group in report["exact_duplicates"]["list"]:
@@ -285,9 +291,71 @@ def report_lines(report: dict) -> list[str]:
     return lines
 
 
-def write_report(report: dict, path: Path) -> None:
-    """The JSON report, atomically."""
+def write_report(report: dict, path: Path, facts: Sequence[ImageFacts] | None = None) -> None:
+    """The JSON report, atomically; with the images' facts also the page (AUDIT_PAGE) beside it."""
     write_json(path, report)
+    if facts is not None:
+        write_atomic(path.with_name(AUDIT_PAGE), audit_page(report, facts))
+
+
+def audit_page(report: dict, facts: Sequence[ImageFacts]) -> str:
+    """The audit as a self-contained HTML page: what it found, with the images (thumbnails) side by side."""
+    from ..tools import pages
+    from ..tools.pages import Tile
+
+    by_path = {f.image.rel_path: f for f in facts}
+    def tile(path: str, *caption: str) -> Tile:
+        fact = by_path.get(path)
+        return Tile(pages.file_thumbnail(fact.image.path) if fact else "", [path, *caption], path)
+    def pair_rows(groups: list[list[Tile]], note: str) -> str:
+        return "".join('<div class="pair">' + "".join(map(pages.tile_html, g)) + "</div>" for g in groups) or \
+            f'<p class="note">{note}</p>'
+
+    exact, near = report["exact_duplicates"], report["near_duplicates"]
+    before = {c: s["images"] for c, s in report["sizes"].items()}
+    after = report["balance"]["images_per_class"]
+    excluded = Counter(by_path[e["path"]].image.class_name for e in report["excluded"] if e["path"] in by_path)
+    balance = (pages.table(["class", "readable images (before exclusions)", "excluded", "packed (after exclusions)"],
+                           [[c, before.get(c, 0), excluded.get(c, 0), after.get(c, 0)] for c in report["classes"]])
+               + pages.bar_svg(report["classes"], [after.get(c, 0) for c in report["classes"]])
+               + f"<p>largest / smallest class (after exclusions): {report['balance']['largest_to_smallest']}</p>")
+    sizes = Counter(f"{f.width}x{f.height}" for f in facts).most_common(15)
+    aspects = Counter(round(f.width / f.height, 1) for f in facts)
+    shapes = ("<h3>image sizes (width x height; the 15 most common)</h3>"
+              + pages.bar_svg([s for s, _ in sizes], [n for _, n in sizes])
+              + "<h3>aspect ratio (width / height, to 0.1)</h3>"
+              + pages.bar_svg([f"{a:.1f}" for a in sorted(aspects)], [aspects[a] for a in sorted(aspects)]))
+    sets = [[tile(f["path"], f"class {f['class']}", f"split {f['split'] or '-'}") for f in g["files"]]
+            for g in exact["list"][:PAGE_LISTED]]
+    pairs = [[tile(p["a"], f"{p['bits']} bits apart"), tile(p["b"], p["kind"].replace("_", " "))]
+             for p in near["list"][:PAGE_LISTED]]
+    conflicts = [e for e in report["excluded"] if e["reason"].startswith("label conflict")]
+    conflict_rows = [[tile(path, f"class {by_path[path].image.class_name}" if path in by_path else "")
+                      for path in e["copies"]] for e in conflicts[:PAGE_LISTED]]
+    rng = random.Random(0)
+    samples = "".join(
+        f"<h3>{pages.esc(c)}</h3>" + pages.gallery(tile(f.image.rel_path) for f in
+                                                   rng.sample(members, min(SAMPLES_PER_CLASS, len(members))))
+        for c in report["classes"] if (members := [f for f in facts if f.image.class_name == c]))
+    summary = pages.table(["", "count"], [
+        ["files", report["files"]], ["readable images", report["readable_images"]],
+        ["unreadable or not an image", len(report["unreadable"])],
+        ["exact-duplicate sets", exact["sets"]], ["near-duplicate pairs", near["pairs"]],
+        ["label conflicts (excluded from training)", len(conflicts)], ["excluded in all", len(report["excluded"])]])
+    shown = lambda n, total: f"<p>{total} in all{f'; the first {n} shown' if total > n else ''}.</p>"
+    return pages.page(f"audit: {report['source']}", [
+        ("summary", "Summary", f"<p>layout {pages.esc(report['layout'])}</p>" + summary),
+        ("balance", "Class balance", balance),
+        ("shapes", "Sizes and aspect ratios (readable images, before exclusions)", shapes),
+        ("duplicates", "Exact duplicates (identical bytes), side by side",
+         shown(len(sets), exact["sets"]) + pair_rows(sets, "none")),
+        ("near", f"Near duplicates (perceptual hash within {near['max_bits']} of 64 bits)",
+         shown(len(pairs), near["pairs"]) + pair_rows(pairs, "none")),
+        ("conflicts", "Label conflicts (the same image under two classes)",
+         shown(len(conflict_rows), len(conflicts)) + pair_rows(conflict_rows, "none")),
+        ("unreadable", "Unreadable files", pages.table(["path", "why"], [[u["path"], u["reason"]] for u in
+                                                                        report["unreadable"]], left=2)),
+        ("samples", f"Random samples per class (up to {SAMPLES_PER_CLASS}, fixed seed)", samples)])
 
 
 def collect_facts(images: Sequence[SourceImage], pool) -> tuple[list[ImageFacts], list[Skipped]]:
@@ -305,12 +373,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--src", type=Path, required=True, help="dataset root, folder of class folders, or CSV listing")
     parser.add_argument("--layout", choices=["auto", "splits", "classes", "csv"], default="auto")
     parser.add_argument("--out", type=Path, help="JSON report to write")
+    parser.add_argument("--html", type=Path, help="the audit as a self-contained HTML page (thumbnails side by side)")
     parser.add_argument("--workers", type=int, default=2, help="processes reading the images")
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
-    if args.out and not args.out.parent.is_dir():
-        raise UserError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    for flag, path in (("--out", args.out), ("--html", args.html)):
+        if path and not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
     scan = scan_images(args.src, args.layout)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         facts, unreadable = collect_facts(scan.images, pool)
@@ -321,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         write_report(report, args.out)
         print(f"wrote {args.out}")
+    if args.html:
+        write_atomic(args.html, audit_page(report, facts))
+        print(f"wrote {args.html}")
     return 0
 
 

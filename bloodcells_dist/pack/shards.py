@@ -33,7 +33,7 @@ from .. import __version__
 from ..cli import Parser, UserError, run_main, writable_folder
 from ..files import atomic_path
 from ..progress import progress
-from .audit import apply_policy, build_report, collect_facts, near_pairs, report_lines, write_report
+from .audit import AUDIT_PAGE, apply_policy, build_report, collect_facts, near_pairs, report_lines, write_report
 from .groups import METHODS, group_images
 from .interop import check_descriptions, stale_description_names, write_descriptions
 from .manifest import AUDIT_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
@@ -187,7 +187,7 @@ def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardI
 
 def clear_old_pack(out: Path, overwrite: bool) -> None:
     """Refuse to mix with an earlier pack unless asked; with --overwrite drop its manifest first, then its shards."""
-    old = sorted(out.glob("*.tar")) + [out / n for n in (MANIFEST_NAME, AUDIT_NAME) if (out / n).exists()]
+    old = sorted(out.glob("*.tar")) + [out / n for n in (MANIFEST_NAME, AUDIT_NAME, AUDIT_PAGE) if (out / n).exists()]
     old += stale_description_names(out)  # timm/datasets/wids descriptions of the earlier pack
     if old and not overwrite:
         raise UserError(f"{out} already holds shards, a manifest or their descriptions (README.md, _info.json); "
@@ -203,7 +203,7 @@ def remove_partial(out: Path, plan: dict[str, list[tuple[Path, list[Sample]]]]) 
     for jobs in plan.values():
         for path, _ in jobs:
             path.unlink(missing_ok=True)
-    for path in sorted(out.glob(".*.tmp-*")) + [out / AUDIT_NAME] + stale_description_names(out):
+    for path in sorted(out.glob(".*.tmp-*")) + [out / AUDIT_NAME, out / AUDIT_PAGE] + stale_description_names(out):
         path.unlink(missing_ok=True)
 
 
@@ -361,7 +361,7 @@ def pack_shards(
     for key in ("exact_duplicates", "near_duplicates"):  # the manifest keeps the counts; the lists are in audit.json
         manifest.audit[key] = {k: v for k, v in manifest.audit[key].items() if k != "list"}
     try:
-        write_report(report, out / AUDIT_NAME)
+        write_report(report, out / AUDIT_NAME, facts)  # and the page, AUDIT_PAGE
         write_descriptions(out, manifest)  # _info.json (timm), README.md (datasets, Hub), *.wids.json
         manifest.save(out)  # last: its presence means every shard and description above is complete
     except OSError as err:

@@ -9,6 +9,8 @@ Each fold runs in RUNS/fold-k; a finished fold (its final.json says so) is not r
 fold resumes from its last checkpoint, so a long cross-validation can span several sittings. Writes
 RUNS/cv.json with every fold's last-epoch metrics, the mean and standard deviation, per-class recall, the pooled
 confusion matrix and the provenance. --tta also scores each fold's last weights with test-time augmentation.
+Each fold's last weights also score its held-out images one by one: RUNS/oof-predictions.csv holds every
+image's class probabilities from the model that never saw it (`bloodcells label-issues RUNS` reads it).
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cli import Parser, UserError, run_main
+from ..data.selection import Selection
 from ..files import write_json
 from ..pack.manifest import ShardManifest
 from ..train.provenance import provenance
 from ..train.rundir import RunDir
 from ..train.scoring import eval_stem
+from .evaluate import read_predictions, write_predictions
+
+OOF_NAME = "oof-predictions.csv"  # every held-out image's class probabilities, all folds together
 
 
 def fold_command(launcher: str, shards: str, run: Path, fold: int, config: Path | None, extra: Sequence[str]) -> list[str]:
@@ -40,16 +46,28 @@ def fold_command(launcher: str, shards: str, run: Path, fold: int, config: Path 
             "--train-splits", "train,val", "--val-fold", str(fold), "--overwrite", *group, *extra]
 
 
-def tta_metrics(shards: str, run: Path, fold: int, allow_pipe: bool = False) -> dict:
-    """The fold's last weights scored on its held-out cells with test-time augmentation (cached in the run)."""
-    out = run / f"{eval_stem('train,val', fold, tta=True)}.json"  # where evaluate writes it
-    if not out.exists():
+def fold_evaluation(shards: str, run: Path, fold: int, tta: bool, allow_pipe: bool = False) -> Path:
+    """The fold's last weights scored on its held-out cells (evaluate, cached in the run): the evaluation JSON,
+    with the per-image predictions beside it."""
+    out = run / f"{eval_stem('train,val', fold, tta=tta)}.json"  # where evaluate writes it
+    if not out.exists() or "predictions" not in json.loads(out.read_text()):
         command = [sys.executable, "-m", "bloodcells_dist", "evaluate", "--model", str(RunDir(run).last), "--shards",
-                   shards, "--split", "train,val", "--fold", str(fold), "--tta", "--out", str(run),
+                   shards, "--split", "train,val", "--fold", str(fold), "--out", str(run), *(["--tta"] if tta else []),
                    *(["--allow-pipe"] if allow_pipe else [])]
         if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
-            raise UserError(f"fold {fold}: evaluation with TTA failed (command: {shlex.join(command)})")
-    return json.loads(out.read_text())
+            raise UserError(f"fold {fold}: evaluation{' with TTA' if tta else ''} failed (command: {shlex.join(command)})")
+    return out
+
+
+def out_of_fold(evaluations: dict[int, Path], path: Path) -> dict:
+    """Every fold's held-out predictions in one CSV (each training image once, by the model that never saw it)."""
+    classes: list[str] = []
+    samples: list = []
+    for evaluation in (evaluations[fold] for fold in sorted(evaluations)):
+        classes, rows = read_predictions(evaluation.with_name(json.loads(evaluation.read_text())["predictions"]))
+        samples += [(r["key"], classes.index(r["label"]), r["probs"]) for r in rows]
+    write_predictions(path, samples, classes)
+    return {"predictions": path.name, "samples": len(samples), "folds": sorted(evaluations)}
 
 
 def summarize(results: dict[int, dict]) -> dict:
@@ -103,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not all(0 <= f < manifest.folds for f in folds):
         raise UserError(f"--folds {args.folds}: the shards have folds 0..{manifest.folds - 1}")
 
-    results, tta = {}, {}
+    results, tta, held_out = {}, {}, {}
     for fold in folds:
         run = args.output_dir / f"fold-{fold}"
         if not RunDir(run).finished():
@@ -117,16 +135,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
         summary = json.loads(RunDir(run).final.read_text())
         results[fold] = summary.get("last_validation", summary.get("final"))  # "final" before version 0.2
+        held_out[fold] = fold_evaluation(own, run, fold, tta=False, allow_pipe=args.allow_pipe)
         if args.tta:
-            tta[fold] = tta_metrics(own, run, fold, args.allow_pipe)
+            tta[fold] = json.loads(fold_evaluation(own, run, fold, tta=True, allow_pipe=args.allow_pipe).read_text())
     summary = summarize(results)
     if args.tta:
         summary["tta"] = summarize(tta)
+    summary["out_of_fold"] = {**out_of_fold(held_out, args.output_dir / OOF_NAME), "shards": own,
+                               "expected": Selection(("train", "val")).count(manifest) if len(folds) == manifest.folds
+                               else None}
     summary["provenance"] = provenance()
     write_json(args.output_dir / "cv.json", summary)
     for k, r in summary["folds"].items():
         print(f"fold {k}: accuracy {r['accuracy']:.4f}  macro F1 {r['macro_f1']:.4f}  ({r['samples']} samples)")
     print(report(summary, f"{len(folds)} folds"))
+    print(f"out-of-fold probabilities of {summary['out_of_fold']['samples']} images: {args.output_dir / OOF_NAME} "
+          f"(bloodcells label-issues {args.output_dir} ranks the labels they contradict)")
     if args.tta:
         print(report(summary["tta"], "with TTA"))
     return 0

@@ -1,4 +1,4 @@
-"""Evaluate a trained model on a shard split or a JPEG folder tree: metrics JSON and a confusion-matrix PNG.
+"""Evaluate a trained model on a shard split or a JPEG folder tree: metrics JSON, per-image predictions, a confusion PNG.
 
     [accelerate launch ... -m] bloodcells evaluate --model RUN_OR_FILE --shards DIR --split test [--tta]
     bloodcells evaluate --model RUN_OR_FILE --images ROOT_OR_FOLDER [--split test] [--tta]
@@ -7,11 +7,15 @@
 
 --split takes several splits, comma-separated; --fold keeps only the cells of one cross-validation fold,
 which scores a `bloodcells_dist.cv` fold's model on the cells it never saw. Several --model score an
-ensemble (the mean of their class probabilities), written as eval-SPLIT-ensembleN.json.
+ensemble (the mean of their class probabilities), written as eval-SPLIT-ensembleN.json. Beside the JSON,
+eval-SPLIT.predictions.csv holds one row per image (key or path, true and predicted class, every probability):
+`bloodcells report eval-SPLIT.json` makes a page of it, with the misclassified images.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -24,7 +28,7 @@ from ..cli import Parser, UserError, output_folder, run_main
 from ..data import open_eval_data
 from ..data.preprocess import UnreadableImage, read_rgb
 from ..data.selection import Selection
-from ..files import write_json
+from ..files import read_user_text, write_atomic, write_json
 from ..pack.manifest import ShardManifest
 from ..pack.sources import scan_images
 from ..train.metrics import format_metrics
@@ -55,12 +59,12 @@ def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[tuple
 
 def folder_batches(files: list[tuple[Path, int]], transform, batch_size: int, rank: int,
                    world_size: int) -> tuple[Iterable, list[str]]:
-    """Batches straight from the files (dealt to ranks round-robin), read as predict reads them, and the files
-    that could not be read (skipped, reported)."""
+    """(images, labels, paths) batches straight from the files (dealt to ranks round-robin), read as predict reads
+    them, and the files that could not be read (skipped, reported)."""
     unreadable: list[str] = []
 
     def batches():
-        images, labels = [], []
+        images, labels, paths = [], [], []
         for path, label in files[rank::world_size]:
             try:
                 image = read_rgb(path)
@@ -69,13 +73,39 @@ def folder_batches(files: list[tuple[Path, int]], transform, batch_size: int, ra
                 continue
             images.append(transform(image))  # outside the try: a bug here is ours, not an unreadable file
             labels.append(label)
+            paths.append(str(path))
             if len(images) == batch_size:
-                yield torch.stack(images), torch.tensor(labels)
-                images, labels = [], []
+                yield torch.stack(images), torch.tensor(labels), paths
+                images, labels, paths = [], [], []
         if images:
-            yield torch.stack(images), torch.tensor(labels)
+            yield torch.stack(images), torch.tensor(labels), paths
 
     return batches(), unreadable
+
+
+def write_predictions(path: Path, samples: list[tuple[str, int, list[float]]], classes: list[str]) -> None:
+    """One CSV row per sample, sorted by key: key (shard key, or the file's path), true label, predicted label,
+    its probability, and every class's probability (class names as the data spells them)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["key", "label", "predicted", "confidence", *(f"prob_{c}" for c in classes)])
+    for key, label, probs in sorted(samples, key=lambda s: s[0]):
+        best = max(range(len(probs)), key=probs.__getitem__)
+        writer.writerow([key, classes[label], classes[best], f"{probs[best]:.5f}", *(f"{p:.5f}" for p in probs)])
+    write_atomic(path, out.getvalue())
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[dict]]:
+    """(classes, rows) of a predictions CSV: each row has key, label, predicted, confidence and probs (a list)."""
+    text = read_user_text(path, "a predictions CSV of bloodcells evaluate")
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, [])
+    if header[:4] != ["key", "label", "predicted", "confidence"] or len(header) < 5:
+        raise UserError(f"{path} is not a predictions CSV of bloodcells evaluate (header: {','.join(header[:6])})")
+    classes = [h.removeprefix("prob_") for h in header[4:]]
+    rows = [{"key": r[0], "label": r[1], "predicted": r[2], "confidence": float(r[3]),
+             "probs": [float(p) for p in r[4:]]} for r in reader if r]
+    return classes, rows
 
 
 def load_models(paths: Sequence[Path]) -> tuple[torch.nn.Module, ModelSpec]:
@@ -143,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if left_out and accelerator.is_main_process:
             print(f"warning: {len(left_out)} file(s) left out: " + "; ".join(left_out[:5]), file=sys.stderr)
         batches, unreadable = folder_batches(files, spec.preprocess.transform(), args.batch_size, rank, world)
-    metrics = score(model, batches, accelerator, classes, tta=args.tta)
+    samples: list = []
+    metrics = score(model, batches, accelerator, classes, tta=args.tta, samples=samples)
     skipped = accelerator.reduce(torch.tensor(len(unreadable), device=accelerator.device), "sum").item()
     if metrics["samples"] == 0:  # on every rank alike: the counts are summed over all of them
         raise UserError(f"no sample could be evaluated ({skipped} unreadable image(s)"
@@ -155,16 +186,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     scored = [run_weights(m).name if m.is_dir() and not is_hub_folder(m) else m.name for m in args.model]
     metrics.update(split=args.split, fold=args.fold if args.fold >= 0 else None, tta=args.tta,
                    model=models[0] if len(models) == 1 else models, weights=scored[0] if len(scored) == 1 else scored,
-                   unreadable=int(skipped))
+                   unreadable=int(skipped),
+                   source={"shards": args.shards} if args.shards else {"images": str(args.images.resolve())})
     if accelerator.is_main_process:
         stem = eval_stem(args.split, args.fold, args.tta) + (f"-ensemble{len(models)}" if len(models) > 1 else "")
+        write_predictions(out / f"{stem}.predictions.csv", samples, classes)
+        metrics["predictions"] = f"{stem}.predictions.csv"
         write_json(out / f"{stem}.json", metrics)
         save_confusion_png(metrics["confusion_matrix"], classes, out / f"{stem}-confusion.png",
                            f"{args.split}: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}")
         print(format_metrics(metrics, classes))
         if skipped:
             print(f"warning: {skipped} unreadable image(s) skipped: " + ", ".join(unreadable[:5]), file=sys.stderr)
-        print(f"wrote {out / (stem + '.json')} and {out / (stem + '-confusion.png')}")
+        print(f"wrote {out / (stem + '.json')}, {out / (stem + '.predictions.csv')} (one row per image) and "
+              f"{out / (stem + '-confusion.png')}")
     return 0
 
 

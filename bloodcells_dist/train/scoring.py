@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from ..files import atomic_path
 from .metrics import classification_metrics, confusion_matrix
@@ -26,18 +27,25 @@ def logits(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, 
 
 @torch.no_grad()
 def score(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator, classes: list[str],
-          tta: bool = False) -> dict:
+          tta: bool = False, samples: list | None = None) -> dict:
     """Metrics over every sample of every rank's (images, labels, ...) batches, each counted once, and how many
-    had inf/nan logits (nonfinite_outputs). Collective: one all-reduce."""
+    had inf/nan logits (nonfinite_outputs). Collective: one all-reduce. With `samples`, batches of (images,
+    labels, keys) also append each sample's (key, label, class probabilities) to it, every rank's (gathered on
+    all ranks)."""
     model.eval()
     n = len(classes)
     counts = torch.zeros(n * n + 1, dtype=torch.long)  # the confusion matrix, then the samples with inf/nan logits
-    for images, labels, *_ in batches:
+    kept: list = []
+    for images, labels, *rest in batches:
         with accelerator.autocast():
             out = logits(model, images.to(accelerator.device, non_blocking=True), tta)
         counts[:-1] += confusion_matrix(labels.cpu(), out.argmax(1).cpu(), n).flatten()
         counts[-1] += int((~out.isfinite().all(1)).sum())
+        if samples is not None:
+            kept.extend(zip(list(rest[0]), labels.tolist(), out.float().softmax(1).cpu().tolist()))
     counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+    if samples is not None:
+        samples.extend(gather_object(kept) if accelerator.num_processes > 1 else kept)
     return {**classification_metrics(counts[:-1].reshape(n, n), classes), "nonfinite_outputs": int(counts[-1])}
 
 
@@ -55,8 +63,8 @@ def save_confusion_png(matrix: list[list[int]], classes: list[str], path: Path, 
 
     fig, ax = plt.subplots(figsize=(5.5, 4.8))
     ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), [c.title() for c in classes], rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), [c.title() for c in classes])
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")  # as the data spells them
+    ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

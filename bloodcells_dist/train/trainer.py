@@ -274,7 +274,8 @@ def train_epoch(run: Run, state: TrainState) -> None:
         micro = 0 if stepped else micro + 1
         if not stepped:
             continue
-        if state.step % config.log_every == 0:
+        # every log_every steps, and the epoch's last step: a run shorter than log_every still has a curve
+        if state.step % config.log_every == 0 or state.step == (state.epoch + 1) * run.data.plan.steps_per_epoch:
             log_training(run, state, window, bar)
         if run.stop.requested(accelerator) or (config.checkpoint_every and state.step % config.checkpoint_every == 0):
             state.train_seconds += time.perf_counter() - clock
