@@ -278,7 +278,7 @@ def field_docs() -> list[FieldDoc]:
 
 
 METAVARS = {"int": "N", "float": "X", "bool": "true|false", "str": "TEXT", "tuple[int, int]": "N,N",
-            "tuple[int, ...]": "N,N,...", "tuple[str, ...]": "NAME,..."}
+            "tuple[int, ...]": "N,N,...", "tuple[float, ...]": "X,X,...", "tuple[str, ...]": "NAME,..."}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

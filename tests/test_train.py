@@ -152,10 +152,12 @@ def test_a_broken_tracker_does_not_stop_training(synthetic_shards, tmp_path, mon
     assert final(broken)["last_validation"]["samples"] > 0
 
 
-def test_cpu_flag_with_several_processes_is_a_clear_error(synthetic_shards, tmp_path):
-    """Accelerate's `--cpu --num_processes 2` starts one process without mpirun: say so instead of training alone."""
-    proc = launch("--cpu", "--num_processes", "2", *train_args(synthetic_shards, tmp_path / "run"), check=False)
+@pytest.mark.parametrize("flags", [("--cpu",), ()], ids=["cpu-flag", "plain"])
+def test_several_cpu_processes_without_torchrun_is_a_clear_error(synthetic_shards, tmp_path, flags):
+    """Without a GPU, `accelerate launch [--cpu] --num_processes 2` starts one process (its CPU launcher needs
+    mpirun): say which flag or launch file works instead of training alone."""
+    proc = launch(*flags, "--num_processes", "2", *train_args(synthetic_shards, tmp_path / "run"), check=False)
     assert proc.returncode != 0
     assert "error: this is a single process of a multi-process launch" in proc.stderr
-    assert "launch/cpu_2proc.yaml" in proc.stderr
+    assert "add --multi_gpu" in proc.stderr and "launch/cpu_2proc.yaml" in proc.stderr
     assert "bloodcells_dist/" not in proc.stderr  # no traceback of ours (the launcher prints its own)

@@ -199,6 +199,25 @@ def test_a_resume_compares_classes_and_never_rewrites_a_finished_run(tmp_path, m
     assert {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()} == record  # not a byte changed
 
 
+def test_resume_auto_starts_fresh_resumes_and_leaves_a_finished_run_alone(tmp_path, monkeypatch):
+    """The same command, requeued blindly: a fresh start, then a resume from the newest checkpoint, then a no-op."""
+    shards, run = small_shards(tmp_path / "shards", "A,B,C,D"), tmp_path / "run"
+    command = ["--resume", "auto", "--shards", str(shards), "--output-dir", str(run), "--epochs", "2",
+               "--val-split", "", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "batch_size"],
+               "--batch-size", "4"]
+    monkeypatch.setenv("BLOODCELLS_AT_STEP", "2:stop")
+    cli(trainer.main, *command, check=True)  # an empty folder: a fresh start, stopped at step 3
+    assert not RunDir(run).finished() and RunDir(run).latest_checkpoint().name == "step-00000003"
+    monkeypatch.delenv("BLOODCELLS_AT_STEP")
+    resumed = cli(trainer.main, *command, check=True)
+    assert "resumed from" in resumed.stdout and RunDir(run).finished()
+    assert [r["step"] for r in records(run)] == list(range(1, json.loads(RunDir(run).final.read_text())["steps"] + 1))
+    record = {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()}
+    again = cli(trainer.main, *command, check=True)
+    assert again.returncode == 0 and "holds a finished run (final.json): nothing to do" in again.stdout
+    assert {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()} == record  # not a byte changed
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(synthetic_shards, tmp_path):
     run = tmp_path / "run"
     config = build_config(overrides=tiny(synthetic_shards, run, epochs=1, lr="1e6", checkpoint_every=2))

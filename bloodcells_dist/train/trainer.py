@@ -52,6 +52,7 @@ from .tracking import MetricsLog, Tracker
 from .transfer import feature_parameters, optimizer_groups, refit_batchnorm, start_from
 
 NO_STEP = 2**62  # "no step": larger than any step number
+AUTO = "auto"  # --resume auto: the run folder's newest checkpoint, else a fresh start
 
 
 @dataclass
@@ -165,9 +166,10 @@ def make_accelerator(config: TrainConfig, precision: str) -> Accelerator:
     """The one Accelerator: device, precision, process group and gradient accumulation live here."""
     env = os.environ
     if env.get("MASTER_ADDR") and not any(env.get(v) for v in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
-        raise UserError("this is a single process of a multi-process launch: `accelerate launch --cpu "
-                        "--num_processes N` starts only one process without mpirun. For N CPU processes use "
-                        "`accelerate launch --config_file launch/cpu_2proc.yaml` (torchrun + gloo)")
+        raise UserError("this is a single process of a multi-process launch: without a GPU (or with --cpu), "
+                        "`accelerate launch --num_processes N` starts one process unless mpirun is set up. For N CPU "
+                        "processes add --multi_gpu (torchrun; they join a gloo group on the CPU), or use "
+                        "`accelerate launch --config_file launch/cpu_2proc.yaml`")
     # With no GPU, torchrun-launched processes must be told they are CPU processes to form a gloo group.
     try:
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
@@ -429,20 +431,43 @@ def finish(run: Run, state: TrainState, train_samples: int) -> dict:
     return summary
 
 
+def resume_auto(output_dir: str | None) -> tuple[Path | None, bool]:
+    """`--resume auto`: (the run folder to resume, or None to start fresh; whether the run there has finished)."""
+    if not output_dir:
+        raise UserError("--resume auto resumes --output-dir: give --output-dir (and what a fresh start needs)")
+    folder = RunDir(output_dir)
+    if folder.finished():
+        return None, True
+    if folder.latest_checkpoint() is None:
+        if folder.path.exists() and folder.run_files():  # an attempt killed before its first checkpoint
+            print(f"--resume auto: no complete checkpoint in {folder}: starting fresh (removing "
+                  f"{', '.join(p.name for p in folder.run_files())})")
+        return None, False
+    return folder.path, False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: every TrainConfig key as a flag (see --help), plus --config, --resume and --overwrite."""
     parser = Parser(prog="bloodcells train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Values layer as defaults < --config recipe < flags; lists as 32,64,128,256.")
     parser.add_argument("--config", type=Path, help="recipe YAML (keys of TrainConfig)")
-    parser.add_argument("--resume", type=Path, help="run folder or checkpoint folder to continue from")
+    parser.add_argument("--resume", type=Path,
+                        help="run folder or checkpoint folder to continue from; `auto`: the newest complete checkpoint "
+                             "of --output-dir, or a fresh start where there is none (a command to requeue blindly)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an earlier run in --output-dir (checkpoints, metrics, weights) and start anew")
     parser.add_argument("--allow-pipe", action="store_true",
                         help="accept a pipe: shard location (webdataset runs it as a shell command); only if you trust it")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
+    auto = args.resume == Path(AUTO)
     overrides = config_overrides(args)
+    if args.resume == Path(AUTO):
+        args.resume, finished = resume_auto(overrides.get("output_dir"))
+        if finished:
+            print(f"{overrides['output_dir']} holds a finished run (final.json): nothing to do")
+            return 0
     base = None
     if args.resume is not None:
         checkpoint_folder = find_checkpoint(args.resume)
@@ -462,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.warn(f"validate_on_train: validation on {config.val_split!r} scores samples the model trains on; its "
                       "figures (and the best weights it picks) are optimistic; final.json says so", stacklevel=1)
     try:
-        train(config, resume=args.resume, overwrite=args.overwrite, allow_pipe=args.allow_pipe)
+        train(config, resume=args.resume, overwrite=args.overwrite or auto, allow_pipe=args.allow_pipe)
     except RuntimeError as err:
         if not lost_peer(err):
             raise
