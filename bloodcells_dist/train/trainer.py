@@ -34,11 +34,19 @@ from ..config import TrainConfig, add_config_arguments, build_config, check_resu
 from ..data import open_training_data
 from ..data.batches import CachedBatches, StreamedBatches
 from ..data.joint import dataset_names, open_joint_data, united_classes
-from ..data.plan import stable_seed
+from ..data.plan import Segment, stable_seed
 from ..data.selection import training_selections
 from ..pack.manifest import ShardManifest
 from ..progress import device_name, eta_line, progress, start_summary
-from .checkpoint import check_resume, check_shared_run_dir, find_checkpoint, load_checkpoint, rng_isolated, save_checkpoint
+from .checkpoint import (
+    check_resume,
+    check_shared_run_dir,
+    find_checkpoint,
+    load_checkpoint,
+    read_state,
+    rng_isolated,
+    save_checkpoint,
+)
 from .metrics import format_metrics
 from .precision import detect_hardware, launch_precision, resolve_precision, warn_if_emulated
 from .preemption import COLLECTIVE_TIMEOUT, StopSignal, lost_peer
@@ -52,6 +60,7 @@ from .tracking import MetricsLog, Tracker
 from .transfer import feature_parameters, optimizer_groups, refit_batchnorm, start_from
 
 NO_STEP = 2**62  # "no step": larger than any step number
+LAYOUT_KEYS = ("processes", "grad_accum", "workers")  # what starts a new segment of an epoch when it changes
 AUTO = "auto"  # --resume auto: the run folder's newest checkpoint, else a fresh start
 
 
@@ -90,8 +99,10 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     manifest = manifests[0]  # the run's own data: it validates
     check_fold(config, manifest)
     classes = united_classes(manifests)  # with several shard folders, united by name
+    saved: dict = {}  # the resumed run's layout
     if resume is not None:
         check_resume(folder, resume, classes)
+        saved = read_state(find_checkpoint(resume)).layout
     else:
         folder.refuse_earlier_run(overwrite)  # before the decoded cache is built
     hardware = detect_hardware()
@@ -104,14 +115,18 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
                             processes=accelerator.num_processes)
         data = (open_joint_data(config, folders, manifests, classes, accelerator) if len(manifests) > 1 or
                 config.shard_weights else open_training_data(config, manifest, accelerator))
+        # A resume on another number of processes keeps the run's global batch and steps (plan.py says how).
+        data.plan = data.plan.resumed_on(saved)
+        accelerator.gradient_accumulation_steps = data.plan.grad_accum
         steps_per_epoch = data.plan.steps_per_epoch
         spec = ModelSpec.from_config(config.to_dict(), classes, provenance=origin,
                                      dataset="+".join(dataset_names(folders, manifests)) if len(manifests) > 1
                                      else manifest.dataset)
         model, optimizer, started_from = build_model(config, spec, accelerator, fresh=resume is None)
         layout = {"processes": accelerator.num_processes, "batch_size": config.batch_size,
-                  "grad_accum": config.grad_accum, "steps_per_epoch": steps_per_epoch}
-        state = start_state(accelerator, folder, resume, overwrite, layout)
+                  "grad_accum": data.plan.grad_accum, "steps_per_epoch": steps_per_epoch,
+                  "global_batch": data.plan.global_batch}
+        state = start_state(accelerator, folder, resume, overwrite, layout, config.seed)
         if resume is None:
             state.init_from = started_from
             if config.init_from and config.bn_refit:
@@ -234,12 +249,17 @@ def refit_statistics(model: torch.nn.Module, data: CachedBatches | StreamedBatch
 
 
 def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, overwrite: bool,
-                layout: dict) -> TrainState:
+                layout: dict, seed: int) -> TrainState:
     """A new run's state (an earlier run in the folder refused, or with overwrite removed), or the resumed one."""
     if resume is not None:
         checkpoint = find_checkpoint(resume)
-        state = load_checkpoint(accelerator, checkpoint, layout)
+        state = load_checkpoint(accelerator, checkpoint, layout, seed)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        if state.layout.get("processes", layout["processes"]) != layout["processes"]:
+            accelerator.print(f"resumed on {layout['processes']} process(es) where {state.layout['processes']} "
+                              f"saved it: global batch {layout['global_batch']} kept, grad_accum "
+                              f"{state.layout['grad_accum']} -> {layout['grad_accum']}, each micro-batch's loss "
+                              f"weighted by its share; every rank's random stream reseeded from (seed, step, rank)")
     else:
         folder.refuse_earlier_run(overwrite)  # again, now under the lock
         if folder.run_files() and accelerator.is_main_process:
@@ -253,17 +273,22 @@ def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, o
 def train_epoch(run: Run, state: TrainState) -> None:
     """The epoch's optimizer steps from where the state stands; returns early, after a checkpoint, when a stop
     signal reached any rank. state.train_seconds is brought up to date before every checkpoint."""
-    config, accelerator = run.config, run.accelerator
-    done = (state.step - state.epoch * run.data.plan.steps_per_epoch) * config.grad_accum  # micro-batches done
-    if done >= run.data.plan.micro_batches:  # stopped after the epoch's last step: only its end is left
+    config, accelerator, plan = run.config, run.accelerator, run.data.plan
+    step = state.step - state.epoch * plan.steps_per_epoch  # the epoch's optimizer steps done
+    if step >= plan.steps_per_epoch:  # stopped after the epoch's last step: only its end is left
         return
+    here = dataclasses.asdict(Segment(step if state.segments else 0, accelerator.num_processes, plan.grad_accum,
+                                      max(config.workers, 1)))
+    if not state.segments or any(state.segments[-1][k] != here[k] for k in LAYOUT_KEYS):
+        state.segments.append(here)  # the epoch's first layout, or a new one from this step on
     run.model.train()
     if state.epoch < config.freeze_epochs:  # the conv blocks stay as they are: BatchNorm uses its running statistics
         accelerator.unwrap_model(run.model).features.eval()
     run.first_bad = torch.full((), NO_STEP, device=accelerator.device)
     window = LossWindow(accelerator.device)
     clock = time.perf_counter()
-    batches = rng_isolated(run.data.train_batches(state.epoch, done))  # the data never moves dropout's RNG
+    segments = [Segment(**s) for s in state.segments]
+    batches = rng_isolated(run.data.train_batches(state.epoch, step, segments))  # the data never moves dropout's RNG
     bar = progress(batches, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="batch",
                    disable=not accelerator.is_main_process, leave=False)
     micro = 0  # micro-batch within the optimizer step
@@ -296,7 +321,9 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, labels: torch.
     with accelerator.accumulate(run.model):
         loss = mixup_loss(run.model, images, labels, config, (state.step, micro, accelerator.process_index))
         run.first_bad = torch.minimum(run.first_bad, torch.where(loss.isfinite(), NO_STEP, state.step + 1))
-        accelerator.backward(loss)
+        # Weighted by the micro-batch's share of the global batch (1 when the step splits evenly): a short or
+        # uneven step then counts each sample as much as a full, even one does.
+        accelerator.backward(loss * (len(labels) * run.data.plan.slices / run.data.plan.global_batch))
         stepped = accelerator.sync_gradients  # the last micro-batch of an optimizer step
         if stepped:
             rate = lr_at(state.step, schedule=config.schedule, peak=config.lr, total=run.total_steps,
@@ -402,7 +429,7 @@ def end_epoch(run: Run, state: TrainState, started: float) -> None:
         if metrics["macro_f1"] > state.best_macro_f1:
             state.best_macro_f1, state.best = metrics["macro_f1"], {**metrics, "epoch": epoch + 1}
             run.save(run.folder.best)
-    state.epoch = epoch + 1  # the epoch end is done: a resume starts the next epoch
+    state.epoch, state.segments = epoch + 1, []  # the epoch end is done: a resume starts the next epoch
     save_checkpoint(accelerator, run.folder, state, config.keep_checkpoints)
 
 
