@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ from .checkpoint import (
 )
 from .metrics import format_metrics
 from .precision import detect_hardware, launch_precision, resolve_precision, warn_if_emulated
-from .preemption import COLLECTIVE_TIMEOUT, StopSignal, lost_peer
+from .preemption import StopSignal, lost_peer, silent_ranks
 from .provenance import comment_block, provenance
 from .rundir import RunDir
 from .schedule import lr_at
@@ -191,7 +192,7 @@ def make_accelerator(config: TrainConfig, precision: str) -> Accelerator:
                            gradient_accumulation_steps=config.grad_accum,
                            log_with=None if config.tracker == "none" else config.tracker,
                            dynamo_backend="inductor" if config.compile else "no",
-                           kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
+                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))])
     except ValueError as err:  # e.g. fp16 without a GPU
         raise UserError(f"cannot set up Accelerate: {err}") from None
 
@@ -518,9 +519,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:
         if not lost_peer(err):
             raise
-        print(f"error: lost contact with another process of this run ({str(err).strip().splitlines()[0][:300]}): it "
-              f"was killed or crashed, see its log; `--resume {config.output_dir}` continues from the last checkpoint",
-              file=sys.stderr)
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        silent = silent_ranks(Path(config.output_dir), rank, world, grace=min(30.0, 2 + config.collective_timeout / 10))
+        who = f"rank {', '.join(map(str, silent))}" if silent else "a rank"
+        print(f"error: lost contact with another process of this run: {who} stopped answering within "
+              f"collective_timeout {config.collective_timeout:g} s, or died ({str(err).strip().splitlines()[0][:300]}); "
+              f"see its log; `--resume {config.output_dir}` continues from the last checkpoint", file=sys.stderr)
         return 1
     return 0
 
