@@ -78,8 +78,9 @@ class TrainConfig:
     # bookkeeping
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     log_every: int = 10  # optimizer steps between metrics.jsonl lines
-    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: only at epoch ends
+    checkpoint_every: int = 100  # optimizer steps between mid-epoch checkpoints (a crash loses fewer); 0: epoch ends only
     keep_checkpoints: int = 2  # newest checkpoints kept
+    collective_timeout: float = 600.0  # seconds a collective waits for every rank; then the run ends naming the silent rank
     tracker: str = "wandb"  # wandb | none
     wandb_project: str = "bloodcells_dist"  # W&B project the runs go to (offline unless logged in)
     wandb_group: str = ""  # W&B run group; `cv` sets it to the cross-validation folder's name
@@ -94,7 +95,8 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"config {key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
-        positive = ("epochs", "batch_size", "grad_accum", "eval_every", "log_every", "keep_checkpoints")
+        positive = ("epochs", "batch_size", "grad_accum", "eval_every", "log_every", "keep_checkpoints",
+                    "collective_timeout")
         for key in positive:
             if getattr(self, key) < 1:
                 raise UserError(f"config {key}={getattr(self, key)} must be at least 1")
@@ -312,7 +314,7 @@ def build_config(recipe: Path | None = None, overrides: dict | None = None, base
 # What a resumed run may change: where things are and how it reports. The rest shapes the model, the data or
 # the schedule, and a resume continues exactly the run that was started.
 RESUMABLE = ("output_dir", "shards", "workers", "data", "cache_dir", "cache_max_mb", "log_every", "checkpoint_every",
-             "keep_checkpoints", "eval_every", "tracker", "wandb_project", "wandb_group")
+             "keep_checkpoints", "collective_timeout", "eval_every", "tracker", "wandb_project", "wandb_group")
 
 
 def check_resume_config(started: TrainConfig, resumed: TrainConfig) -> None:

@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 
+from bloodcells_dist.cli import UserError
 from bloodcells_dist.data.augment import DRAWS, DeviceAugment, sample_uniforms
 from bloodcells_dist.data.batches import shard_positions
 from bloodcells_dist.data.cache import cache_path, load_or_build, read_samples
-from bloodcells_dist.data.plan import EpochPlan, slot_ranges
+from bloodcells_dist.data.plan import EpochPlan, Segment, epoch_pool, slot_ranges
 from bloodcells_dist.data.preprocess import FILL, Preprocess, cell_window, nucleus_centre
 from bloodcells_dist.data.selection import Selection, group_subset
-from bloodcells_dist.data.stream import EvalStream, TrainStream, stream_loader
+from bloodcells_dist.data.stream import EvalStream, TrainStream, stream_loader, unread_pool
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.train import trainer
@@ -39,12 +40,13 @@ def test_cache_plan_uses_every_sample_once_per_epoch(ranks, workers, shuffle):
     # The cache plan has no worker parameter: what `workers` changes for the stream cannot change it.
     for batch, accum in ((32, 1), (64, 2)):
         plan = EpochPlan(8028, batch, ranks, accum, seed=3, shuffle=shuffle)
-        assert 0 <= plan.remainder < plan.global_batch
+        assert 0 <= plan.remainder < ranks * accum  # the last, short step keeps the rest
         left_out = set()
         for epoch in range(2):
             per_rank = [plan.rank_batches(epoch, r) for r in range(ranks)]
-            assert {tuple(b.shape) for b in per_rank} == {(plan.micro_batches, batch)}  # same count on every rank
-            seen = torch.cat([b.flatten() for b in per_rank])
+            assert {len(b) for b in per_rank} == {plan.micro_batches}  # same count on every rank
+            assert {len(b) for b in per_rank[0][:-accum]} == {batch}  # full steps: batch_size each
+            seen = torch.cat([b for batches in per_rank for b in batches])
             assert len(seen) == len(set(seen.tolist())) == 8028 - plan.remainder  # exactly once
             left_out.add(frozenset(set(range(8028)) - set(seen.tolist())))
         assert len(left_out) == (2 if shuffle and plan.remainder else 1)  # the remainder moves with the epoch
@@ -58,22 +60,25 @@ def test_stream_ranges_read_every_sample_at_most_once(ranks, workers, shuffle):
     plan = EpochPlan(n, 32, ranks, seed=3, shuffle=shuffle)
     seen = []
     for rank in range(ranks):
-        ranges = slot_ranges(positions, plan, epoch=1, rank=rank, workers=workers)
+        ranges = slot_ranges(epoch_pool(positions, plan, 1), plan, rank=rank, workers=workers)
         assert len(ranges) == workers
-        read = [(s, p) for slot in ranges for s, ps in slot for p in ps]
-        assert len(read) == plan.micro_batches * plan.batch_size  # the same batches on every rank
+        read = [sample for slot in ranges for sample in slot]
+        assert len(read) == sum(plan.rank_sizes(rank))  # what the rank's batches need
         seen += read
-    assert len(seen) == len(set(seen)) == n - plan.remainder  # each once; fewer left out than one global batch
+    assert len(seen) == len(set(seen)) == n - plan.remainder  # each once; fewer left out than the ranks
     assert set(seen) <= {(s, p) for s, ps in enumerate(positions) for p in ps}  # never an excluded sample
 
 
-def stream_batches(shards, samples, rows, plan, *, epoch, rank, workers, start=0):
-    """(images uint8, labels, ids) batches of one rank's real TrainStream through a real DataLoader."""
+def stream_batches(shards, samples, rows, plan, *, epoch, rank, workers, step=0, segments=()):
+    """(images uint8, labels, ids) batches of one rank's real TrainStream through a real DataLoader, from optimizer
+    step `step` on, in the last of the epoch's `segments` (what the earlier ones left)."""
     manifest = ShardManifest.load(shards)
     counts = {"train": len(manifest.split("train").shards)}
-    stream = TrainStream(manifest.shard_urls(shards, "train"), shard_positions(samples, counts, rows),
-                         plan=plan, preprocess=Preprocess((48, 64)), epoch=epoch, rank=rank, shuffle_buffer=40,
-                         start=start)
+    urls, positions = manifest.shard_urls(shards, "train"), shard_positions(samples, counts, rows)
+    pool = unread_pool(urls, positions, plan, epoch=epoch, segments=segments, preprocess=Preprocess((48, 64)),
+                       shuffle_buffer=40)
+    stream = TrainStream(urls, pool, plan=plan, preprocess=Preprocess((48, 64)), epoch=epoch, rank=rank,
+                         shuffle_buffer=40, first_step=segments[-1].step if segments else 0, step=step)
     return list(stream_loader(stream, workers, pin_memory=False))
 
 
@@ -94,11 +99,68 @@ def test_stream_reads_each_training_sample_at_most_once_from_real_shards(synthet
         batches = stream_batches(synthetic_shards, samples, rows, plan, epoch=2, rank=rank, workers=workers)
         counts.append(len(batches))
         ids += [i for _, _, b in batches for i in b.tolist()]
-        tail = stream_batches(synthetic_shards, samples, rows, plan, epoch=2, rank=rank, workers=workers, start=3)
+        tail = stream_batches(synthetic_shards, samples, rows, plan, epoch=2, rank=rank, workers=workers, step=3)
         assert [b[2].tolist() for b in tail] == [b[2].tolist() for b in batches[3:]]  # resume: the same tail
     assert counts == [plan.micro_batches] * ranks
     assert len(ids) == len(set(ids)) == len(rows) - plan.remainder
     assert set(ids) <= set(samples.ids[rows].tolist())  # fold 0 never trains
+
+
+def test_the_last_short_step_leaves_fewer_samples_out_than_micro_batches_per_step():
+    for samples, batch, ranks, accum in ((57, 16, 2, 1), (57, 32, 2, 1), (57, 32, 1, 1), (100, 7, 3, 2), (13, 8, 2, 3)):
+        plan = EpochPlan(samples, batch, ranks, accum, seed=1)
+        assert plan.remainder < ranks * accum, (samples, batch, ranks, accum)
+        per_rank = [plan.rank_batches(0, r) for r in range(ranks)]
+        assert {len(b) for b in per_rank} == {plan.micro_batches} and min(len(b) for r in per_rank for b in r) >= 1
+        assert len(torch.cat([b for r in per_rank for b in r]).unique()) == plan.used == samples - plan.remainder
+        for step in range(plan.steps_per_epoch):  # the loss weights (share of the global batch) of a step
+            weight = sum(size * plan.slices / plan.global_batch for size in plan.step_split(step)) / plan.slices
+            assert weight == pytest.approx(sum(plan.step_split(step)) / plan.global_batch)
+    assert EpochPlan(57, 16, 2).remainder == 0 and EpochPlan(57, 16, 2).step_split(1) == [13, 12]  # 44% before
+    with pytest.raises(UserError, match="fewer than one optimizer step needs"):
+        EpochPlan(3, 8, 2, 2)
+
+
+def elastic(plan: EpochPlan, saved: EpochPlan) -> EpochPlan:
+    """A plan resumed from a run laid out as `saved`."""
+    return plan.resumed_on({"processes": saved.world_size, "batch_size": saved.batch_size,
+                            "grad_accum": saved.grad_accum, "steps_per_epoch": saved.steps_per_epoch,
+                            "global_batch": saved.global_batch})
+
+
+@pytest.mark.parametrize("samples", [308, 57, 64])
+def test_the_cache_plan_resumed_on_2_then_1_then_3_processes_uses_every_sample_once(samples):
+    two = EpochPlan(samples, 8, 2, seed=5)
+    one = elastic(EpochPlan(samples, 8, 1, seed=5), two)
+    three = elastic(EpochPlan(samples, 8, 3, seed=5), one)
+    assert (one.grad_accum, one.global_batch, three.grad_accum) == (2, 16, 1)
+    assert one.steps_per_epoch == three.steps_per_epoch == two.steps_per_epoch
+    stops = [0, two.steps_per_epoch // 3, 2 * two.steps_per_epoch // 3, two.steps_per_epoch]
+    seen = []
+    for plan, begin, end in zip((two, one, three), stops, stops[1:]):
+        for rank in range(plan.world_size):
+            seen += torch.cat(plan.rank_batches(1, rank, begin)[:(end - begin) * plan.grad_accum]).tolist()
+    assert len(seen) == len(set(seen)) == samples - two.remainder
+
+
+def test_the_stream_resumed_on_2_then_1_then_3_processes_reads_every_sample_once(synthetic_shards, decoded):
+    """Real shards and DataLoader workers: a segment per layout (2 x 2 workers, 1 x 1, 3 x 2), each reading what
+    the earlier ones left (replayed from their ranges, shuffle buffers and step counts)."""
+    samples, rows = decoded
+    two = EpochPlan(len(rows), 8, 2, seed=1)
+    plans = [two, elastic(EpochPlan(len(rows), 8, 1, seed=1), two)]
+    plans.append(elastic(EpochPlan(len(rows), 8, 3, seed=1), plans[1]))
+    stops = [0, 5, 9, two.steps_per_epoch]
+    segments = [Segment(stop, plan.world_size, plan.grad_accum, workers)
+                for stop, plan, workers in zip(stops, plans, (2, 1, 2))]
+    ids = []
+    for i, (plan, segment) in enumerate(zip(plans, segments)):
+        for rank in range(plan.world_size):
+            batches = stream_batches(synthetic_shards, samples, rows, plan, epoch=2, rank=rank,
+                                     workers=segment.workers, step=segment.step, segments=segments[:i + 1])
+            ids += [n for _, _, b in batches[:(stops[i + 1] - segment.step) * plan.grad_accum] for n in b.tolist()]
+    assert len(ids) == len(set(ids)) == len(rows) - two.remainder
+    assert set(ids) <= set(samples.ids[rows].tolist())
 
 
 def test_augmentation_of_a_sample_is_the_same_whatever_ranks_workers_or_path(synthetic_shards, decoded):
@@ -107,7 +169,7 @@ def test_augmentation_of_a_sample_is_the_same_whatever_ranks_workers_or_path(syn
     for ranks in (1, 2):  # the cache path under 1 and 2 processes
         plan, out = EpochPlan(len(rows), 8, ranks, seed=1), {}
         for rank in range(ranks):
-            for batch in rows[plan.rank_batches(4, rank)]:
+            for batch in (rows[positions] for positions in plan.rank_batches(4, rank)):
                 images = AUG(samples.images[batch], samples.ids[batch], seed=1, epoch=4)
                 out.update(zip(samples.ids[batch].tolist(), images))
         by_run[f"cache, {ranks} process(es)"] = out
@@ -267,7 +329,7 @@ def test_a_cache_that_does_not_fit_falls_back_to_the_stream_with_a_message(synth
     quick = ["--epochs", "1", "--workers", "1", "--cache-max-mb", "1", "--val-split", ""]
     proc = cli(trainer.main, *train_args(synthetic_shards, tmp_path / "auto", *quick)[2:], check=True)
     assert "data: stream (the decoded cache needs 3 MB, more than the 1 MB this process may use" in proc.stdout
-    assert json.loads((tmp_path / "auto" / "final.json").read_text())["steps"] == train // 8
+    assert json.loads((tmp_path / "auto" / "final.json").read_text())["steps"] == EpochPlan(train, 8, 1).steps_per_epoch
     proc = cli(trainer.main, *train_args(synthetic_shards, tmp_path / "cache", *quick, "--data", "cache")[2:])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: data: cache:")
 

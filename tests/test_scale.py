@@ -9,12 +9,14 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from bloodcells_dist.data.plan import EpochPlan
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.tools import evaluate, export
 from bloodcells_dist.tools.cv import fold_command
@@ -116,15 +118,40 @@ def test_sigterm_to_one_rank_checkpoints_exits_0_and_resume_matches(synthetic_sh
     assert got["train_seconds"] > stopped["train_seconds"] > 0
 
 
+def trained_ids(log: Path) -> list[int]:
+    """Every sample id the ranks trained on (BLOODCELLS_SAMPLE_LOG: one file per rank, appended by every sitting)."""
+    return [int(n) for f in sorted(log.parent.glob(log.name + ".*")) for n in f.read_text().split()]
+
+
 @pytest.mark.e2e
-def test_resume_with_another_number_of_processes_is_refused(two_process_run, tmp_path):
+@pytest.mark.parametrize("data", ["cache", "stream"])
+def test_an_epoch_resumed_on_2_then_1_then_3_processes_trains_on_every_sample_once(synthetic_shards, tmp_path, data):
+    """Stopped at step 6 of 20 on 2 processes (2 data workers each), at step 12 on 1, finished on 3 (1 worker):
+    the global batch (16) and the steps stay, and the three sittings together train on each sample once."""
+    run, log = tmp_path / "run", tmp_path / "ids"
+    samples = ShardManifest.load(synthetic_shards).splits["train"].samples
+    steps = EpochPlan(samples, 8, 2).steps_per_epoch
+    env = {"BLOODCELLS_SAMPLE_LOG": str(log)}
+    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+           *train_args(synthetic_shards, run, "--epochs", "1", "--workers", "2", "--data", data, "--val-split", ""),
+           env={**env, "BLOODCELLS_AT_STEP": "5:sigterm:1"})
+    assert json.loads((checkpoints(run)[-1] / "trainer_state.json").read_text())["step"] == 6
+    one = run_cli("-m", "bloodcells_dist.train", "--resume", str(run), env={**env, "BLOODCELLS_AT_STEP": "11:sigterm"},
+                  check=True)
+    assert "resumed on 1 process(es) where 2 saved it: global batch 16 kept, grad_accum 1 -> 2" in one.stdout
+    three = launch("--multi_gpu", "--num_processes", "3", "--main_process_port", str(free_port()),
+                   "-m", "bloodcells_dist.train", "--resume", str(run), "--workers", "1", env=env)
+    assert "resumed on 3 process(es) where 1 saved it: global batch 16 kept, grad_accum 2 -> 1" in three.stdout
+    assert final(run)["steps"] == steps and final(run)["processes"] == 3
+    ids = trained_ids(log)
+    assert len(ids) == len(set(ids)) == samples - EpochPlan(samples, 8, 2).remainder  # 308: 0 left out
+
+
+@pytest.mark.e2e
+def test_resume_with_another_batch_size_is_refused(two_process_run, tmp_path):
+    """The global batch is what a resume on another number of processes keeps: batch_size itself may not change."""
     run = tmp_path / "run"
     shutil.copytree(two_process_run, run)
-    before = (run / "metrics.jsonl").read_text()
-    proc = cli(trainer.main, "--resume", str(checkpoints(run)[0]))  # one process, where two started it
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "error: cannot resume" in proc.stderr and "processes 2 -> 1" in proc.stderr
-    assert (run / "metrics.jsonl").read_text() == before
     proc = cli(trainer.main, "--resume", str(run), "--batch-size", "4")
     assert proc.returncode == 2 and "cannot resume with batch_size=4: the run was started with 8" in proc.stderr
 
@@ -147,7 +174,7 @@ def test_resume_into_another_output_dir_is_refused(reference_run, tmp_path):
 def test_a_kill_between_the_last_step_and_the_epoch_end_is_finished_on_resume(synthetic_shards, tmp_path):
     """Killed after the checkpoint of an epoch's last step, before its validation: resume validates it."""
     run = tmp_path / "run"
-    steps_per_epoch = ShardManifest.load(synthetic_shards).splits["train"].samples // 8
+    steps_per_epoch = EpochPlan(ShardManifest.load(synthetic_shards).splits["train"].samples, 8, 1).steps_per_epoch
     args = train_args(synthetic_shards, run, "--epochs", "2", "--workers", "1", "--checkpoint-every", str(steps_per_epoch))
     killed = run_cli(*args, env={"BLOODCELLS_AT_STEP": f"{steps_per_epoch}:kill"})
     assert killed.returncode == -signal.SIGKILL
@@ -201,12 +228,47 @@ def test_two_machines_without_a_shared_run_folder_stop_with_a_clear_error(synthe
 @pytest.mark.e2e
 def test_a_killed_peer_ends_the_other_process_with_a_clear_message(synthetic_shards, tmp_path):
     run = tmp_path / "run"
-    procs = two_machines(train_args(synthetic_shards, run, "--epochs", "20", "--workers", "1"), (REPO, REPO),
-                         env={"BLOODCELLS_AT_STEP": "5:kill:1"})  # rank 1 dies by SIGKILL after step 5
+    procs = two_machines(train_args(synthetic_shards, run, "--epochs", "20", "--workers", "1", "--collective-timeout",
+                                    "20"), (REPO, REPO), env={"BLOODCELLS_AT_STEP": "5:kill:1"})  # SIGKILL after step 5
     _, err = procs[0].communicate(timeout=600)
     procs[1].communicate(timeout=120)
     assert procs[0].returncode != 0
-    assert "error: lost contact with another process of this run" in err and f"--resume {run}" in err
+    assert "error: lost contact with another process of this run: rank 1 stopped answering" in err
+    assert f"--resume {run}" in err
+
+
+@pytest.mark.e2e
+def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it(synthetic_shards, tmp_path):
+    """SIGSTOP: the rank neither dies nor answers. The collective timeout turns the hang into an error naming it."""
+    started = time.monotonic()
+    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+                  *train_args(synthetic_shards, tmp_path / "run", "--epochs", "1", "--workers", "0", "--val-split", "",
+                              "--collective-timeout", "15"), env={"BLOODCELLS_AT_STEP": "3:sigstop:1"}, check=False)
+    assert proc.returncode != 0
+    assert ("error: lost contact with another process of this run: rank 1 stopped answering within "
+            "collective_timeout 15 s") in proc.stderr
+    assert time.monotonic() - started < 150  # start-up, 15 s, the launcher's grace for the others; not 10 min
+
+
+@pytest.mark.e2e
+@pytest.mark.xfail(reason="open: the restarted group (torchrun --max_restarts 1, static or c10d rendezvous) fails to "
+                          "connect its gloo mesh on this machine (connectFullMesh: connection refused); not yet diagnosed",
+                   strict=False)
+def test_a_killed_rank_under_max_restarts_finishes_like_the_uninterrupted_run(synthetic_shards, two_process_run,
+                                                                              tmp_path):
+    """`--max_restarts 1` and `--resume auto`: the launcher restarts the group after a SIGKILL, which resumes
+    from the last checkpoint (the first epoch's end) to the uninterrupted run's weights, bit for bit."""
+    run = tmp_path / "run"
+    steps_per_epoch = final(two_process_run)["steps"] // 3
+    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+                  "--max_restarts", "1", "--monitor_interval", "1", "--rdzv_backend", "c10d",  # static cannot restart
+                  *train_args(synthetic_shards, run, *TWO_PROC, "--resume", "auto", "--collective-timeout", "20"),
+                  env={"BLOODCELLS_AT_STEP": f"{steps_per_epoch + 3}:kill:1"}, timeout=600)
+    assert f"resumed from {run / 'checkpoints' / f'step-{steps_per_epoch:08d}'}" in proc.stdout
+    ref, got = final(two_process_run), final(run)
+    assert got["last_validation"] == ref["last_validation"] and got["steps"] == ref["steps"]
+    a, b = weights(two_process_run / "last.safetensors"), weights(run / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --- 6. W&B and epoch numbering -----------------------------------------------------------------------------
@@ -217,7 +279,7 @@ def test_wandb_is_offline_by_default_and_its_run_survives_a_stop_and_resume(synt
         monkeypatch.delenv(name)
     env = {"HOME": str(tmp_path), "WANDB_SILENT": "true"}  # no ~/.netrc login and no WANDB_MODE: must be offline
     run = tmp_path / "run"
-    steps_per_epoch = ShardManifest.load(synthetic_shards).splits["train"].samples // 8
+    steps_per_epoch = EpochPlan(ShardManifest.load(synthetic_shards).splits["train"].samples, 8, 1).steps_per_epoch
     args = train_args(synthetic_shards, run, "--epochs", "2", "--workers", "1", "--tracker", "wandb",
                       "--mixed-precision", "auto")
     stopped = run_cli(*args, env={**env, "BLOODCELLS_AT_STEP": f"{steps_per_epoch + 5}:sigterm"}, check=True)

@@ -22,6 +22,7 @@ from bloodcells_dist.train import trainer as train
 from bloodcells_dist.train.spec import load_model
 
 from .conftest import ACCELERATE, REF_EXTRA, REPO, cli, free_port, launch, run_cli, train_args
+from .test_bad_input import jpeg, make_root
 
 pytestmark = pytest.mark.e2e
 
@@ -142,6 +143,24 @@ def test_two_machines_on_loopback_stream_one_shard_to_two_ranks_times_two_worker
     assert final(run)["last_validation"]["samples"] == manifest.splits["val"].samples
 
 
+def test_two_processes_train_on_all_but_fewer_than_two_of_57_samples(tmp_path):
+    """A lab's small set: 57 samples at a global batch of 32 (16 x 2 processes) left 25 out of every epoch; the
+    last, short step (13 + 12 samples, each loss weighted by its share) keeps them."""
+    files = {f"TRAIN/{c}/_{i}_1.jpeg": jpeg(100 * k + i) for k, c in enumerate("ABCD") for i in range(15 - (k > 0))}
+    shards = tmp_path / "shards"
+    pack_shards(make_root(tmp_path / "src", files), shards, val_fraction=0.0, groups="files", workers=1,
+                log=lambda line: None)
+    assert ShardManifest.load(shards).splits["train"].samples == 57
+    log = tmp_path / "ids"
+    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+                  *train_args(shards, tmp_path / "run", "--epochs", "2", "--batch-size", "16", "--val-split", "",
+                              "--image-size", "24,32"), env={"BLOODCELLS_SAMPLE_LOG": str(log)})
+    assert "57 training samples (0 left out of each epoch)" in proc.stdout
+    ids = [int(n) for f in tmp_path.glob("ids.*") for n in f.read_text().split()]
+    assert final(tmp_path / "run")["steps"] == 4  # 2 per epoch, on both ranks
+    assert len(ids) == 2 * 57 and all(ids.count(i) == 2 for i in set(ids))  # each sample in each epoch, once
+
+
 def test_a_broken_tracker_does_not_stop_training(synthetic_shards, tmp_path, monkeypatch):
     """(W&B offline by default, across a stop and resume: test_scale.py.)"""
     monkeypatch.setenv("WANDB_MODE", "no-such-mode")
@@ -152,10 +171,12 @@ def test_a_broken_tracker_does_not_stop_training(synthetic_shards, tmp_path, mon
     assert final(broken)["last_validation"]["samples"] > 0
 
 
-def test_cpu_flag_with_several_processes_is_a_clear_error(synthetic_shards, tmp_path):
-    """Accelerate's `--cpu --num_processes 2` starts one process without mpirun: say so instead of training alone."""
-    proc = launch("--cpu", "--num_processes", "2", *train_args(synthetic_shards, tmp_path / "run"), check=False)
+@pytest.mark.parametrize("flags", [("--cpu",), ()], ids=["cpu-flag", "plain"])
+def test_several_cpu_processes_without_torchrun_is_a_clear_error(synthetic_shards, tmp_path, flags):
+    """Without a GPU, `accelerate launch [--cpu] --num_processes 2` starts one process (its CPU launcher needs
+    mpirun): say which flag or launch file works instead of training alone."""
+    proc = launch(*flags, "--num_processes", "2", *train_args(synthetic_shards, tmp_path / "run"), check=False)
     assert proc.returncode != 0
     assert "error: this is a single process of a multi-process launch" in proc.stderr
-    assert "launch/cpu_2proc.yaml" in proc.stderr
+    assert "add --multi_gpu" in proc.stderr and "launch/cpu_2proc.yaml" in proc.stderr
     assert "bloodcells_dist/" not in proc.stderr  # no traceback of ours (the launcher prints its own)

@@ -85,7 +85,7 @@ def test_a_run_writes_its_folder_and_logs_the_schedule(tiny_run, synthetic_shard
     run, result = tiny_run
     folder, manifest = RunDir(run), ShardManifest.load(synthetic_shards)
     assert folder.finished() and json.loads(folder.final.read_text()) == {**result, "finished": True}
-    steps_per_epoch = manifest.split("train").samples // 16
+    steps_per_epoch = EpochPlan(manifest.split("train").samples, 16, 1).steps_per_epoch  # the last one short
     assert result["steps"] == 4 * steps_per_epoch and result["train_samples"] == manifest.split("train").samples
     # validated at epochs 2 and 4 only (eval_every 2; the last epoch always)
     val = [r for r in records(run) if "val" in r]
@@ -199,6 +199,25 @@ def test_a_resume_compares_classes_and_never_rewrites_a_finished_run(tmp_path, m
     assert {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()} == record  # not a byte changed
 
 
+def test_resume_auto_starts_fresh_resumes_and_leaves_a_finished_run_alone(tmp_path, monkeypatch):
+    """The same command, requeued blindly: a fresh start, then a resume from the newest checkpoint, then a no-op."""
+    shards, run = small_shards(tmp_path / "shards", "A,B,C,D"), tmp_path / "run"
+    command = ["--resume", "auto", "--shards", str(shards), "--output-dir", str(run), "--epochs", "2",
+               "--val-split", "", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "batch_size"],
+               "--batch-size", "4"]
+    monkeypatch.setenv("BLOODCELLS_AT_STEP", "2:stop")
+    cli(trainer.main, *command, check=True)  # an empty folder: a fresh start, stopped at step 3
+    assert not RunDir(run).finished() and RunDir(run).latest_checkpoint().name == "step-00000003"
+    monkeypatch.delenv("BLOODCELLS_AT_STEP")
+    resumed = cli(trainer.main, *command, check=True)
+    assert "resumed from" in resumed.stdout and RunDir(run).finished()
+    assert [r["step"] for r in records(run)] == list(range(1, json.loads(RunDir(run).final.read_text())["steps"] + 1))
+    record = {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()}
+    again = cli(trainer.main, *command, check=True)
+    assert again.returncode == 0 and "holds a finished run (final.json): nothing to do" in again.stdout
+    assert {p: p.read_bytes() for p in RunDir(run).path.iterdir() if p.is_file()} == record  # not a byte changed
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(synthetic_shards, tmp_path):
     run = tmp_path / "run"
     config = build_config(overrides=tiny(synthetic_shards, run, epochs=1, lr="1e6", checkpoint_every=2))
@@ -280,16 +299,14 @@ def test_a_folder_holding_a_run_is_refused_before_the_cache_is_built(tmp_path):
     assert not (tmp_path / "cache").exists()  # refused before any decoding
 
 
-def test_small_data_leaving_many_samples_out_of_every_epoch_is_said_at_the_start(tmp_path, capsys):
+def test_small_data_keeps_the_last_short_step_of_every_epoch(tmp_path):
+    """A global batch that fits a set once and a bit: the rest trains as a short step instead of sitting out."""
     shards = small_shards(tmp_path / "shards", "A,B,C,D")
     samples = ShardManifest.load(shards).split("train").samples
-    batch = samples // 2 + 1  # one step per epoch, nearly half the samples left out
+    batch = samples // 2 + 1  # before: one step per epoch, nearly half the samples left out
     proc = cli(trainer.main, "--shards", str(shards), "--output-dir", str(tmp_path / "run"), "--epochs", "1",
                "--val-split", "", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "batch_size"],
                "--batch-size", str(batch), check=True)
-    warning = [line for line in proc.stderr.splitlines() if "left out of every epoch" in line]
-    assert warning == [f"warning: {samples - batch} of {samples} training samples ({(samples - batch) / samples:.0%}) "
-                       f"are left out of every epoch (a global batch of {batch} fits 1 time(s)); batch_size "
-                       f"{EpochPlan(samples, batch, 1).left_out_warning().rsplit('batch_size ', 1)[1]}"]
-    assert EpochPlan(57, 32, 1).left_out_warning().endswith("batch_size 19 would leave 0 out")
-    assert EpochPlan(64, 32, 1).left_out_warning() == "" and EpochPlan(70, 32, 1).left_out_warning() == ""
+    assert f"{samples} training samples (0 left out of each epoch)" in proc.stdout
+    assert "left out of every epoch" not in proc.stderr  # no warning left to give
+    assert json.loads(RunDir(tmp_path / "run").final.read_text())["steps"] == 2

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,11 +75,6 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest,
     splits = list(dict.fromkeys([*train.splits, *(val.splits if val else ())]))
     preprocess = config.preprocess()
     kind, why = choose_path(config, manifest, splits, accelerator)
-    # Said before the cache is built: the counts are the manifest's (the plan below checks them again).
-    left_out = EpochPlan(train.count(manifest), config.batch_size, accelerator.num_processes,
-                         config.grad_accum).left_out_warning()
-    if left_out and accelerator.is_main_process:
-        warnings.warn(left_out, stacklevel=2)
     started = time.perf_counter()
     # One process per machine builds the cache, with a data worker per CPU; the others wait and load its file.
     with accelerator.local_main_process_first():

@@ -6,19 +6,23 @@ validation sample is counted exactly once across ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .augment import DeviceAugment
 from .cache import DecodedSamples
-from .plan import EpochPlan
+from .plan import EpochPlan, Segment
 from .preprocess import Preprocess
 from .selection import Selection
-from .stream import EvalStream, TrainStream, stream_loader
+from .stream import EvalStream, TrainStream, stream_loader, unread_pool
 
 Batches = Iterator[tuple]  # (images, labels) or, from the stream, (images, labels, keys)
+# Test and debug hook: set to a path, every rank appends the ids of the samples it trains on, one line per
+# micro-batch, to PATH.RANK (what the coverage tests count across interruptions). Unset: nothing is written.
+SAMPLE_LOG_ENV = "BLOODCELLS_SAMPLE_LOG"
 
 
 @dataclass
@@ -50,10 +54,15 @@ class CachedBatches:
         self.extra_val = {name: rows.to(device) for name, rows in self.extra_val.items()}
         self.labels, self.ids = self.samples.labels.to(device), self.samples.ids.to(device)
 
-    def train_batches(self, epoch: int, start: int = 0) -> Batches:
-        """This rank's micro-batches of the epoch from micro-batch `start` on: (images, labels)."""
-        for positions in self.plan.rank_batches(epoch, self.rank, start).to(self.train_rows.device):  # one copy
-            yield self.gather(self.train_rows[positions], epoch)
+    def train_batches(self, epoch: int, step: int = 0, segments: Sequence[Segment] = ()) -> Batches:
+        """This rank's micro-batches of the epoch from optimizer step `step` on: (images, labels). The cache's
+        global order does not depend on the layout: earlier segments change nothing."""
+        order, log = self.plan.order(epoch).to(self.train_rows.device), os.environ.get(SAMPLE_LOG_ENV)  # one copy
+        for where in self.plan.rank_slices(self.rank, step):
+            rows = self.train_rows[order[where]]
+            if log:
+                record_samples(log, self.rank, self.ids[rows])
+            yield self.gather(rows, epoch)
 
     def eval_batches(self, dataset: str | None = None) -> Batches:
         """This rank's share of the validation rows (every row on exactly one rank), normalised: the run's own,
@@ -93,11 +102,18 @@ class StreamedBatches:
         """Whether there is anything to validate on."""
         return bool(self.val_urls)
 
-    def train_batches(self, epoch: int, start: int = 0) -> Batches:
-        """This rank's micro-batches of the epoch from micro-batch `start` on: (images, labels)."""
-        stream = TrainStream(self.train_urls, self.positions, plan=self.plan, preprocess=self.preprocess,
-                             epoch=epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer, start=start)
+    def train_batches(self, epoch: int, step: int = 0, segments: Sequence[Segment] = ()) -> Batches:
+        """This rank's micro-batches of the epoch from optimizer step `step` on: (images, labels). segments: the
+        epoch's layouts so far, the last one this run's (a resume on another layout reads what they left)."""
+        pool = unread_pool(self.train_urls, self.positions, self.plan, epoch=epoch, segments=segments,
+                           preprocess=self.preprocess, shuffle_buffer=self.shuffle_buffer)
+        stream = TrainStream(self.train_urls, pool, plan=self.plan, preprocess=self.preprocess, epoch=epoch,
+                             rank=self.rank, shuffle_buffer=self.shuffle_buffer,
+                             first_step=segments[-1].step if segments else 0, step=step)
+        log = os.environ.get(SAMPLE_LOG_ENV)
         for images, labels, ids in stream_loader(stream, self.workers, self.device.type == "cuda"):
+            if log:
+                record_samples(log, self.rank, ids)
             images = images.to(self.device, non_blocking=True)
             yield (self.augment(images, ids.to(self.device, non_blocking=True), seed=self.plan.seed, epoch=epoch),
                    labels.to(self.device, non_blocking=True))
@@ -108,6 +124,12 @@ class StreamedBatches:
         return streamed_eval_batches(self.val_urls, selection=self.val_selection, preprocess=self.preprocess,
                                      batch_size=self.plan.batch_size, rank=self.rank, world_size=self.plan.world_size,
                                      workers=self.workers, normalise=self.augment, device=self.device)
+
+
+def record_samples(log: str, rank: int, ids: torch.Tensor) -> None:
+    """The sample-id hook of the coverage tests: one line of the ids a rank trains on, appended to LOG.RANK."""
+    with open(f"{log}.{rank}", "a") as f:
+        f.write(" ".join(map(str, ids.tolist())) + "\n")
 
 
 def streamed_eval_batches(urls: list[str], *, selection: Selection | None, preprocess: Preprocess, batch_size: int,

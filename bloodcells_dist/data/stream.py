@@ -7,6 +7,8 @@ way here as from the cache.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -14,7 +16,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import decode_jpeg
 
-from .plan import EpochPlan, slot_ranges, stable_seed
+from .plan import EpochPlan, Segment, epoch_pool, slot_ranges, stable_seed
 from .preprocess import Preprocess
 from .selection import Selection
 
@@ -49,49 +51,95 @@ def numbered(urls: Sequence[str]) -> Iterator[tuple[int, int, dict]]:
 
 
 class TrainStream(IterableDataset):
-    """One epoch of one rank: each worker reads its own range of the epoch's samples once.
+    """One epoch (or its last segment) of one rank: each worker reads its own range of the pool once.
 
-    positions[s] lists the training samples of shard s (by position in the tar; others are skipped
-    unread). Batches are (uint8 images (B, 3, H, W), labels (B,), sample ids (B,)), or with a per-sample
-    `transform`, (float images, labels, ids). `start` skips micro-batches an interrupted run consumed.
+    pool: the (shard, position) samples left to the segment (unread_pool), shards in the epoch's order; others
+    are skipped unread. Batches are (uint8 images (B, 3, H, W), labels (B,), sample ids (B,)), B as the plan
+    splits each step. first_step: the segment's first optimizer step; step: where to start (resuming it).
     """
 
-    def __init__(self, urls: Sequence[str], positions: Sequence[Sequence[int]], *, plan: EpochPlan,
-                 preprocess: Preprocess, epoch: int, rank: int, shuffle_buffer: int, start: int = 0) -> None:
+    def __init__(self, urls: Sequence[str], pool: Sequence[tuple[int, int]], *, plan: EpochPlan,
+                 preprocess: Preprocess, epoch: int, rank: int, shuffle_buffer: int, first_step: int = 0,
+                 step: int = 0) -> None:
         super().__init__()
-        self.urls, self.positions, self.plan, self.preprocess = list(urls), positions, plan, preprocess
-        self.epoch, self.rank, self.shuffle_buffer, self.start = epoch, rank, shuffle_buffer, start
+        self.urls, self.pool, self.plan, self.preprocess = list(urls), pool, plan, preprocess
+        self.epoch, self.rank, self.shuffle_buffer = epoch, rank, shuffle_buffer
+        self.first_step, self.step = first_step, step
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         worker, workers = worker_slot()
-        # The DataLoader takes batch j from worker j % workers. Resuming at batch `start`, worker w must
-        # produce what worker (w + start) % workers produced in an uninterrupted epoch.
-        slot = (worker + self.start) % workers
-        done = len(range(slot, self.start, workers))  # batches of this slot before `start`
-        ranges = slot_ranges(self.positions, self.plan, epoch=self.epoch, rank=self.rank, workers=workers)[slot]
-        wanted = {(shard, p) for shard, positions in ranges for p in positions}
-        urls = [self.urls[shard] for shard, _ in ranges]
-        shard_of = [shard for shard, _ in ranges]
+        # The DataLoader takes batch j from worker j % workers. Resuming at batch `start` of the segment, worker w
+        # must produce what worker (w + start) % workers produced in an uninterrupted segment.
+        start = (self.step - self.first_step) * self.plan.grad_accum
+        slot = (worker + start) % workers
+        done = len(range(slot, start, workers))  # batches of this slot before `start`
+        sizes = self.plan.rank_sizes(self.rank, self.first_step)[slot::workers]
+        piece = slot_ranges(self.pool, self.plan, rank=self.rank, workers=workers, step=self.first_step)[slot]
+        shards, wanted = list(dict.fromkeys(shard for shard, _ in piece)), set(piece)
 
-        def read() -> Iterator[dict]:  # this slot's range of samples, in the epoch's shard order
-            for i, position, sample in numbered(urls):
-                if (shard_of[i], position) in wanted:
+        def read() -> Iterator[dict]:  # this slot's range of samples, in the pool's order
+            for i, position, sample in numbered([self.urls[shard] for shard in shards]):
+                if (shards[i], position) in wanted:
                     yield sample
 
         stages: list = [read]  # dicts: __key__, jpg, cls, json (bytes)
         if self.plan.shuffle:  # the buffer drains at the end of the range: nothing is carried over
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                      seed=stable_seed(self.plan.seed, self.epoch, self.rank, slot)))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.slot_seed(slot)))
         stages += [
-            wds.slice(done * self.plan.batch_size, None),  # resume: skip, before decoding, what was consumed
+            wds.slice(sum(sizes[:done]), None),  # resume: skip, before decoding, what was consumed
             wds.map(self.decode),  # (image, label, id)
-            wds.batched(self.plan.batch_size, partial=False),  # (images, labels (B,), ids (B,))
+            batched_by(sizes[done:]),  # (images, labels (B,), ids (B,)), B as the plan splits each step
         ]
         return iter(wds.DataPipeline(*stages))
+
+    def slot_seed(self, slot: int) -> int:
+        """The shuffle buffer's seed of one slot of this segment."""
+        later = (self.first_step,) if self.first_step else ()  # the first segment's seed as before segments existed
+        return stable_seed(self.plan.seed, self.epoch, self.rank, slot, *later)
+
+    def read_order(self, piece: Sequence[tuple[int, int]], slot: int) -> Iterator[tuple[int, int]]:
+        """The order in which a slot hands out its range (the shuffle buffer replayed on the bare keys)."""
+        if not self.plan.shuffle:
+            return iter(piece)
+        return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.slot_seed(slot))(iter(piece))
 
     def decode(self, sample: dict) -> tuple[torch.Tensor, int, int]:
         """A sample's resized uint8 image, label and id."""
         return decode_resized(sample["jpg"], self.preprocess), int(sample["cls"]), sample_id(sample["__key__"])
+
+
+def batched_by(sizes: Sequence[int]):
+    """A pipeline stage: (image, label, id) samples into batches of the given sizes, in turn."""
+    def stage(source: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        samples = iter(source)
+        for size in sizes:
+            batch = list(itertools.islice(samples, size))
+            if len(batch) < size:
+                return
+            images, labels, ids = zip(*batch)
+            yield torch.stack(images), torch.tensor(labels), torch.tensor(ids)
+    return stage
+
+
+def unread_pool(urls: Sequence[str], positions: Sequence[Sequence[int]], plan: EpochPlan, *, epoch: int,
+                segments: Sequence[Segment], preprocess: Preprocess, shuffle_buffer: int) -> list[tuple[int, int]]:
+    """What the epoch's stream leaves to its last segment: the epoch's pool less what every earlier segment's slots
+    read before the next one began (their ranges, shuffle buffers and batch counts replayed; nothing decoded)."""
+    pool = epoch_pool(positions, plan, epoch)
+    for segment, following in zip(segments, segments[1:]):
+        past = dataclasses.replace(plan, world_size=segment.processes, grad_accum=segment.grad_accum,
+                                   step_samples=plan.global_batch, short_step=plan.has_short_step)
+        done = (following.step - segment.step) * segment.grad_accum  # micro-batches each rank ran
+        read: set[tuple[int, int]] = set()
+        for rank in range(segment.processes):
+            sizes = past.rank_sizes(rank, segment.step)
+            stream = TrainStream(urls, pool, plan=past, preprocess=preprocess, epoch=epoch, rank=rank,
+                                 shuffle_buffer=shuffle_buffer, first_step=segment.step)
+            ranges = slot_ranges(pool, past, rank=rank, workers=segment.workers, step=segment.step)
+            for slot, piece in enumerate(ranges):
+                read.update(itertools.islice(stream.read_order(piece, slot), sum(sizes[slot:done:segment.workers])))
+        pool = [sample for sample in pool if sample not in read]
+    return pool
 
 
 class EvalStream(IterableDataset):

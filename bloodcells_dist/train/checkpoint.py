@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, set_seed
 
 from ..cli import UserError
+from ..data.plan import stable_seed
 from ..files import write_json
 from .rundir import STATE_NAME, RunDir
 from .state import TrainState
@@ -61,27 +62,38 @@ def check_resume(folder: RunDir, resume: Path, classes: list[str]) -> None:
         raise UserError(f"{folder} holds a finished run (final.json): a resume would rewrite its record; evaluate "
                         "it as it is, or train a new run into another --output-dir")
     checkpoint = find_checkpoint(resume)
-    state = TrainState.from_json(json.loads((checkpoint / STATE_NAME).read_text()))
+    state = read_state(checkpoint)
     if state.classes and state.classes != list(classes):
         raise UserError(f"cannot resume {checkpoint} on shards of classes {list(classes)}: the run was trained on "
                         f"{state.classes}, and label indices would change meaning; resume with the run's shards")
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: dict) -> TrainState:
+def read_state(checkpoint: Path) -> TrainState:
+    """A complete checkpoint's trainer state."""
+    return TrainState.from_json(json.loads((checkpoint / STATE_NAME).read_text()))
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: dict, seed: int) -> TrainState:
     """Restore everything save_checkpoint saved; return the trainer state.
 
-    `layout` (processes, batch_size, grad_accum, steps_per_epoch) must match the run's: the data order, the
-    steps per epoch and the learning-rate schedule depend on it, so a change is refused, naming what changed.
+    `layout` (processes, batch_size, grad_accum, steps_per_epoch, global_batch) may differ from the run's in its
+    processes and grad_accum only (the plan keeps the global batch): the data order, the steps per epoch and the
+    learning-rate schedule depend on the rest, so a change there is refused, naming what changed. Every rank's
+    random state is restored when the processes are as many as saved; otherwise a saved state has no rank to go
+    to, and every rank is reseeded from (seed, step, rank) instead (dropout masks then depend on the step).
     """
-    state = TrainState.from_json(json.loads((checkpoint / STATE_NAME).read_text()))
-    saved = state.layout
-    changed = [f"{k} {saved[k]} -> {v}" for k, v in layout.items() if k in saved and saved[k] != v]
+    state = read_state(checkpoint)
+    saved = {"global_batch": state.layout.get("batch_size", 0) * state.layout.get("processes", 0)
+             * state.layout.get("grad_accum", 0), **state.layout}
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in layout.items()
+               if k in saved and saved[k] != v and k not in ("processes", "grad_accum")]
     if changed:
         raise UserError(f"cannot resume {checkpoint} with another layout ({', '.join(changed)}): the data order, "
-                        f"steps per epoch and learning-rate schedule depend on it; resume with "
-                        f"{saved['processes']} process(es), batch_size {saved['batch_size']} and grad_accum "
-                        f"{saved['grad_accum']}, as the run started")
+                        f"steps per epoch and learning-rate schedule depend on it; resume with batch_size "
+                        f"{saved['batch_size']} and the run's shards, as the run started")
     accelerator.load_state(str(checkpoint))
+    if saved.get("processes", accelerator.num_processes) != accelerator.num_processes:
+        set_seed(stable_seed(seed, "resumed", state.step, accelerator.process_index) % 2**32)
     return state
 
 

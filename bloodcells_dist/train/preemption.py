@@ -12,17 +12,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from datetime import timedelta
+import time
+from pathlib import Path
 
 import torch.distributed
 from accelerate import Accelerator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# A collective that waits longer than this fails instead of hanging (gloo's default is 30 min). Gloo notices
-# a killed peer on the same network at once (connection reset); this bounds the cases where nothing tells it.
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-AT_STEP_ENV = "BLOODCELLS_AT_STEP"  # test hook: "N:kill", "N:stop" or "N:pause" at optimizer step N
+# A collective waits at most the config's collective_timeout, then fails instead of hanging (gloo's default is
+# 30 min). Gloo notices a killed peer on the same network at once (connection reset); the timeout bounds the cases
+# where nothing tells it (a stopped process, a machine gone from the network).
+AT_STEP_ENV = "BLOODCELLS_AT_STEP"  # test hook: "N:kill", "N:sigstop", "N:stop"... at optimizer step N
+ANSWERED = ".answered"  # in the run folder: where the survivors of a failed collective say so
 PEER_LOST_MARKERS = ("connection reset by peer", "connection closed by peer", "timed out", "broken pipe")
+GLOO_TIMEOUT = "application timeout caused pair closure"  # gloo's own words when collective_timeout ran out
 COLLECTIVE_SOURCES = ("gloo", "c10d", "nccl", "processgroup")  # where a collective's own errors come from
 
 
@@ -33,8 +36,27 @@ def lost_peer(err: BaseException) -> bool:
     if isinstance(err, torch.distributed.DistError):
         return True
     text = str(err).lower()
-    return (isinstance(err, RuntimeError) and any(m in text for m in PEER_LOST_MARKERS)
-            and any(source in text for source in COLLECTIVE_SOURCES))
+    return isinstance(err, RuntimeError) and (GLOO_TIMEOUT in text or (
+        any(m in text for m in PEER_LOST_MARKERS) and any(source in text for source in COLLECTIVE_SOURCES)))
+
+
+def silent_ranks(folder: Path, rank: int, world_size: int, grace: float) -> list[int]:
+    """After a collective failed: say in the run folder that this rank still answers, give the other survivors
+    `grace` seconds to say so too (they time out in the same collective), and return the ranks that did not
+    (stopped, killed, or cut off). Every machine sees the run folder (checked at the start)."""
+    mark = folder / ANSWERED
+    mark.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    (mark / str(rank)).write_text(f"{now}\n")
+    time.sleep(grace)
+    answered = set()
+    for other in range(world_size):
+        try:
+            if abs(float((mark / str(other)).read_text()) - now) <= grace:  # this failure's, not an earlier one's
+                answered.add(other)
+        except (OSError, ValueError):
+            continue
+    return [r for r in range(world_size) if r not in answered]
 
 
 class StopSignal:
@@ -57,15 +79,18 @@ class StopSignal:
     def at_step(self, step: int, rank: int) -> None:
         """The interruption tests' deterministic hook, read once a step is complete (its log line and checkpoint
         written): BLOODCELLS_AT_STEP="N:action[:rank]" acts after optimizer step N, on every rank or on one.
-        `kill` sends SIGKILL and `sigterm` SIGTERM to this process (the real handlers run), `stop` acts as a stop
+        `kill` sends SIGKILL, `sigstop` SIGSTOP (a hung rank) and `sigterm` SIGTERM to this process (the real
+        handlers run), `stop` acts as a stop
         signal without one (for in-process callers), `pause` prints `paused at step N` and waits for a line on
         stdin. A test then names the step instead of sleeping and polling."""
         planned, _, rest = os.environ.get(AT_STEP_ENV, "").partition(":")
         action, _, only = rest.partition(":")
-        if planned != str(step) or (only and only != str(rank)):
-            return
+        if planned != str(step) or (only and only != str(rank)) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return  # not this step or rank, or a group the launcher restarted (--max_restarts): a one-off failure
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "sigstop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif action == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
         elif action == "stop":

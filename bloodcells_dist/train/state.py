@@ -16,9 +16,12 @@ class TrainState:
     best: dict | None = None  # validation metrics of the best epoch so far, with its "epoch"
     last_validation: dict | None = None  # metrics of the most recent validation
     train_seconds: float = 0.0  # time spent in training steps, over every sitting of the run
-    layout: dict = field(default_factory=dict)  # processes, batch size, grad accumulation, steps per epoch
+    layout: dict = field(default_factory=dict)  # processes, batch size, grad accumulation, steps per epoch, global batch
     init_from: dict = field(default_factory=dict)  # the model the run started from (transfer.py); {} from scratch
     classes: list[str] = field(default_factory=list)  # the shards' classes, label order (empty in older checkpoints)
+    # The epoch in progress's layouts (plan.Segment: first step, processes, grad_accum, workers), one more each time
+    # a resume changes them mid-epoch: with the step, the epoch's global position (what the stream has left).
+    segments: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """For trainer_state.json."""

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,14 +35,22 @@ from ..config import TrainConfig, add_config_arguments, build_config, check_resu
 from ..data import open_training_data
 from ..data.batches import CachedBatches, StreamedBatches
 from ..data.joint import dataset_names, open_joint_data, united_classes
-from ..data.plan import stable_seed
+from ..data.plan import Segment, stable_seed
 from ..data.selection import training_selections
 from ..pack.manifest import ShardManifest
 from ..progress import device_name, eta_line, progress, start_summary
-from .checkpoint import check_resume, check_shared_run_dir, find_checkpoint, load_checkpoint, rng_isolated, save_checkpoint
+from .checkpoint import (
+    check_resume,
+    check_shared_run_dir,
+    find_checkpoint,
+    load_checkpoint,
+    read_state,
+    rng_isolated,
+    save_checkpoint,
+)
 from .metrics import format_metrics
 from .precision import detect_hardware, launch_precision, resolve_precision, warn_if_emulated
-from .preemption import COLLECTIVE_TIMEOUT, StopSignal, lost_peer
+from .preemption import StopSignal, lost_peer, silent_ranks
 from .provenance import comment_block, provenance
 from .rundir import RunDir
 from .schedule import lr_at
@@ -52,6 +61,8 @@ from .tracking import MetricsLog, Tracker
 from .transfer import feature_parameters, optimizer_groups, read_source, refit_batchnorm, start_from
 
 NO_STEP = 2**62  # "no step": larger than any step number
+LAYOUT_KEYS = ("processes", "grad_accum", "workers")  # what starts a new segment of an epoch when it changes
+AUTO = "auto"  # --resume auto: the run folder's newest checkpoint, else a fresh start
 
 
 @dataclass
@@ -89,8 +100,10 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     manifest = manifests[0]  # the run's own data: it validates
     check_fold(config, manifest)
     classes = united_classes(manifests)  # with several shard folders, united by name
+    saved: dict = {}  # the resumed run's layout
     if resume is not None:
         check_resume(folder, resume, classes)
+        saved = read_state(find_checkpoint(resume)).layout
     else:
         folder.refuse_earlier_run(overwrite)  # before the decoded cache is built
     # The model to start from, read (and refused if it is none) before any expensive work; a resume has its weights.
@@ -105,14 +118,18 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
                             processes=accelerator.num_processes)
         data = (open_joint_data(config, folders, manifests, classes, accelerator) if len(manifests) > 1 or
                 config.shard_weights else open_training_data(config, manifest, accelerator))
+        # A resume on another number of processes keeps the run's global batch and steps (plan.py says how).
+        data.plan = data.plan.resumed_on(saved)
+        accelerator.gradient_accumulation_steps = data.plan.grad_accum
         steps_per_epoch = data.plan.steps_per_epoch
         spec = ModelSpec.from_config(config.to_dict(), classes, provenance=origin,
                                      dataset="+".join(dataset_names(folders, manifests)) if len(manifests) > 1
                                      else manifest.dataset)
         model, optimizer, started_from = build_model(config, spec, accelerator, source)
         layout = {"processes": accelerator.num_processes, "batch_size": config.batch_size,
-                  "grad_accum": config.grad_accum, "steps_per_epoch": steps_per_epoch}
-        state = start_state(accelerator, folder, resume, overwrite, layout)
+                  "grad_accum": data.plan.grad_accum, "steps_per_epoch": steps_per_epoch,
+                  "global_batch": data.plan.global_batch}
+        state = start_state(accelerator, folder, resume, overwrite, layout, config.seed)
         if resume is None:
             state.init_from = started_from
             if config.init_from and config.bn_refit:
@@ -167,16 +184,17 @@ def make_accelerator(config: TrainConfig, precision: str) -> Accelerator:
     """The one Accelerator: device, precision, process group and gradient accumulation live here."""
     env = os.environ
     if env.get("MASTER_ADDR") and not any(env.get(v) for v in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
-        raise UserError("this is a single process of a multi-process launch: `accelerate launch --cpu "
-                        "--num_processes N` starts only one process without mpirun. For N CPU processes use "
-                        "`accelerate launch --config_file launch/cpu_2proc.yaml` (torchrun + gloo)")
+        raise UserError("this is a single process of a multi-process launch: without a GPU (or with --cpu), "
+                        "`accelerate launch --num_processes N` starts one process unless mpirun is set up. For N CPU "
+                        "processes add --multi_gpu (torchrun; they join a gloo group on the CPU), or use "
+                        "`accelerate launch --config_file launch/cpu_2proc.yaml`")
     # With no GPU, torchrun-launched processes must be told they are CPU processes to form a gloo group.
     try:
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
                            gradient_accumulation_steps=config.grad_accum,
                            log_with=None if config.tracker == "none" else config.tracker,
                            dynamo_backend="inductor" if config.compile else "no",
-                           kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
+                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))])
     except ValueError as err:  # e.g. fp16 without a GPU
         raise UserError(f"cannot set up Accelerate: {err}") from None
 
@@ -235,12 +253,17 @@ def refit_statistics(model: torch.nn.Module, data: CachedBatches | StreamedBatch
 
 
 def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, overwrite: bool,
-                layout: dict) -> TrainState:
+                layout: dict, seed: int) -> TrainState:
     """A new run's state (an earlier run in the folder refused, or with overwrite removed), or the resumed one."""
     if resume is not None:
         checkpoint = find_checkpoint(resume)
-        state = load_checkpoint(accelerator, checkpoint, layout)
+        state = load_checkpoint(accelerator, checkpoint, layout, seed)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        if state.layout.get("processes", layout["processes"]) != layout["processes"]:
+            accelerator.print(f"resumed on {layout['processes']} process(es) where {state.layout['processes']} "
+                              f"saved it: global batch {layout['global_batch']} kept, grad_accum "
+                              f"{state.layout['grad_accum']} -> {layout['grad_accum']}, each micro-batch's loss "
+                              f"weighted by its share; every rank's random stream reseeded from (seed, step, rank)")
     else:
         folder.refuse_earlier_run(overwrite)  # again, now under the lock
         if folder.run_files() and accelerator.is_main_process:
@@ -254,17 +277,22 @@ def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, o
 def train_epoch(run: Run, state: TrainState) -> None:
     """The epoch's optimizer steps from where the state stands; returns early, after a checkpoint, when a stop
     signal reached any rank. state.train_seconds is brought up to date before every checkpoint."""
-    config, accelerator = run.config, run.accelerator
-    done = (state.step - state.epoch * run.data.plan.steps_per_epoch) * config.grad_accum  # micro-batches done
-    if done >= run.data.plan.micro_batches:  # stopped after the epoch's last step: only its end is left
+    config, accelerator, plan = run.config, run.accelerator, run.data.plan
+    step = state.step - state.epoch * plan.steps_per_epoch  # the epoch's optimizer steps done
+    if step >= plan.steps_per_epoch:  # stopped after the epoch's last step: only its end is left
         return
+    here = dataclasses.asdict(Segment(step if state.segments else 0, accelerator.num_processes, plan.grad_accum,
+                                      max(config.workers, 1)))
+    if not state.segments or any(state.segments[-1][k] != here[k] for k in LAYOUT_KEYS):
+        state.segments.append(here)  # the epoch's first layout, or a new one from this step on
     run.model.train()
     if state.epoch < config.freeze_epochs:  # the conv blocks stay as they are: BatchNorm uses its running statistics
         accelerator.unwrap_model(run.model).features.eval()
     run.first_bad = torch.full((), NO_STEP, device=accelerator.device)
     window = LossWindow(accelerator.device)
     clock = time.perf_counter()
-    batches = rng_isolated(run.data.train_batches(state.epoch, done))  # the data never moves dropout's RNG
+    segments = [Segment(**s) for s in state.segments]
+    batches = rng_isolated(run.data.train_batches(state.epoch, step, segments))  # the data never moves dropout's RNG
     bar = progress(batches, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="batch",
                    disable=not accelerator.is_main_process, leave=False)
     micro = 0  # micro-batch within the optimizer step
@@ -298,7 +326,9 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, labels: torch.
     with accelerator.accumulate(run.model):
         loss = mixup_loss(run.model, images, labels, config, (state.step, micro, accelerator.process_index))
         run.first_bad = torch.minimum(run.first_bad, torch.where(loss.isfinite(), NO_STEP, state.step + 1))
-        accelerator.backward(loss)
+        # Weighted by the micro-batch's share of the global batch (1 when the step splits evenly): a short or
+        # uneven step then counts each sample as much as a full, even one does.
+        accelerator.backward(loss * (len(labels) * run.data.plan.slices / run.data.plan.global_batch))
         stepped = accelerator.sync_gradients  # the last micro-batch of an optimizer step
         if stepped:
             rate = lr_at(state.step, schedule=config.schedule, peak=config.lr, total=run.total_steps,
@@ -404,7 +434,7 @@ def end_epoch(run: Run, state: TrainState, started: float) -> None:
         if metrics["macro_f1"] > state.best_macro_f1:
             state.best_macro_f1, state.best = metrics["macro_f1"], {**metrics, "epoch": epoch + 1}
             run.save(run.folder.best)
-    state.epoch = epoch + 1  # the epoch end is done: a resume starts the next epoch
+    state.epoch, state.segments = epoch + 1, []  # the epoch end is done: a resume starts the next epoch
     save_checkpoint(accelerator, run.folder, state, config.keep_checkpoints)
 
 
@@ -433,20 +463,43 @@ def finish(run: Run, state: TrainState, train_samples: int) -> dict:
     return summary
 
 
+def resume_auto(output_dir: str | None) -> tuple[Path | None, bool]:
+    """`--resume auto`: (the run folder to resume, or None to start fresh; whether the run there has finished)."""
+    if not output_dir:
+        raise UserError("--resume auto resumes --output-dir: give --output-dir (and what a fresh start needs)")
+    folder = RunDir(output_dir)
+    if folder.finished():
+        return None, True
+    if folder.latest_checkpoint() is None:
+        if folder.path.exists() and folder.run_files():  # an attempt killed before its first checkpoint
+            print(f"--resume auto: no complete checkpoint in {folder}: starting fresh (removing "
+                  f"{', '.join(p.name for p in folder.run_files())})")
+        return None, False
+    return folder.path, False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: every TrainConfig key as a flag (see --help), plus --config, --resume and --overwrite."""
     parser = Parser(prog="bloodcells train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Values layer as defaults < --config recipe < flags; lists as 32,64,128,256.")
     parser.add_argument("--config", type=Path, help="recipe YAML (keys of TrainConfig)")
-    parser.add_argument("--resume", type=Path, help="run folder or checkpoint folder to continue from")
+    parser.add_argument("--resume", type=Path,
+                        help="run folder or checkpoint folder to continue from; `auto`: the newest complete checkpoint "
+                             "of --output-dir, or a fresh start where there is none (a command to requeue blindly)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an earlier run in --output-dir (checkpoints, metrics, weights) and start anew")
     parser.add_argument("--allow-pipe", action="store_true",
                         help="accept a pipe: shard location (webdataset runs it as a shell command); only if you trust it")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
+    auto = args.resume == Path(AUTO)
     overrides = config_overrides(args)
+    if args.resume == Path(AUTO):
+        args.resume, finished = resume_auto(overrides.get("output_dir"))
+        if finished:
+            print(f"{overrides['output_dir']} holds a finished run (final.json): nothing to do")
+            return 0
     base = None
     if args.resume is not None:
         checkpoint_folder = find_checkpoint(args.resume)
@@ -466,13 +519,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.warn(f"validate_on_train: validation on {config.val_split!r} scores samples the model trains on; its "
                       "figures (and the best weights it picks) are optimistic; final.json says so", stacklevel=1)
     try:
-        train(config, resume=args.resume, overwrite=args.overwrite, allow_pipe=args.allow_pipe)
+        train(config, resume=args.resume, overwrite=args.overwrite or auto, allow_pipe=args.allow_pipe)
     except RuntimeError as err:
         if not lost_peer(err):
             raise
-        print(f"error: lost contact with another process of this run ({str(err).strip().splitlines()[0][:300]}): it "
-              f"was killed or crashed, see its log; `--resume {config.output_dir}` continues from the last checkpoint",
-              file=sys.stderr)
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        silent = silent_ranks(Path(config.output_dir), rank, world, grace=min(30.0, 2 + config.collective_timeout / 10))
+        who = f"rank {', '.join(map(str, silent))}" if silent else "a rank"
+        print(f"error: lost contact with another process of this run: {who} stopped answering within "
+              f"collective_timeout {config.collective_timeout:g} s, or died ({str(err).strip().splitlines()[0][:300]}); "
+              f"see its log; `--resume {config.output_dir}` continues from the last checkpoint", file=sys.stderr)
         return 1
     return 0
 
