@@ -250,10 +250,15 @@ def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it(synthetic_shar
     assert time.monotonic() - started < 150  # start-up, 15 s, the launcher's grace for the others; not 10 min
 
 
+# Each group torchrun restarts gets a new store (rank 0 hosts it on a new port), not the launcher's, where the
+# previous group's gloo addresses remain and the new ranks may connect to a dead one (docs/training.md).
+FRESH_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 @pytest.mark.e2e
-@pytest.mark.xfail(reason="open: the restarted group (torchrun --max_restarts 1, static or c10d rendezvous) fails to "
-                          "connect its gloo mesh on this machine (connectFullMesh: connection refused); not yet diagnosed",
-                   strict=False)
+@pytest.mark.xfail(reason="open: with a fresh store per group the restarted group connects, resumes and trains to the "
+                          "end, but the launch then does not exit (seen once, under heavy load; a torchrun repro without "
+                          "destroy_process_group at the end hangs the same way, with it exits 0)", strict=False)
 def test_a_killed_rank_under_max_restarts_finishes_like_the_uninterrupted_run(synthetic_shards, two_process_run,
                                                                               tmp_path):
     """`--max_restarts 1` and `--resume auto`: the launcher restarts the group after a SIGKILL, which resumes
@@ -261,9 +266,9 @@ def test_a_killed_rank_under_max_restarts_finishes_like_the_uninterrupted_run(sy
     run = tmp_path / "run"
     steps_per_epoch = final(two_process_run)["steps"] // 3
     proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
-                  "--max_restarts", "1", "--monitor_interval", "1", "--rdzv_backend", "c10d",  # static cannot restart
+                  "--max_restarts", "1", "--monitor_interval", "1", "--rdzv_backend", "c10d",
                   *train_args(synthetic_shards, run, *TWO_PROC, "--resume", "auto", "--collective-timeout", "20"),
-                  env={"BLOODCELLS_AT_STEP": f"{steps_per_epoch + 3}:kill:1"}, timeout=600)
+                  env={"BLOODCELLS_AT_STEP": f"{steps_per_epoch + 3}:kill:1", **FRESH_STORE}, timeout=600)
     assert f"resumed from {run / 'checkpoints' / f'step-{steps_per_epoch:08d}'}" in proc.stdout
     ref, got = final(two_process_run), final(run)
     assert got["last_validation"] == ref["last_validation"] and got["steps"] == ref["steps"]

@@ -188,6 +188,13 @@ def make_accelerator(config: TrainConfig, precision: str) -> Accelerator:
                         "`accelerate launch --num_processes N` starts one process unless mpirun is set up. For N CPU "
                         "processes add --multi_gpu (torchrun; they join a gloo group on the CPU), or use "
                         "`accelerate launch --config_file launch/cpu_2proc.yaml`")
+    # A group torchrun restarted (--max_restarts) in the launcher's own store finds the previous group's process
+    # group keys there, and a rank may connect to a dead peer's address (pytorch/pytorch#135712).
+    if (env.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and env.get("LOCAL_RANK", "0") == "0"):
+        warnings.warn("this group was restarted in the launcher's store, which still holds the previous group's "
+                      "addresses: if it fails to connect, launch with --rdzv_backend c10d and "
+                      "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/training.md)", stacklevel=1)
     # With no GPU, torchrun-launched processes must be told they are CPU processes to form a gloo group.
     try:
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
