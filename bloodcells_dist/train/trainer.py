@@ -537,6 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"collective_timeout {config.collective_timeout:g} s, or died ({str(err).strip().splitlines()[0][:300]}); "
               f"see its log; `--resume {config.output_dir}` continues from the last checkpoint", file=sys.stderr)
         return 1
+    if torch.distributed.is_initialized():  # rank 0 may host the launcher's store: leave the group before exiting
+        torch.distributed.destroy_process_group()
     return 0
 
 
