@@ -301,6 +301,7 @@ SHEET_SUFFIXES = (".png", ".jpg", ".jpeg")
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: recover the cells of a dataset's training images and write the mapping."""
     from .sources import scan_images  # the same file discovery as the packer
+    from .splits import GROUPED  # the images the packer groups
 
     parser = Parser(prog="bloodcells cells", description=__doc__.split("\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="dataset root or listing (as for `shards pack`)")
@@ -318,8 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sheet and args.sheet.suffix.lower() not in SHEET_SUFFIXES:
         raise UserError(f"--sheet {args.sheet}: expected a {', '.join(SHEET_SUFFIXES)} file name")
     start = time.perf_counter()
-    # The images a packer splits into train and val (and test): a TRAIN folder, or all where no split is given.
-    train = [img for img in scan_images(args.src).images if img.split in ("", "train")]
+    # The images a packer groups by cell: a TRAIN folder (or a listing's train rows), and all where no split is given.
+    train = [img for img in scan_images(args.src).images if img.split in GROUPED]
     if not train:
         raise UserError(f"no training images under {args.src} (the TRAIN folder, or images with no split)")
     listed = [(i.rel_path, i.class_name, i.path) for i in train]
