@@ -99,6 +99,21 @@ def test_the_audit_command_reports_without_packing(tmp_path):
     assert "1 across classes (label conflicts)" in proc.stdout and "class balance:" in proc.stdout
 
 
+def test_the_audit_command_checks_its_outputs_before_the_work(tmp_path):
+    src = make_root(tmp_path / "src", {f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(3)})
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder").mkdir()
+    for flag, path, words in (("--out", tmp_path / "a-folder", "a-folder is a folder: give a file name"),
+                              ("--out", tmp_path / "a-file" / "audit.json", "a-file is a file, not a folder"),
+                              ("--html", tmp_path / "a-file" / "sub" / "audit.html", "a-file is a file, not a folder"),
+                              ("--out", tmp_path / "missing" / "audit.json", "does not exist")):
+        proc = cli(audit.main, "--src", str(src), flag, str(path), "--workers", "1")
+        assert proc.returncode == 2 and proc.stdout == ""  # refused before the audit read a single image
+        one_error_line(proc.stderr, f"{flag} {path}", words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder", "src"]
+    assert list((tmp_path / "a-folder").iterdir()) == []
+
+
 def patient_listing(root: Path, *, patients: int = 12, per_patient: int = 10) -> Path:
     """A lab-style listing: images in per-patient folders, each patient with cells of several classes."""
     rng = random.Random(1)

@@ -40,7 +40,7 @@ from scipy import ndimage
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from ..cli import Parser, UserError, run_main
+from ..cli import Parser, UserError, output_file_in_folder, run_main
 from ..data.nucleus import nucleus_mask
 from ..files import read_user_text, write_atomic
 
@@ -312,10 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     for flag, path in (("--out", args.out), ("--sheet", args.sheet)):  # before minutes of work, not after
-        if path is not None and not path.parent.is_dir():
-            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
-        if path is not None and path.is_dir():
-            raise UserError(f"{flag} {path} is a folder; give a file name")
+        if path is not None:
+            output_file_in_folder(path, flag)
     if args.sheet and args.sheet.suffix.lower() not in SHEET_SUFFIXES:
         raise UserError(f"--sheet {args.sheet}: expected a {', '.join(SHEET_SUFFIXES)} file name")
     start = time.perf_counter()
