@@ -150,6 +150,29 @@ def test_verify_accepts_good_and_catches_flipped_byte_and_truncation(synthetic_r
     verify_shards(tmp_path)
 
 
+BAD_CARD_HEADERS = {  # what each does to the dataset card's YAML header, and the words of verify's one line
+    "a key given twice": (lambda h: h + "task_categories:\n- image-classification\n",
+                          "key 'task_categories' given twice"),
+    "an alias bomb": (lambda h: h + "bomb:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                      + "".join(f"  {n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcde", "bcdef")),
+                      "aliases expand past"),
+    "a list, not a mapping": (lambda h: "- " + h.replace("\n", "\n  ").rstrip() + "\n", "not a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CARD_HEADERS))
+def test_a_dataset_card_with_a_bad_yaml_header_is_one_line_from_verify(case, synthetic_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_shards, copy)
+    card = copy / "README.md"
+    edit, words = BAD_CARD_HEADERS[case]
+    header, rest = card.read_text()[4:].split("\n---", 1)
+    card.write_text("---\n" + edit(header + "\n") + "---" + rest)
+    proc = cli(shards.main, "verify", str(copy))
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, "README.md is unreadable (its YAML header", words)
+
+
 def test_verify_catches_bad_content_with_matching_checksum(synthetic_root, tmp_path):
     """A shard rewritten with a wrong label and its checksum updated still fails: labels are checked."""
     manifest = pack_shards(synthetic_root, tmp_path, seed=0, shard_size=50, groups="files")
