@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,6 +120,16 @@ def parse_user_yaml(text: str, where: str) -> object:
         raise UserError(f"{where} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
     finally:
         loader.dispose()
+
+
+def remove_own_path(path: Path | str) -> None:
+    """Remove what is at `path` in a folder someone else may have filled: a symbolic link itself (never what it
+    points to, never a tree through it), a file, or a folder tree; nothing there is fine."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def write_json(path: Path | str, value: object, *, sort_keys: bool = False) -> None:
