@@ -48,6 +48,22 @@ def output_file(path: Path, flag: str) -> None:
     writable_folder(path.parent, f"{flag} folder")
 
 
+def output_file_in_folder(path: Path, flag: str) -> None:
+    """Check a file to write named by `flag` before any work, its folder not created: not a folder itself, in a
+    writable folder that exists; where a file stands in the way of that folder, it is named as a file."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UserError(f"{flag} {path}: {blocker} is {'a file' if blocker.is_file() else 'not a folder'}, "
+                            "not a folder to write into")
+        raise UserError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write to folder {folder}: permission denied")
+
+
 def output_folder(path: Path, flag: str) -> None:
     """Check (and create) a folder to write into named by `flag` before any work: not a file, writable."""
     if path.exists() and not path.is_dir():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,18 +102,34 @@ def expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
 def read_user_yaml(path: Path | str, what: str) -> object:
     """A YAML file a user handed us, or a UserError in one line: unreadable, not YAML, a key given twice, or
     aliases expanding past MAX_YAML_VALUES values (a "billion laughs" file, refused before it is built)."""
-    loader = StrictYamlLoader(read_user_text(path, what))
+    return parse_user_yaml(read_user_text(path, what), f"{what} {path}")
+
+
+def parse_user_yaml(text: str, where: str) -> object:
+    """YAML text a user handed us (a file, a dataset card's header), or a UserError in one line starting with
+    `where`: not YAML, a key given twice, or aliases expanding past MAX_YAML_VALUES values."""
+    loader = StrictYamlLoader(text)
     try:
         node = loader.get_single_node()
         if node is not None and expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise UserError(f"{what} {path}: its aliases expand past {MAX_YAML_VALUES} values; write the values out")
+            raise UserError(f"{where}: its aliases expand past {MAX_YAML_VALUES} values; write the values out")
         return None if node is None else loader.construct_document(node)
     except DuplicateKey as err:
-        raise UserError(f"{what} {path}: {err}") from None
+        raise UserError(f"{where}: {err}") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{what} {path} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
+        raise UserError(f"{where} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
     finally:
         loader.dispose()
+
+
+def remove_own_path(path: Path | str) -> None:
+    """Remove what is at `path` in a folder someone else may have filled: a symbolic link itself (never what it
+    points to, never a tree through it), a file, or a folder tree; nothing there is fine."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def write_json(path: Path | str, value: object, *, sort_keys: bool = False) -> None:

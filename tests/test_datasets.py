@@ -99,6 +99,21 @@ def test_the_audit_command_reports_without_packing(tmp_path):
     assert "1 across classes (label conflicts)" in proc.stdout and "class balance:" in proc.stdout
 
 
+def test_the_audit_command_checks_its_outputs_before_the_work(tmp_path):
+    src = make_root(tmp_path / "src", {f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(3)})
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder").mkdir()
+    for flag, path, words in (("--out", tmp_path / "a-folder", "a-folder is a folder: give a file name"),
+                              ("--out", tmp_path / "a-file" / "audit.json", "a-file is a file, not a folder"),
+                              ("--html", tmp_path / "a-file" / "sub" / "audit.html", "a-file is a file, not a folder"),
+                              ("--out", tmp_path / "missing" / "audit.json", "does not exist")):
+        proc = cli(audit.main, "--src", str(src), flag, str(path), "--workers", "1")
+        assert proc.returncode == 2 and proc.stdout == ""  # refused before the audit read a single image
+        one_error_line(proc.stderr, f"{flag} {path}", words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder", "src"]
+    assert list((tmp_path / "a-folder").iterdir()) == []
+
+
 def patient_listing(root: Path, *, patients: int = 12, per_patient: int = 10) -> Path:
     """A lab-style listing: images in per-patient folders, each patient with cells of several classes."""
     rng = random.Random(1)
@@ -238,6 +253,39 @@ def test_a_listing_giving_one_patient_two_splits_is_one_line_naming_it(tmp_path)
     assert proc.returncode == 2
     one_error_line(proc.stderr, "group 'P09' is given 3 splits: test (line 52); train (line 50); val (line 51)")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_listing_keeps_rows_given_train_in_train_and_deals_only_blank_rows(tmp_path):
+    """A listing's split column is kept, `train` included: only blank rows are dealt into val (a TRAIN folder,
+    by contrast, is the pool val is cut from: test_the_kaggle_layout_splits_as_before)."""
+    lab = tmp_path / "lab"
+    rows = []
+    for k, cls in enumerate("AB"):
+        for p in range(21):  # patients 0-9 given train, 10-19 blank, 20: one row given train and one blank
+            for i in range(2):
+                rel = f"{cls}{p:02d}/{i}.jpg"
+                make_root(lab, {rel: jpeg(1000 * k + 10 * p + i, size=(40, 30))})
+                rows.append((rel, cls, f"{cls}{p:02d}", "train" if p < 10 or (p == 20 and i == 0) else ""))
+    listing = lab / "listing.csv"
+    with open(listing, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "group", "split"), *rows])
+    out = tmp_path / "shards"
+    pack_shards(listing, out, workers=1)  # --val-fraction 0.2 by default: 2 of each class's 10 blank patients
+    split_of = {s["path"]: s["split"] for s in samples_of(out)}
+    given_train = [rel for rel, _, _, split in rows if split == "train"]
+    assert {split_of[rel] for rel in given_train} == {"train"}
+    assert split_of["A20/1.jpg"] == split_of["B20/1.jpg"] == "train"  # a blank row follows its patient's given one
+    val_patients = {rel.split("/")[0] for rel, split in split_of.items() if split == "val"}
+    assert len(val_patients) == 4 and all(10 <= int(p[1:]) < 20 for p in val_patients)
+    # Every row given a split: nothing to deal. The default gives no val (with a note); a fraction is one line.
+    listing.write_text("path,label,split\n" + "".join(f"{rel},{cls},{'test' if rel.endswith('1.jpg') else 'train'}\n"
+                                                      for rel, cls, _, _ in rows))
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(tmp_path / "all-given"), check=True)
+    assert "note: no val split" in proc.stderr
+    assert sorted(ShardManifest.load(tmp_path / "all-given").splits) == ["test", "train"]
+    proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(tmp_path / "s2"), "--val-fraction", "0.2")
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, "--val-fraction 0.2: the data gives every image its split")
 
 
 def test_a_listing_names_only_files_inside_its_folder_and_bad_rows_name_their_line(tmp_path):

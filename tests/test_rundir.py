@@ -8,13 +8,19 @@ import subprocess
 import sys
 
 import pytest
+from accelerate import Accelerator
 
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.files import atomic_path, write_atomic, write_json
+from bloodcells_dist.train import trainer
+from bloodcells_dist.train.checkpoint import save_checkpoint
 from bloodcells_dist.train.provenance import comment_block, provenance
 from bloodcells_dist.train.rundir import STATE_NAME, RunDir
 from bloodcells_dist.train.state import TrainState
 from bloodcells_dist.train.tracking import MetricsLog
+
+from .conftest import cli
+from .test_bad_input import one_error_line
 
 HOLD = """
 import sys, time
@@ -107,6 +113,45 @@ def test_a_run_never_writes_through_a_link_or_into_what_is_not_a_file(tmp_path):
     os.mkfifo(run.lock_file)
     with pytest.raises(UserError, match=r"\.lock is not a regular file"):
         run.lock().acquire()
+
+
+@pytest.mark.parametrize("planted", ["a link to a folder", "a broken link", "a file"])
+def test_a_checkpoints_entry_that_is_a_link_or_not_a_folder_is_refused_before_training(planted, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious\n")
+    run = RunDir(tmp_path / "run")
+    run.create()
+    if planted == "a file":
+        run.checkpoints.write_text("not a folder\n")
+    else:
+        run.checkpoints.symlink_to(victim if planted == "a link to a folder" else tmp_path / "nowhere")
+    words = "is not a folder" if planted == "a file" else "is a symbolic link"
+    with pytest.raises(UserError, match=words):
+        run.create()
+    # the command line: one line before anything is read (the shards named do not even exist) or written
+    argv = ["--shards", str(tmp_path / "no-shards"), "--output-dir", str(run.path), "--overwrite"]
+    proc = cli(trainer.main, *argv)
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, str(run.checkpoints), words)
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"] and sorted(os.listdir(run.path)) == ["checkpoints"]
+
+
+def test_save_checkpoint_removes_planted_links_themselves_never_through_them(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / STATE_NAME).write_text("{}")  # looks like a complete checkpoint through a link
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.checkpoints.mkdir()
+    step = run.checkpoint(2)
+    planted = [step.with_name(f".tmp-{step.name}"), step, run.checkpoint(1)]  # the save's temporary and final
+    for link in planted:                                                        # names, and an "old" checkpoint
+        link.symlink_to(victim, target_is_directory=True)
+    saved = save_checkpoint(Accelerator(cpu=True), run, TrainState(step=2), keep=1)
+    assert saved == step and not step.is_symlink() and (step / STATE_NAME).is_file()
+    assert sorted(os.listdir(run.checkpoints)) == [step.name]  # the links went, the oldest pruned as a link
+    assert sorted(os.listdir(victim)) == [STATE_NAME] and (victim / STATE_NAME).read_text() == "{}"
 
 
 def test_the_state_round_trips_and_reads_old_checkpoints():

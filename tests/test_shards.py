@@ -105,6 +105,23 @@ def test_manifest_counts(synthetic_root, synthetic_shards):
     assert manifest.skipped == []
 
 
+def test_a_manifest_written_before_warnings_still_loads_and_the_field_bumped_the_format(synthetic_shards, tmp_path):
+    assert json.loads((synthetic_shards / "manifest.json").read_text())["format"] == "bloodcells-shards/4"
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_shards, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    for old in ({k: v for k, v in raw.items() if k != "warnings"},  # format 3 before the packer's warnings
+                {**raw, "warnings": ["a note of the packer"]}):      # format 3 once they were added
+        (copy / "manifest.json").write_text(json.dumps({**old, "format": "bloodcells-shards/3"}))
+        manifest = verify_shards(copy)
+        assert manifest.warnings == old.get("warnings", []) and manifest.splits == ShardManifest.load(
+            synthetic_shards).splits
+    (copy / "manifest.json").write_text(json.dumps({**raw, "format": "bloodcells-shards/5"}))
+    proc = cli(shards.main, "verify", str(copy))
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, "format 'bloodcells-shards/5', this version reads bloodcells-shards/4")
+
+
 def test_default_shard_counts(synthetic_root, tmp_path):
     """Splits over a few hundred samples get >= 16 shards (8 ranks x 2 workers); small ones keep >= 16 per shard."""
     manifest = pack_shards(synthetic_root, tmp_path, seed=0, val_fraction=0.1, groups="files")
@@ -148,6 +165,29 @@ def test_verify_accepts_good_and_catches_flipped_byte_and_truncation(synthetic_r
 
     shard.write_bytes(original)
     verify_shards(tmp_path)
+
+
+BAD_CARD_HEADERS = {  # what each does to the dataset card's YAML header, and the words of verify's one line
+    "a key given twice": (lambda h: h + "task_categories:\n- image-classification\n",
+                          "key 'task_categories' given twice"),
+    "an alias bomb": (lambda h: h + "bomb:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                      + "".join(f"  {n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcde", "bcdef")),
+                      "aliases expand past"),
+    "a list, not a mapping": (lambda h: "- " + h.replace("\n", "\n  ").rstrip() + "\n", "not a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CARD_HEADERS))
+def test_a_dataset_card_with_a_bad_yaml_header_is_one_line_from_verify(case, synthetic_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_shards, copy)
+    card = copy / "README.md"
+    edit, words = BAD_CARD_HEADERS[case]
+    header, rest = card.read_text()[4:].split("\n---", 1)
+    card.write_text("---\n" + edit(header + "\n") + "---" + rest)
+    proc = cli(shards.main, "verify", str(copy))
+    assert proc.returncode == 2
+    one_error_line(proc.stderr, "README.md is unreadable (its YAML header", words)
 
 
 def test_verify_catches_bad_content_with_matching_checksum(synthetic_root, tmp_path):

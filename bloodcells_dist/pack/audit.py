@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-from ..cli import Parser, UserError, run_main
+from ..cli import Parser, UserError, output_file_in_folder, run_main
 from ..files import write_atomic, write_json
 from ..progress import progress
 from .sources import EVAL_SPLITS, Scan, Skipped, SourceImage, check_jpeg, scan_images
@@ -378,9 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
-    for flag, path in (("--out", args.out), ("--html", args.html)):
-        if path and not path.parent.is_dir():
-            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+    for flag, path in (("--out", args.out), ("--html", args.html)):  # before minutes of work, not after
+        if path:
+            output_file_in_folder(path, flag)
     scan = scan_images(args.src, args.layout)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         facts, unreadable = collect_facts(scan.images, pool)

@@ -40,7 +40,7 @@ from scipy import ndimage
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from ..cli import Parser, UserError, run_main
+from ..cli import Parser, UserError, output_file_in_folder, run_main
 from ..data.nucleus import nucleus_mask
 from ..files import read_user_text, write_atomic
 
@@ -301,6 +301,7 @@ SHEET_SUFFIXES = (".png", ".jpg", ".jpeg")
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: recover the cells of a dataset's training images and write the mapping."""
     from .sources import scan_images  # the same file discovery as the packer
+    from .splits import GROUPED  # the images the packer groups
 
     parser = Parser(prog="bloodcells cells", description=__doc__.split("\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="dataset root or listing (as for `shards pack`)")
@@ -311,15 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     for flag, path in (("--out", args.out), ("--sheet", args.sheet)):  # before minutes of work, not after
-        if path is not None and not path.parent.is_dir():
-            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
-        if path is not None and path.is_dir():
-            raise UserError(f"{flag} {path} is a folder; give a file name")
+        if path is not None:
+            output_file_in_folder(path, flag)
     if args.sheet and args.sheet.suffix.lower() not in SHEET_SUFFIXES:
         raise UserError(f"--sheet {args.sheet}: expected a {', '.join(SHEET_SUFFIXES)} file name")
     start = time.perf_counter()
-    # The images a packer splits into train and val (and test): a TRAIN folder, or all where no split is given.
-    train = [img for img in scan_images(args.src).images if img.split in ("", "train")]
+    # The images a packer groups by cell: a TRAIN folder (or a listing's train rows), and all where no split is given.
+    train = [img for img in scan_images(args.src).images if img.split in GROUPED]
     if not train:
         raise UserError(f"no training images under {args.src} (the TRAIN folder, or images with no split)")
     listed = [(i.rel_path, i.class_name, i.path) for i in train]

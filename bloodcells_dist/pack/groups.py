@@ -29,7 +29,7 @@ from .cells import (
     recover_cells,
     ring_similarity,
 )
-from .splits import POOL
+from .splits import GROUPED
 
 METHODS = ("auto", "cells", "csv", "files")
 COPY_SAMPLE = 100  # images sampled per class to look for augmented copies
@@ -142,7 +142,7 @@ def group_images(kept: Sequence[ImageFacts], *, requested: str, has_groups: bool
     the listing puts in a split too (splits.py keeps such a group whole); cells and files group the pool only."""
     if cells_file is not None and requested not in ("auto", "cells"):
         raise UserError(f"--cells gives recovered cells, but --groups is {requested}")
-    facts = [f for f in kept if f.image.split in POOL]
+    facts = [f for f in kept if f.image.split in GROUPED]
     method, why, measured = ("cells", "as given (--cells)", {}) if cells_file is not None else \
         choose_method(requested, has_groups=has_groups, facts=facts, seed=seed, workers=workers)
     apart: list[str] = []

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from ..files import write_atomic
+from ..cli import UserError
+from ..files import parse_user_yaml, write_atomic
 from .manifest import MANIFEST_NAME, ShardManifest
 
 TIMM_INFO = "_info.json"  # timm's ReaderWds looks for this name (or info.json) in --data-dir
@@ -166,10 +167,17 @@ def stale_description_names(folder: Path) -> list[Path]:
 
 
 def front_matter(text: str) -> dict:
-    """The YAML header of a dataset card (between the leading `---` lines)."""
+    """The YAML header of a dataset card (between the leading `---` lines), read strictly (a key given twice or
+    an alias bomb is refused, files.parse_user_yaml); ValueError saying what is wrong with it."""
     if not text.startswith("---\n") or "\n---" not in text[4:]:
         raise ValueError("has no YAML header")
-    return yaml.safe_load(text[4:text.index("\n---", 4)]) or {}
+    try:
+        header = parse_user_yaml(text[4:text.index("\n---", 4)], "its YAML header") or {}
+    except UserError as err:
+        raise ValueError(str(err)) from None
+    if not isinstance(header, dict):
+        raise ValueError(f"its YAML header is a {type(header).__name__}, not a mapping")
+    return header
 
 
 def check_descriptions(folder: Path, manifest: ShardManifest) -> None:
@@ -187,7 +195,7 @@ def check_descriptions(folder: Path, manifest: ShardManifest) -> None:
                 agree = all(have.get(k) == want[k] for k in keys)
             else:
                 agree = json.loads(path.read_text()) == json.loads(text)
-        except (ValueError, yaml.YAMLError) as err:
+        except ValueError as err:  # front_matter's, json's, a non-UTF-8 file's
             raise ValueError(f"{name} is unreadable ({err})") from None
         if not agree:
             raise ValueError(f"{name} disagrees with {MANIFEST_NAME} (re-run pack, or restore it)")

@@ -13,7 +13,10 @@ from ..files import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 AUDIT_NAME = "audit.json"  # the dataset audit `pack` ran, beside the manifest
-FORMAT = "bloodcells-shards/3"  # 2: samples grouped by recovered source cell; 3: any grouping, dataset name, audit
+# 2: samples grouped by recovered source cell; 3: any grouping, dataset name, audit; 4: the packer's `warnings`.
+# A new field bumps it: a reader of the previous format then names the format in one line, rather than refusing the
+# field as "not a valid shard manifest". Every earlier format is still read (what it lacks, as empty or as it was).
+FORMAT = "bloodcells-shards/4"
 SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar")  # a plain file name in the shard folder
 
 
@@ -141,6 +144,8 @@ class ShardManifest:
                 for split in raw["splits"].values():
                     split["groups_per_class"] = split.pop("cells_per_class")
                 raw["groups"] = {"method": "cells" if raw.get("args", {}).get("val_split") != "random" else "none"}
+            if raw.get("format") == "bloodcells-shards/3":  # 4 adds `warnings` (packs of 3 wrote it, or none: empty)
+                raw["format"] = FORMAT
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}, this version reads {FORMAT}")
             splits = {

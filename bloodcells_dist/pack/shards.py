@@ -38,7 +38,7 @@ from .groups import METHODS, group_images
 from .interop import check_descriptions, stale_description_names, write_descriptions
 from .manifest import AUDIT_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from .sources import EVAL_SPLITS, HIDDEN, LAYOUTS, LINK_OUT, NOT_REGULAR, check_jpeg, scan_images, split_folder_root, unique_keys
-from .splits import FOLDS, Sample, assign_splits, unmet_fractions
+from .splits import FOLDS, Sample, assign_splits, in_pool, unmet_fractions
 
 MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
 MIN_SHARD_SAMPLES = 16  # ...unless that would make shards smaller than this
@@ -129,15 +129,22 @@ def check_out_folder(src: Path, out: Path) -> None:
 
 
 def resolve_fractions(images, val_fraction: float | None, test_fraction: float) -> tuple[float, float]:
-    """(val, test) fractions of the pool to hold out: none where the data gives that split itself."""
+    """(val, test) fractions of the pool to hold out: none where the data gives that split itself, or gives
+    every image a split (a listing's rows, `train` included, keep theirs)."""
     given = {img.split for img in images}
     if test_fraction and "test" in given:
         raise UserError("--test-fraction: the data already gives a test split (a TEST folder or split=test rows); "
                         "the packer never edits a test split the data gives")
+    if val_fraction and "val" in given:
+        raise UserError("--val-fraction: the data already gives a val split (a VAL folder or split=val rows)")
+    if not any(in_pool(img) for img in images):
+        for flag, value in (("--test-fraction", test_fraction), ("--val-fraction", val_fraction)):
+            if value:
+                raise UserError(f"{flag} {value}: the data gives every image its split (a listing's rows given train "
+                                "stay in train): nothing is left to cut; leave the split empty on rows it may deal")
+        val_fraction = 0.0
     if val_fraction is None:
         val_fraction = 0.0 if "val" in given else DEFAULT_VAL_FRACTION
-    elif val_fraction and "val" in given:
-        raise UserError("--val-fraction: the data already gives a val split (a VAL folder or split=val rows)")
     for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise UserError(f"{flag} must be in [0, 1), got {value}")
@@ -307,6 +314,9 @@ def pack_shards(
             log(f"warning: {line}")
         if not test_fraction and not any(s.split in EVAL_SPLITS for s in samples):
             log("note: no test split: the data gives none and --test-fraction is 0 (pass e.g. --test-fraction 0.15)")
+        if not any(s.split == "val" for s in samples) and not any(in_pool(f.image) for f in kept):
+            log("note: no val split: the data gives none and every image its split (a listing's rows given train stay "
+                "in train); leave the split empty on rows the packer may deal into val")
         plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
         try:
             clear_old_pack(out, overwrite)

@@ -1,10 +1,11 @@
 """Which split and cross-validation fold each image goes to, by whole groups, stratified by class.
 
-Splits the data gives (a TEST folder, a listing's split column) are kept, and a group some of whose images the
-data puts in a split takes its other images with it (a patient with rows given `val` and rows left blank is all
-val); the data giving one group two splits is an error. The rest, the pool (a TRAIN folder
-or images with no split), is cut by group: `test_fraction` of the groups to test (only where the data gives
-no test split), then `val_fraction` of them to val (only where it gives no val split), the rest to train.
+Splits the data gives (a TEST folder, a listing's split column, `train` included) are kept, and a group some of
+whose images the data puts in a split takes its other images with it (a patient with rows given `val` and rows
+left blank is all val); the data giving one group two splits is an error. The rest, the pool (a TRAIN folder,
+what val is cut from in the Kaggle layout, or images with no split), is cut by group: `test_fraction` of the
+groups to test (only where the data gives no test split), then `val_fraction` of them to val (only where it gives
+no val split), the rest to train.
 Every group also gets one of FOLDS folds for grouped k-fold cross-validation.
 
 Groups of one class (cells, files) are dealt per class: the class's groups in a seeded order, the first
@@ -22,9 +23,16 @@ from dataclasses import dataclass
 
 from ..cli import UserError
 from .audit import ImageFacts
+from .sources import SourceImage
 
 FOLDS = 5  # every group gets a fold index for grouped k-fold cross-validation
-POOL = ("", "train")  # what the packer splits: images with no split, and a TRAIN folder
+GROUPED = ("", "train")  # what cells and files grouping covers: the training side, where folds matter
+
+
+def in_pool(image: SourceImage) -> bool:
+    """Whether the packer deals this image to a split: one with no split, or a TRAIN folder's. A listing's row
+    (line > 0) given `train` keeps it, as every split a listing gives is kept."""
+    return image.split == "" or (image.split == "train" and not image.line)
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ def unmet_fractions(samples: Sequence[Sample], classes: list[str], held: dict[st
     lines = []
     for split, fraction in held.items():
         for name in classes:
-            pool = {s.group for s in samples if s.facts.image.class_name == name and s.facts.image.split in POOL}
+            pool = {s.group for s in samples if s.facts.image.class_name == name and in_pool(s.facts.image)}
             if pool and not any(s.split == split and s.facts.image.class_name == name for s in samples):
                 lines.append(f"class {name}: {split} holds none of its images: its {len(pool)} group(s) are too few "
                              f"for --{split}-fraction {fraction}")
@@ -106,7 +114,8 @@ def given_splits(facts: Sequence[ImageFacts], groups: dict[str, str]) -> dict[st
             parts = "; ".join(f"{split} ({rows_of(images)})" for split, images in sorted(by_split.items()))
             raise UserError(f"group {group.removeprefix('group:')!r} is given {len(by_split)} splits: {parts}; a "
                             "split never cuts a group: give its rows one split, or leave them empty")
-    return {g: split for g, by_split in given.items() for split in by_split if split not in POOL}
+    return {g: split for g, by_split in given.items() for split, images in by_split.items()
+            if not any(in_pool(f.image) for f in images)}
 
 
 def assign_splits(facts: Sequence[ImageFacts], groups: dict[str, str], classes: list[str], *, seed: int,
@@ -129,20 +138,20 @@ def assign_splits(facts: Sequence[ImageFacts], groups: dict[str, str], classes: 
             names = sorted({group_of[f.image.rel_path] for f in of_class})
             random.Random(f"{seed}:folds:{class_name}").shuffle(names)
             fold.update({g: i % FOLDS for i, g in enumerate(names)})
-            pool = sorted({group_of[f.image.rel_path] for f in of_class if f.image.split in POOL} - set(pinned))
+            pool = sorted({group_of[f.image.rel_path] for f in of_class if in_pool(f.image)} - set(pinned))
             split_of.update(deal_per_class(pool, held, seed, class_name))
     else:
         fold = {g: int(b) for g, b in deal_greedy(members, {str(k): 1 / FOLDS for k in range(FOLDS)}, seed,
                                                   "folds").items()}
-        in_pool = {group_of[f.image.rel_path] for f in facts if f.image.split in POOL} - set(pinned)
+        pooled = {group_of[f.image.rel_path] for f in facts if in_pool(f.image)} - set(pinned)
         shares = {**held, "train": 1 - sum(held.values())}
-        dealt = deal_greedy({g: c for g, c in members.items() if g in in_pool}, shares, seed, "splits")
+        dealt = deal_greedy({g: c for g, c in members.items() if g in pooled}, shares, seed, "splits")
         split_of = {g: s for g, s in dealt.items() if s != "train"}
     split_of.update(pinned)
     random_val: set[str] = set()
     if val_split == "random" and val_fraction > 0:  # image-level: leaks copies of one cell into both sides
         for class_name in sorted({f.image.class_name for f in facts}):
-            items = [f.image.rel_path for f in facts if f.image.class_name == class_name and f.image.split in POOL
+            items = [f.image.rel_path for f in facts if f.image.class_name == class_name and in_pool(f.image)
                      and split_of.get(group_of[f.image.rel_path]) is None]
             order = list(range(len(items)))
             random.Random(f"{seed}:val:{class_name}").shuffle(order)
@@ -151,7 +160,7 @@ def assign_splits(facts: Sequence[ImageFacts], groups: dict[str, str], classes: 
     for f in facts:
         group = group_of[f.image.rel_path]
         split = f.image.split
-        if split in POOL:
+        if in_pool(f.image):
             split = "val" if f.image.rel_path in random_val else split_of.get(group, "train")
         samples.append(Sample(f, split, classes.index(f.image.class_name), group, fold[group]))
     return samples

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from ..cli import UserError
 from ..data.plan import stable_seed
-from ..files import write_json
+from ..files import remove_own_path, write_json
 from .rundir import STATE_NAME, RunDir
 from .state import TrainState
 
@@ -29,17 +28,19 @@ def save_checkpoint(accelerator: Accelerator, run: RunDir, state: TrainState, ke
     final = run.checkpoint(state.step)
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # What an earlier attempt (or anyone) left under these names goes; a link goes itself, never what it
+        # points to (RunDir.create refused a `checkpoints` that is a link, so these names are the run's own).
+        remove_own_path(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # main writes the weights, every rank its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_NAME, state.to_json())
-        shutil.rmtree(final, ignore_errors=True)
+        remove_own_path(final)
         os.replace(tmp, final)  # a kill before this line leaves only a .tmp folder, which resume ignores
         for old in run.complete_checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_own_path(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
 
 from ..cli import UserError, writable_folder
-from ..files import open_own_file, write_atomic, write_json
+from ..files import open_own_file, remove_own_path, write_atomic, write_json
 
 STATE_NAME = "trainer_state.json"  # inside a checkpoint, written last: its presence marks the checkpoint complete
 
@@ -54,10 +53,16 @@ class RunDir:
         return cls(Path(checkpoint).parent.parent)
 
     def create(self) -> None:
-        """Make the folder, or a UserError saying why it cannot be (a file there, no permission)."""
+        """Make the folder, or a UserError saying why it cannot be (a file there, no permission, a `checkpoints`
+        entry that is a symbolic link or not a folder: checkpoints are never written or removed through a link)."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--output-dir {self.path} is a file, not a folder")
         writable_folder(self.path, "--output-dir")
+        if self.checkpoints.is_symlink():
+            raise UserError(f"{self.checkpoints} is a symbolic link: a run writes and removes checkpoints only in a "
+                            "folder of its own, never through a link; remove it")
+        if self.checkpoints.exists() and not self.checkpoints.is_dir():
+            raise UserError(f"{self.checkpoints} is not a folder (a file?): a run keeps its checkpoints there; remove it")
 
     def run_files(self) -> list[Path]:
         """What an earlier run left here (a new run refuses the folder, or with --overwrite removes them)."""
@@ -74,10 +79,7 @@ class RunDir:
     def clear(self) -> None:
         """Remove an earlier run's files (not the lock, not W&B's folder)."""
         for path in self.run_files():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            remove_own_path(path)  # a link goes itself, never what it points to
 
     def finished(self) -> bool:
         """Whether a run completed here: final.json is written last and atomically, and says so."""
