@@ -160,6 +160,14 @@ def lab_shards(synthetic_root, tmp_path_factory) -> Path:
     return out
 
 
+def stopped_and_resumed(train, config, stop_at: int, monkeypatch) -> dict:
+    """Train `config` until the step hook stops it at `stop_at`, then resume it to the end: the resumed result."""
+    monkeypatch.setenv("BLOODCELLS_AT_STEP", f"{stop_at}:stop")
+    assert train(config)["stopped"]
+    monkeypatch.delenv("BLOODCELLS_AT_STEP")
+    return train(config, resume=Path(config.output_dir))
+
+
 def true_cells(root: Path, mapping: Path) -> Path:
     """The generator's truth (path, cell) written as a cell mapping (path, class, cell, sha256)."""
     with open(root / TRUTH_NAME, newline="") as f:

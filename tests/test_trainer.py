@@ -24,7 +24,7 @@ from bloodcells_dist.train.rundir import RunDir
 from bloodcells_dist.train.schedule import lr_at
 from bloodcells_dist.train.spec import load_model
 
-from .conftest import cli
+from .conftest import cli, stopped_and_resumed
 from .test_bad_input import jpeg, make_root
 
 TINY = {"image_size": "24,32", "widths": "4,8,8,8", "hidden": "16,16", "batch_size": "16", "tracker": "none",
@@ -137,12 +137,7 @@ def test_the_stream_path_stopped_mid_epoch_resumes_exactly_too(synthetic_shards,
     def run_to(folder: Path, stop_at: int | None) -> dict:
         config = build_config(overrides=tiny(synthetic_shards, folder, epochs=2, data="stream", workers=2,
                                             checkpoint_every=4))
-        if stop_at:
-            monkeypatch.setenv("BLOODCELLS_AT_STEP", f"{stop_at}:stop")
-            assert trainer.train(config)["stopped"]
-            monkeypatch.delenv("BLOODCELLS_AT_STEP")
-            return trainer.train(config, resume=folder)
-        return trainer.train(config)
+        return stopped_and_resumed(trainer.train, config, stop_at, monkeypatch) if stop_at else trainer.train(config)
 
     whole, resumed = run_to(tmp_path / "whole", None), run_to(tmp_path / "resumed", 25)
     assert resumed["last_validation"] == whole["last_validation"] and resumed["steps"] == whole["steps"]

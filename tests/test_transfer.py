@@ -18,6 +18,8 @@ from bloodcells_dist.train.rundir import RunDir
 from bloodcells_dist.train.spec import ModelSpec, load_model, save_weights
 from bloodcells_dist.train.transfer import match_classes, parse_class_map, read_source, start_from
 
+from .conftest import stopped_and_resumed
+
 TINY = {"image_size": "24,32", "widths": "4,8,8,8", "hidden": "16,16", "batch_size": "16", "tracker": "none",
         "workers": "0", "mixed_precision": "no", "log_every": "1", "lr": "0.05"}
 SOURCE_CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
@@ -195,12 +197,7 @@ def test_a_stopped_fine_tuning_run_resumes_exactly(source_run, lab_shards, tmp_p
         config = build_config(overrides=tiny(lab_shards, folder, epochs=2, init_from=source_run, freeze_epochs=1,
                                              bn_refit=3, features_lr=0.1, class_map="NEUTROPHIL=neutrophils",
                                              checkpoint_every=4))
-        if stop_at:
-            monkeypatch.setenv("BLOODCELLS_AT_STEP", f"{stop_at}:stop")
-            assert trainer.train(config)["stopped"]
-            monkeypatch.delenv("BLOODCELLS_AT_STEP")
-            return trainer.train(config, resume=folder)
-        return trainer.train(config)
+        return stopped_and_resumed(trainer.train, config, stop_at, monkeypatch) if stop_at else trainer.train(config)
 
     whole = run_to(tmp_path / "whole", None)
     resumed = run_to(tmp_path / "resumed", 3)  # stopped in the frozen epoch: the resume thaws where the whole run did

@@ -5,7 +5,7 @@
     transfer_weights(...)            copy what fits into a freshly built network; say what was kept and why
     refit_batchnorm(...)             BatchNorm running statistics re-estimated on the new training data
     optimizer_groups(...)            the feature layers at features_lr x the head's learning rate
-    freeze_features(...)             the feature layers untouched for the first freeze_epochs epochs
+    feature_parameters(...)          the conv blocks' parameters, held still for the first freeze_epochs epochs
 
 Everything here runs once, before the first step (a resumed run gets its weights from its checkpoint), except
 the freeze, which is a pure function of the epoch, so a resumed run freezes and thaws where the uninterrupted
