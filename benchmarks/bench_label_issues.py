@@ -7,7 +7,7 @@ images (fixed seed) into another class drawn at random; the flips are recorded. 
 image and over the top-ranked images as many as the flips (3%). Writes results/label-issues.json.
 
     nice -n 15 python benchmarks/bench_label_issues.py [--src /work/data/pbc] [--images 2000] [--epochs 12]
-        [--recipe launch/recipes/pbc-pretrain.yaml --image-size 96,96]
+        [--recipe launch/recipes/pbc-pretrain.yaml --image-size 96,96] [--cv-args "--init-from RUN"]
 """
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, help="train this recipe (e.g. launch/recipes/pbc-pretrain.yaml) "
                         "instead of the tiny 64x64 model")
     parser.add_argument("--image-size", default="64,64")
+    parser.add_argument("--cv-args", default="", help="more `bloodcells cv` arguments, e.g. '--init-from RUN' "
+                        "(a model that never saw these images: PBC's test split from a model of its train split)")
     args = parser.parse_args()
     model = ["--config", str(args.recipe), "--tracker", "none"] if args.recipe else MODEL
-    model += ["--image-size", args.image_size]
+    model += ["--image-size", args.image_size, *shlex.split(args.cv_args)]
     started = time.perf_counter()
     shutil.rmtree(args.work, ignore_errors=True)
     labels = make_subset(args.src, args.work / "data", args.images, args.seed)
@@ -98,7 +100,8 @@ def main() -> None:
     result = {
         "what": f"{len(packed)} PBC images (stratified, seed {args.seed}), {len(flips)} labels flipped "
                 f"({FLIP_SHARE:.0%}); 5-fold cv of {args.recipe.name if args.recipe else 'a tiny model'} at "
-                f"{args.image_size.replace(',', 'x')}, {args.epochs} epochs; cleanlab find_label_issues",
+                f"{args.image_size.replace(',', 'x')}, {args.epochs} epochs{' ' + args.cv_args if args.cv_args else ''}; "
+                f"cleanlab find_label_issues",
         "images": len(packed), "flipped": len(flips),
         "cv_accuracy": summary["accuracy"], "all_flagged": scores(flagged, flips),
         "top_ranked": scores(flagged[:len(flips)], flips),
