@@ -22,7 +22,7 @@ from bloodcells_dist.config import (
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.precision import Hardware, cpu_flags, detect_hardware, resolve_precision, warn_if_emulated
 
-from .conftest import REPO
+from ..helpers import REPO
 
 RECIPES = sorted((REPO / "launch" / "recipes").glob("*.yaml"))
 
