@@ -256,9 +256,6 @@ FRESH_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(reason="open: with a fresh store per group the restarted group connects, resumes and trains to the "
-                          "end, but the launch then does not exit (seen once, under heavy load; a torchrun repro without "
-                          "destroy_process_group at the end hangs the same way, with it exits 0)", strict=False)
 def test_a_killed_rank_under_max_restarts_finishes_like_the_uninterrupted_run(synthetic_shards, two_process_run,
                                                                               tmp_path):
     """`--max_restarts 1` and `--resume auto`: the launcher restarts the group after a SIGKILL, which resumes

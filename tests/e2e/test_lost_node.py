@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ACCELERATE, REPO, free_port, run_cli, train_args
+from ..helpers import ACCELERATE, REPO, free_port, run_cli, train_args
 
 
 @pytest.mark.e2e
