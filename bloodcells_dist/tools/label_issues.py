@@ -1,6 +1,10 @@
 """Rank the training images whose given label the out-of-fold predictions of a cross-validation contradict.
 
     bloodcells label-issues CV_DIR [--out DIR] [--shards DIR] [--max-shown 300]
+    bloodcells label-issues --predictions RUN/eval-test.predictions.csv --shards DIR --out DIR
+
+The second form ranks held-out images scored by `bloodcells evaluate` (e.g. a test split, by a model trained on
+the other splits): any predictions from a model that never saw the images will do, out-of-fold or held out.
 
 Reads CV_DIR/oof-predictions.csv (written by `bloodcells cv`: every image's class probabilities from the fold
 model that never saw it) and asks cleanlab (`cleanlab.filter.find_label_issues`, ranked by label quality, the
@@ -138,17 +142,23 @@ def issues_page(source: str, rows: list[dict], issues: list[dict], uris: dict[st
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = Parser(prog="bloodcells label-issues", description=__doc__.split("\n")[0])
-    parser.add_argument("cv_dir", type=Path, metavar="CV_DIR", help="output folder of bloodcells cv")
+    parser.add_argument("cv_dir", type=Path, metavar="CV_DIR", nargs="?", help="output folder of bloodcells cv")
+    parser.add_argument("--predictions", type=Path, help="a predictions CSV of bloodcells evaluate (held-out images) "
+                        "instead of CV_DIR's out-of-fold one; needs --shards and --out")
     parser.add_argument("--shards", help="the cross-validated shards (default: the ones cv.json names)")
     parser.add_argument("--out", type=Path, help="folder for the CSVs and the page (default: CV_DIR)")
     parser.add_argument("--max-shown", type=int, default=MAX_SHOWN, help="flagged images shown on the page")
     args = parser.parse_args(argv)
-    oof = args.cv_dir / OOF_NAME
+    if (args.cv_dir is None) == (args.predictions is None):
+        raise UserError("give CV_DIR (a cross-validation's output folder) or --predictions FILE, one of them")
+    if args.predictions is not None and not (args.shards and args.out):
+        raise UserError("--predictions needs --shards (the shards it scored) and --out (where to write)")
+    oof = args.predictions or args.cv_dir / OOF_NAME
     if not oof.is_file():
         raise UserError(f"no {OOF_NAME} in {args.cv_dir}: run `bloodcells cv` (this version keeps every held-out "
-                        "image's probabilities) first")
+                        "image's probabilities) first" if args.predictions is None else f"{oof}: no such file")
     classes, rows = read_predictions(oof)
-    summary = json.loads((args.cv_dir / "cv.json").read_text()) if (args.cv_dir / "cv.json").is_file() else {}
+    summary = json.loads((args.cv_dir / "cv.json").read_text()) if args.cv_dir and (args.cv_dir / "cv.json").is_file() else {}
     shards = args.shards or summary.get("out_of_fold", {}).get("shards")
     if not shards:
         raise UserError(f"{args.cv_dir}/cv.json names no shards: pass --shards")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
+from bloodcells_dist.tools import evaluate, label_issues
 from bloodcells_dist.tools.label_issues import by_group, issues_page
+
+from ..helpers import cli, one_error_line
 
 
 class Images(HTMLParser):
@@ -38,3 +41,21 @@ def test_flags_are_counted_per_group_most_flagged_first_with_the_group_size():
     images.feed(page)
     assert images.sources == [uris["m1"], uris["e0"]]  # each group's most suspect image, most flagged group first
     assert "2 of 3" in page and "3 of 4 flagged" in page and "4 images flagged in 2 group(s)" in page
+
+
+def test_held_out_predictions_of_evaluate_are_ranked_like_out_of_fold_ones(untrained_model, synthetic_shards,
+                                                                           tmp_path):
+    """`--predictions`: a split scored by a model that never saw it (here an untrained one, which contradicts
+    many labels), ranked without a cross-validation; CV_DIR and --predictions are one or the other."""
+    cli(evaluate.main, "--model", str(untrained_model), "--shards", str(synthetic_shards), "--split", "test",
+        "--out", str(tmp_path / "eval"), check=True)
+    predictions = tmp_path / "eval" / "eval-test.predictions.csv"
+    proc = cli(label_issues.main, "--predictions", str(predictions), "--shards", str(synthetic_shards), "--out",
+               str(tmp_path / "issues"), check=True)
+    scored = len(predictions.read_text().splitlines()) - 1
+    flagged = len((tmp_path / "issues" / "label-issues.csv").read_text().splitlines()) - 1
+    assert 0 < flagged <= scored and f"{flagged} of {scored} labels look wrong" in proc.stdout
+    one_error_line(cli(label_issues.main, "--predictions", str(predictions)).stderr, "--predictions needs --shards")
+    one_error_line(cli(label_issues.main).stderr, "give CV_DIR")
+    one_error_line(cli(label_issues.main, str(tmp_path), "--predictions", str(predictions), "--shards",
+                       str(synthetic_shards), "--out", str(tmp_path / "x")).stderr, "one of them")
