@@ -121,10 +121,11 @@ def issues_page(source: str, rows: list[dict], issues: list[dict], uris: dict[st
     group_table = pages.table(["group", "given", "suggested (most often)", "flagged images", "most suspect"],
                               [[g["group"], g["given"], g["suggested"], f"{g['flagged']} of {g['images']}",
                                 f"#{g['first']['rank']}"] for g in groups[:max_shown]], left=3)
-    tiles = [Tile(uris.get(g["first"]["key"], ""), [f"#{g['first']['rank']} {g['group']}", f"given {g['given']}",
+    tiles = [Tile(uris.get(g["first"]["key"], ""), [f"#{g['first']['rank']}", f"given {g['given']}",
                                                     f"suggested {g['first']['suggested']}",
                                                     f"p = {g['first']['suggested_probability']:.3f}",
-                                                    f"{g['flagged']} of {g['images']} flagged"],
+                                                    *([g["group"], f"{g['flagged']} of {g['images']} flagged"]
+                                                      if g["images"] > 1 else [])],
                   metas.get(g["first"]["key"], {}).get("path", g["first"]["key"])) for g in groups[:max_shown]]
     shown = f"; the {max_shown} most flagged shown" if len(groups) > max_shown else ""
     return pages.page("label issues", [
@@ -133,7 +134,8 @@ def issues_page(source: str, rows: list[dict], issues: list[dict], uris: dict[st
         ("moves", "Given label -> suggested label", pages.table(["given", "suggested", "images"],
                                                                 [[g, s, n] for (g, s), n in moves.most_common()],
                                                                 left=2)),
-        ("groups", "Flagged groups, most flagged first", group_table),
+        *([("groups", "Flagged groups, most flagged first", group_table)]
+          if any(g["images"] > 1 for g in groups) else []),  # one image a group: the gallery says it all
         ("gallery", "Gallery: each flagged group's most suspect image",
          f"<p>{len(issues)} images flagged in {len(groups)} group(s){shown}; p is the probability the out-of-fold "
          "model gave the suggested label. label-issues.csv lists every flagged image.</p>" + pages.gallery(tiles))])
