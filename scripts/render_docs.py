@@ -2,7 +2,10 @@
 
 - docs/config.md: every TrainConfig key, from the dataclass (its type, default, comment and section);
 - the result tables in README.md and docs/*.md, between `<!-- results: NAME -->` and `<!-- /results -->`,
-  from results/NAME.json (measured figures with their provenance).
+  from results/NAME.json (measured figures with their provenance); `<!-- results: NAME:PART -->` renders one
+  part of results/NAME.json (RENDERERS names them);
+- every figure in the prose, between `<!--r NAME:PATH:FORMAT-->` and `<!--/r-->`: the value at PATH (keys and
+  list positions joined by `/`) of results/NAME.json, written as FORMAT (FORMATS; a number as it is without one).
 
     python scripts/render_docs.py           # rewrite the files
     python scripts/render_docs.py --check   # exit 1 naming the first file that differs (the tests run this)
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,7 +25,8 @@ sys.path.insert(0, str(REPO))
 
 from bloodcells_dist.config import field_docs  # noqa: E402
 
-BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results: ([\w-]+)(?::([\w-]+))? -->\n)(.*?)(<!-- /results -->)", re.S)
+INLINE = re.compile(r"(<!--r ([\w-]+):([\w/-]+)(?::(\w+))?-->)(.*?)(<!--/r-->)", re.S)
 
 
 def pct(value: float | None, digits: int = 1) -> str:
@@ -90,7 +95,87 @@ def label_issues(data: dict) -> str:
     return f"{data['what']}; cv accuracy {spread(data['cv_accuracy'])}. `{data['command']}`\n\n" + "\n".join(lines)
 
 
-RENDERERS = {"blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check, "label-issues": label_issues}
+def speed_rate(entry: dict) -> float:
+    """A path's images/s: the median of its rounds, or the one figure recorded."""
+    return statistics.median(entry["rounds"]) if entry.get("rounds") else entry["img_per_s"]
+
+
+def speed_train(data: dict) -> str:
+    """bench_train.py on one machine: every data path against the model alone (the first batch size recorded)."""
+    paths = data["runs"][0]["paths"]
+    ceiling = speed_rate(paths["model alone"])
+    lines = ["| path | img/s | x model alone | rounds |", "|---|---|---|---|"]
+    for name, entry in paths.items():
+        rate, bold = speed_rate(entry), "**" if name == "cache" else ""
+        rounds = ", ".join(f"{v:.1f}" for v in entry.get("rounds") or []) or "-"
+        lines.append(f"| {bold}{entry.get('label', name)}{bold} | {bold}{rate:,.1f}{bold} | "
+                     f"{bold}{rate / ceiling:.2f}{bold} | {rounds} |")
+    return "\n".join(lines) + f"\n\n{where(data['provenance'])}: `{data['command']}`"
+
+
+def speed_train_gpu(data: dict) -> str:
+    """bench_train.py on one GPU at two batch sizes, side by side."""
+    runs = data["runs"]
+    head = " | ".join(f"batch {run['batch']} img/s | x model alone" for run in runs)
+    lines = [f"| path | {head} |", "|---|" + "---|---|" * len(runs)]
+    for name, entry in runs[0]["paths"].items():
+        bold = "**" if name == "cache" else ""
+        cells = []
+        for i, run in enumerate(runs):
+            rate, ceiling = speed_rate(run["paths"][name]), speed_rate(run["paths"]["model alone"])
+            b = bold if i == 0 else ""
+            cells.append(f"{b}{rate:,.0f}{b} | {b}{rate / ceiling:.2f}{b}")
+        lines.append(f"| {bold}{entry.get('label', name)}{bold} | {' | '.join(cells)} |")
+    return "\n".join(lines) + f"\n\n{where(data['provenance'])}: `{data['command']}`"
+
+
+def speed_precision(data: dict) -> str:
+    """bench_precision.py: fp32 and bf16 autocast, contiguous and channels_last, at one or more batch sizes."""
+    def cell(entry: dict, base: float) -> str:
+        ratio = entry.get("x", entry["img_per_s"] / base)
+        return f"{entry['img_per_s']:,.1f} img/s (x{ratio:.2f})" if entry["img_per_s"] < 1000 else \
+            f"{entry['img_per_s']:,.0f} img/s (x{ratio:.2f})"
+    runs = data["runs"]
+    combos = ("fp32 contiguous", "fp32 channels_last", "bf16 contiguous", "bf16 channels_last")
+    best = max(combos, key=lambda c: runs[0]["img_per_s"][c]["img_per_s"])
+    lines = [f"| batch | {' | '.join(combos)} |", "|---|---|---|---|---|"]
+    for run in runs:
+        base = run["img_per_s"]["fp32 contiguous"]["img_per_s"]
+        lines.append(f"| {run['batch']} | " + " | ".join(
+            f"**{cell(run['img_per_s'][c], base)}**" if c == best else cell(run["img_per_s"][c], base)
+            for c in combos) + " |")
+    return "\n".join(lines) + f"\n\n{where(data['provenance'])}: `{data['command']}`"
+
+
+def tests(data: dict) -> str:
+    """The test suite: how many tests, how long, where."""
+    lines = ["| layer | tests | passed | skipped | failed | time | measured on |", "|---|---|---|---|---|---|---|"]
+    for name, run in data["runs"].items():
+        lines.append(f"| `{run['command']}` | {run['tests']} | {run.get('passed', '-')} | {run.get('skipped', '-')} | "
+                     f"{run.get('failed', '-')} | {run['seconds'] / 60:.0f} min | {where(run['provenance'])} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check, "label-issues": label_issues,
+             "speed:train-cpu": speed_train, "speed:train-gpu": speed_train_gpu,
+             "speed:precision-cpu": speed_precision, "speed:precision-gpu": speed_precision, "tests": tests}
+# A part of a results file (NAME:PART) is rendered from that key of the file.
+FORMATS = {
+    **{f"pct{d}": (lambda d: lambda v: f"{100 * v:.{d}f}%")(d) for d in range(3)},
+    **{f"f{d}": (lambda d: lambda v: f"{v:,.{d}f}")(d) for d in range(5)},
+    "spread": spread,
+    "spreadf1": lambda v: spread(v, False),
+    "min": lambda v: f"{v / 60:.0f}",
+    "commit": lambda v: f"`{v[:7]}`",
+    "list": lambda v: ", ".join(map(str, v)),
+}
+
+
+def lookup(data: object, path: str) -> object:
+    """The value at a `/`-joined path of keys and list positions."""
+    for key in path.split("/"):
+        data = data[int(key)] if isinstance(data, list) else data[key]  # type: ignore[index]
+    return data
 
 
 def config_reference() -> str:
@@ -115,14 +200,29 @@ def config_reference() -> str:
 
 
 def render_tables(text: str) -> str:
-    """Every results block of a markdown text, rendered anew from its JSON."""
-    def table(match: re.Match) -> str:
-        name = match.group(2)
+    """Every results block and inline figure of a markdown text, rendered anew from its JSON."""
+    def load(name: str) -> dict | None:
         source = REPO / "results" / f"{name}.json"
-        body = RENDERERS[name](json.loads(source.read_text())) if source.is_file() else \
-            f"(not measured yet: there is no results/{name}.json)"
-        return f"{match.group(1)}{body}\n{match.group(4)}"
-    return BLOCK.sub(table, text)
+        return json.loads(source.read_text()) if source.is_file() else None
+
+    def table(match: re.Match) -> str:
+        name, part = match.group(2), match.group(3)
+        data = load(name)
+        if data is None:
+            body = f"(not measured yet: there is no results/{name}.json)"
+        else:
+            body = RENDERERS[f"{name}:{part}" if part else name](data[part] if part else data)
+        return f"{match.group(1)}{body}\n{match.group(5)}"
+
+    def figure(match: re.Match) -> str:
+        name, path, form = match.group(2), match.group(3), match.group(4)
+        data = load(name)
+        if data is None:
+            raise SystemExit(f"an inline figure names results/{name}.json, which does not exist")
+        value = lookup(data, path)
+        return f"{match.group(1)}{FORMATS[form](value) if form else value}{match.group(6)}"
+
+    return INLINE.sub(figure, BLOCK.sub(table, text))
 
 
 def main() -> int:
