@@ -45,8 +45,10 @@ def where(provenance: dict) -> str:
     """Machine and precision, and the commit (or run) the figure comes from."""
     source = provenance.get("commit") or provenance.get("git_commit") or "?"
     dirty = " (with uncommitted changes)" if provenance.get("git_dirty") else ""
-    return f"{provenance.get('machine') or provenance.get('cpu', '?')}, {provenance.get('precision', '?')}; " \
-           f"`{source[:7]}`{dirty}"
+    dirty += f" ({provenance['commit_note']})" if provenance.get("commit_note") else ""
+    precision = provenance.get("precision", "?")
+    precision = "" if precision == "-" else f", {precision}"
+    return f"{provenance.get('machine') or provenance.get('cpu', '?')}{precision}; `{source[:7]}`{dirty}"
 
 
 def blood_cells_cv(data: dict) -> str:
