@@ -158,7 +158,19 @@ def tests(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check, "label-issues": label_issues,
+def single_fold(data: dict) -> str:
+    """Changes tried one at a time on one fold, against the recipe they change."""
+    classes = "/".join(c[:3] for c in data["recall_classes"])
+    lines = [f"| change to `{data['base']['recipe']}` | flags | fold {data['fold']} | recall {classes} | measured on |",
+             "|---|---|---|---|---|"]
+    for row in [{"change": "none", "flags": "", **data["base"]}, *data["rows"]]:
+        recall = " / ".join(f"{v:.2f}" for v in row["recall"]) if row.get("recall") else "-"
+        flags = f"`{row['flags']}`" if row["flags"] else "-"
+        lines.append(f"| {row['change']} | {flags} | {pct(row['accuracy'])} | {recall} | {where(row['provenance'])} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check, "label-issues": label_issues,
              "speed:train-cpu": speed_train, "speed:train-gpu": speed_train_gpu,
              "speed:precision-cpu": speed_precision, "speed:precision-gpu": speed_precision, "tests": tests}
 # A part of a results file (NAME:PART) is rendered from that key of the file.
@@ -170,6 +182,7 @@ FORMATS = {
     "min": lambda v: f"{v / 60:.0f}",
     "commit": lambda v: f"`{v[:7]}`",
     "list": lambda v: ", ".join(map(str, v)),
+    "pcts": lambda v: ", ".join(f"{100 * x:.1f}" for x in v),
 }
 
 
