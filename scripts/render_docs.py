@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from bloodcells_dist.config import field_docs  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- results: ([\w-]+)(?::([\w-]+))? -->\n)(.*?)(<!-- /results -->)", re.S)
-INLINE = re.compile(r"(<!--r ([\w-]+):([\w/-]+)(?::(\w+))?-->)(.*?)(<!--/r-->)", re.S)
+INLINE = re.compile(r"(<!--r ([\w-]+):([^:>]+?)(?::(\w+))?-->)(.*?)(<!--/r-->)", re.S)
 
 
 def pct(value: float | None, digits: int = 1) -> str:
@@ -187,9 +187,22 @@ FORMATS = {
 
 
 def lookup(data: object, path: str) -> object:
-    """The value at a `/`-joined path of keys and list positions."""
+    """The value at a `/`-joined path of keys and list items: a position, `KEY=VALUE` (the item whose KEY is VALUE)
+    or `KEY^=PREFIX` (the first whose KEY starts so); naming rows by what they are keeps a figure on its row when
+    rows are added to the file."""
     for key in path.split("/"):
-        data = data[int(key)] if isinstance(data, list) else data[key]  # type: ignore[index]
+        if isinstance(data, list):
+            field, op, wanted = re.fullmatch(r"(?:([\w-]+)(\^?=))?(.*)", key).groups()  # type: ignore[union-attr]
+            if not op:
+                data = data[int(wanted)]
+                continue
+            found = [item for item in data if str(item.get(field, "")) == wanted
+                     or (op == "^=" and str(item.get(field, "")).startswith(wanted))]
+            if not found:
+                raise SystemExit(f"no item with {key} in {path}")
+            data = found[0]
+        else:
+            data = data[key]  # type: ignore[index]
     return data
 
 
