@@ -19,9 +19,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from record import record
 
 from bloodcells_dist.train.model import BloodCellCNN
-from record import record
 
 
 def images_per_second(size: tuple[int, int], batch: int, steps: int, *, bf16: bool, channels_last: bool,

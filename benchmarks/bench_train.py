@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from record import record
 from torchvision.transforms import v2
 
 from bloodcells_dist.data.augment import DeviceAugment
@@ -38,7 +39,6 @@ from bloodcells_dist.data.preprocess import MEAN, STD, Preprocess
 from bloodcells_dist.data.stream import TrainStream, decode_image, sample_id, stream_loader
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.train.model import BloodCellCNN
-from record import record
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 

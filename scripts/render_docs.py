@@ -152,7 +152,7 @@ def speed_precision(data: dict) -> str:
 def tests(data: dict) -> str:
     """The test suite: how many tests, how long, where."""
     lines = ["| layer | tests | passed | skipped | failed | time | measured on |", "|---|---|---|---|---|---|---|"]
-    for name, run in data["runs"].items():
+    for run in data["runs"].values():
         lines.append(f"| `{run['command']}` | {run['tests']} | {run.get('passed', '-')} | {run.get('skipped', '-')} | "
                      f"{run.get('failed', '-')} | {run['seconds'] / 60:.0f} min | {where(run['provenance'])} |")
     return "\n".join(lines)
@@ -170,7 +170,8 @@ def single_fold(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check, "label-issues": label_issues,
+RENDERERS = {"single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check,
+             "label-issues": label_issues,
              "speed:train-cpu": speed_train, "speed:train-gpu": speed_train_gpu,
              "speed:precision-cpu": speed_precision, "speed:precision-gpu": speed_precision, "tests": tests}
 # A part of a results file (NAME:PART) is rendered from that key of the file.

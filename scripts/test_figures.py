@@ -40,8 +40,9 @@ def main() -> int:
     parser.add_argument("--note", default="", help="what else the machine was doing, if anything")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "tests.json")
     args = parser.parse_args()
-    from record import cpu_flags, machine  # noqa: E402 (benchmarks/record.py: the machine as the docs name it)
-    from bloodcells_dist.train.provenance import provenance  # noqa: E402
+    from record import cpu_flags, machine
+
+    from bloodcells_dist.train.provenance import provenance
     found = provenance()
     found.update(commit=found.get("git_commit"), date=str(found["time"])[:10], machine=machine(),
                  cpu_flags=cpu_flags(), precision="-", **({"note": args.note} if args.note else {}))
