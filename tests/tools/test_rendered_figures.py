@@ -62,9 +62,6 @@ NOT_MEASURED = {
 # Measured figures still written by hand, each with the results file it should move to. The list may only shrink:
 # a new hand-written measurement fails the test, and so does an entry whose figure has gone.
 NOT_YET_MOVED = {
-    ("docs/tools.md", "0.2 MB in 10.5 s"): "report page sizes and times: a results/report-pages.json",
-    ("docs/tools.md", "1.6 MB in 4.9-17.8 s"): "report page sizes and times",
-    ("docs/tools.md", "0.3 MB, 131 s"): "report page sizes and times",
     ("docs/validation.md", "at least 99% of images"): "the cell recovery check: a results/cells.json",
     ("docs/validation.md", "97% with the test suite's 8"): "the cell recovery check",
     ("docs/validation.md", "5.5 min on the 2-core CPU"): "the cell recovery check",
