@@ -170,8 +170,19 @@ def single_fold(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check,
-             "label-issues": label_issues,
+def cells(data: dict) -> str:
+    """The recovered cells of the real TRAIN folder, per class, against the old file-name groups."""
+    lines = ["| class | cells | copies per cell (min / median / max) | colour: cells | area: cells | colour: `i` "
+             "| area: `i` |",
+             "|---|---|---|---|---|---|---|"]
+    for row in data["classes"]:
+        lines.append(f"| {row['class']} | {row['cells']} | {' / '.join(map(str, row['copies']))} | {row['colour_cells']:.3f} "
+                     f"| {row['area_cells']:.3f} | {row['colour_i']:.3f} | {row['area_i']:.3f} |")
+    return "\n".join(lines) + f"\n\n{where(data['provenance'])}"
+
+
+RENDERERS = {"cells:train": cells, "single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc,
+             "fold-check": fold_check, "label-issues": label_issues,
              "speed:train-cpu": speed_train, "speed:train-gpu": speed_train_gpu,
              "speed:precision-cpu": speed_precision, "speed:precision-gpu": speed_precision, "tests": tests}
 # A part of a results file (NAME:PART) is rendered from that key of the file.
