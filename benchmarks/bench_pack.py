@@ -5,17 +5,24 @@ the same files.
 absolute times do not. Grouping defaults to `files` (the cell recovery of `--groups cells` is timed apart by
 `bloodcells cells`, a few minutes on the real TRAIN folder).
 
-    python benchmarks/bench_pack.py [--src ../shared/blood-cells] [--repeats 3] [--groups files]
+    python benchmarks/bench_pack.py [--src ../shared/blood-cells] [--repeats 3] [--groups files] [--no-record]
+
+Writes the figures, with the run's provenance, as the "pack" section of results/speed.json (docs/speed.md renders
+them); --no-record only prints them.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from record import record
 
 from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.pack.sources import scan_images
@@ -33,6 +40,7 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=Path("../shared/blood-cells"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--groups", default="files", help="the pack's --groups (default: files)")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave results/speed.json as it is")
     args = parser.parse_args()
     images = scan_images(args.src).images
     n = len(images)
@@ -54,6 +62,11 @@ def main() -> None:
     print(f"{n} images from {args.src}, median of {args.repeats}")
     for name, seconds in results.items():
         print(f"{name:<22} {seconds:6.2f} s  {n / seconds:8,.0f} images/s  {seconds / floor:5.1f}x tar's time")
+    if not args.no_record:
+        keys = {"tar -cf (I/O floor)": "tar", "pack, 1 process": "pack_1_process", "pack, 2 processes": "pack_2_processes"}
+        record("speed", "pack", {"images": n, "repeats": args.repeats, "groups": args.groups,
+                                 "images_per_second": {keys[k]: round(n / s, 1) for k, s in results.items()}},
+               command=shlex.join(["python", "benchmarks/bench_pack.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

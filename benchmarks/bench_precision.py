@@ -5,16 +5,21 @@ and `channels_last`; all four combinations in the same run, so their ratios can 
 
     python benchmarks/bench_precision.py [--size 120 160] [--batch-size 32] [--steps 12] [--device cpu|cuda]
 
-On CUDA each step is synchronized before it is timed.
+On CUDA each step is synchronized before it is timed. Writes the figures, with the run's provenance, as the
+"precision-cpu" or "precision-gpu" section of results/speed.json (one run per batch size; docs/speed.md renders
+them); --no-record only prints them.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from record import record
 
 from bloodcells_dist.train.model import BloodCellCNN
 
@@ -53,18 +58,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--widths", type=int, nargs=4, default=(32, 64, 128, 128))
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave results/speed.json as it is")
     args = parser.parse_args()
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {tuple(args.size)}, batch {args.batch_size}")
-    base = None
+    base, rates = None, {}
     for bf16 in (False, True):
         for channels_last in (False, True):
             rate = images_per_second(tuple(args.size), args.batch_size, args.steps, bf16=bf16,
                                      channels_last=channels_last, widths=tuple(args.widths), device=device)
             base = base or rate
+            rates[f"{'bf16' if bf16 else 'fp32'} {'channels_last' if channels_last else 'contiguous'}"] = \
+                {"img_per_s": round(rate, 1), "x": round(rate / base, 2)}
             print(f"{'bf16' if bf16 else 'fp32'} {'channels_last' if channels_last else 'contiguous   '} "
                   f"{rate:7.1f} img/s  x{rate / base:.2f}", flush=True)
+    if not args.no_record:
+        record("speed", f"precision-{'gpu' if device.type == 'cuda' else 'cpu'}",
+               {"threads": torch.get_num_threads(), "image_size": list(args.size), "steps": args.steps},
+               command=shlex.join(["python", "benchmarks/bench_precision.py", *sys.argv[1:]]), device=str(device),
+               precision="all four", run={"batch": args.batch_size, "img_per_s": rates})
 
 
 if __name__ == "__main__":

@@ -10,13 +10,17 @@ Rows (each the median over --rounds, measured in turn so that machine noise hits
   old per-sample   shards -> data workers decode and augment each sample (torchvision v2) -> training step
 Also reports the time to build the decoded cache of the full TRAIN folder (train + val splits) and to load it.
 The model is best.yaml's (widths 32,64,128,128); the step is forward, loss, backward and SGD.
+Writes the figures, with the run's provenance, as the "train-cpu" or "train-gpu" section of results/speed.json
+(one run per batch size; docs/speed.md renders them); --no-record only prints them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from record import record
 from torchvision.transforms import v2
 
 from bloodcells_dist.data.augment import DeviceAugment
@@ -105,10 +110,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="data workers of the stream paths")
     parser.add_argument("--cache-dir", type=Path, help="default: a temporary folder (the build is timed)")
     parser.add_argument("--paths", default="model,cache,stream,old")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave results/speed.json as it is")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.image_size.split(","))
     device, dtype, batch = torch.device(args.device), DTYPES[args.precision], args.batch_size
     manifest = ShardManifest.load(args.shards)
+    load_start = os.getloadavg()[0]
     print(f"torch {torch.__version__}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
@@ -181,6 +188,19 @@ def main() -> None:
         ratio = f"{rate / ceiling:.2f}" if ceiling else "-"
         print(f"{name:<16} {rate:>9.1f} {ratio:>14}   {', '.join(f'{v:.1f}' for v in values)}")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    if not args.no_record:
+        labels = {"stream": f"stream ({args.workers} data worker(s) decode; batched augmentation)",
+                  "old per-sample": f"previous per-sample pipeline ({args.workers} data worker(s))"}
+        paths = {name: {"rounds": [round(v, 1) for v in values], **({"label": labels[name]} if name in labels else {})}
+                 for name, values in results.items()}
+        record("speed", f"train-{'gpu' if device.type == 'cuda' else 'cpu'}",
+               {"image_size": list(size), "workers": args.workers, "steps": args.steps,
+                "load_average_start": round(load_start, 2),
+                "cache": {"images": len(samples.keys), "megabytes": round(samples.images.numel() / 2**20),
+                          "build_seconds": round(build, 1), "build_workers": max(1, os.cpu_count() or 1),
+                          "load_seconds": round(load, 1)}},
+               command=shlex.join(["python", "benchmarks/bench_train.py", *sys.argv[1:]]), device=str(device),
+               precision=args.precision, run={"batch": batch, "paths": paths})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 - docs/config.md: every TrainConfig key, from the dataclass (its type, default, comment and section);
 - the result tables in README.md and docs/*.md, between `<!-- results: NAME -->` and `<!-- /results -->`,
-  from results/NAME.json (measured figures with their provenance).
+  from results/NAME.json (measured figures with their provenance); `<!-- results: NAME:PART -->` renders one
+  part of results/NAME.json (RENDERERS names them);
+- every figure in the prose, between `<!--r NAME:PATH:FORMAT-->` and `<!--/r-->`: the value at PATH (keys and
+  list positions joined by `/`) of results/NAME.json, written as FORMAT (FORMATS; a number as it is without one).
 
     python scripts/render_docs.py           # rewrite the files
     python scripts/render_docs.py --check   # exit 1 naming the first file that differs (the tests run this)
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,7 +25,8 @@ sys.path.insert(0, str(REPO))
 
 from bloodcells_dist.config import field_docs  # noqa: E402
 
-BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results: ([\w-]+)(?::([\w-]+))? -->\n)(.*?)(<!-- /results -->)", re.S)
+INLINE = re.compile(r"(<!--r ([\w-]+):([^:>]+?)(?::(\w+))?-->)(.*?)(<!--/r-->)", re.S)
 
 
 def pct(value: float | None, digits: int = 1) -> str:
@@ -40,8 +45,10 @@ def where(provenance: dict) -> str:
     """Machine and precision, and the commit (or run) the figure comes from."""
     source = provenance.get("commit") or provenance.get("git_commit") or "?"
     dirty = " (with uncommitted changes)" if provenance.get("git_dirty") else ""
-    return f"{provenance.get('machine') or provenance.get('cpu', '?')}, {provenance.get('precision', '?')}; " \
-           f"`{source[:7]}`{dirty}"
+    dirty += f" ({provenance['commit_note']})" if provenance.get("commit_note") else ""
+    precision = provenance.get("precision", "?")
+    precision = "" if precision == "-" else f", {precision}"
+    return f"{provenance.get('machine') or provenance.get('cpu', '?')}{precision}; `{source[:7]}`{dirty}"
 
 
 def blood_cells_cv(data: dict) -> str:
@@ -90,7 +97,125 @@ def label_issues(data: dict) -> str:
     return f"{data['what']}; cv accuracy {spread(data['cv_accuracy'])}. `{data['command']}`\n\n" + "\n".join(lines)
 
 
-RENDERERS = {"blood-cells-cv": blood_cells_cv, "pbc": pbc, "fold-check": fold_check, "label-issues": label_issues}
+def speed_rate(entry: dict) -> float:
+    """A path's images/s: the median of its rounds, or the one figure recorded."""
+    return statistics.median(entry["rounds"]) if entry.get("rounds") else entry["img_per_s"]
+
+
+def speed_train(data: dict) -> str:
+    """bench_train.py on one machine: every data path against the model alone (the first batch size recorded)."""
+    paths = data["runs"][0]["paths"]
+    ceiling = speed_rate(paths["model alone"])
+    lines = ["| path | img/s | x model alone | rounds |", "|---|---|---|---|"]
+    for name, entry in paths.items():
+        rate, bold = speed_rate(entry), "**" if name == "cache" else ""
+        rounds = ", ".join(f"{v:.1f}" for v in entry.get("rounds") or []) or "-"
+        lines.append(f"| {bold}{entry.get('label', name)}{bold} | {bold}{rate:,.1f}{bold} | "
+                     f"{bold}{rate / ceiling:.2f}{bold} | {rounds} |")
+    return "\n".join(lines) + f"\n\n{where(data['provenance'])}: `{data['command']}`"
+
+
+def speed_train_gpu(data: dict) -> str:
+    """bench_train.py on one GPU at two batch sizes, side by side."""
+    runs = data["runs"]
+    head = " | ".join(f"batch {run['batch']} img/s | x model alone" for run in runs)
+    lines = [f"| path | {head} |", "|---|" + "---|---|" * len(runs)]
+    for name, entry in runs[0]["paths"].items():
+        bold = "**" if name == "cache" else ""
+        cells = []
+        for i, run in enumerate(runs):
+            rate, ceiling = speed_rate(run["paths"][name]), speed_rate(run["paths"]["model alone"])
+            b = bold if i == 0 else ""
+            cells.append(f"{b}{rate:,.0f}{b} | {b}{rate / ceiling:.2f}{b}")
+        lines.append(f"| {bold}{entry.get('label', name)}{bold} | {' | '.join(cells)} |")
+    return "\n".join(lines) + f"\n\n{where(data['provenance'])}: `{data['command']}`"
+
+
+def speed_precision(data: dict) -> str:
+    """bench_precision.py: fp32 and bf16 autocast, contiguous and channels_last, at one or more batch sizes."""
+    def cell(entry: dict, base: float) -> str:
+        ratio = entry.get("x", entry["img_per_s"] / base)
+        return f"{entry['img_per_s']:,.1f} img/s (x{ratio:.2f})" if entry["img_per_s"] < 1000 else \
+            f"{entry['img_per_s']:,.0f} img/s (x{ratio:.2f})"
+    runs = data["runs"]
+    combos = ("fp32 contiguous", "fp32 channels_last", "bf16 contiguous", "bf16 channels_last")
+    best = max(combos, key=lambda c: runs[0]["img_per_s"][c]["img_per_s"])
+    lines = [f"| batch | {' | '.join(combos)} |", "|---|---|---|---|---|"]
+    for run in runs:
+        base = run["img_per_s"]["fp32 contiguous"]["img_per_s"]
+        lines.append(f"| {run['batch']} | " + " | ".join(
+            f"**{cell(run['img_per_s'][c], base)}**" if c == best else cell(run["img_per_s"][c], base)
+            for c in combos) + " |")
+    return "\n".join(lines) + f"\n\n{where(data['provenance'])}: `{data['command']}`"
+
+
+def tests(data: dict) -> str:
+    """The test suite: how many tests, how long, where."""
+    lines = ["| layer | tests | passed | skipped | failed | time | measured on |", "|---|---|---|---|---|---|---|"]
+    for run in data["runs"].values():
+        lines.append(f"| `{run['command']}` | {run['tests']} | {run.get('passed', '-')} | {run.get('skipped', '-')} | "
+                     f"{run.get('failed', '-')} | {run['seconds'] / 60:.0f} min | {where(run['provenance'])} |")
+    return "\n".join(lines)
+
+
+def single_fold(data: dict) -> str:
+    """Changes tried one at a time on one fold, against the recipe they change."""
+    classes = "/".join(c[:3] for c in data["recall_classes"])
+    lines = [f"| change to `{data['base']['recipe']}` | flags | fold {data['fold']} | recall {classes} | measured on |",
+             "|---|---|---|---|---|"]
+    for row in [{"change": "none", "flags": "", **data["base"]}, *data["rows"]]:
+        recall = " / ".join(f"{v:.2f}" for v in row["recall"]) if row.get("recall") else "-"
+        flags = f"`{row['flags']}`" if row["flags"] else "-"
+        lines.append(f"| {row['change']} | {flags} | {pct(row['accuracy'])} | {recall} | {where(row['provenance'])} |")
+    return "\n".join(lines)
+
+
+def cells(data: dict) -> str:
+    """The recovered cells of the real TRAIN folder, per class, against the old file-name groups."""
+    lines = ["| class | cells | copies per cell (min / median / max) | colour: cells | area: cells | colour: `i` "
+             "| area: `i` |",
+             "|---|---|---|---|---|---|---|"]
+    for row in data["classes"]:
+        lines.append(f"| {row['class']} | {row['cells']} | {' / '.join(map(str, row['copies']))} | {row['colour_cells']:.3f} "
+                     f"| {row['area_cells']:.3f} | {row['colour_i']:.3f} | {row['area_i']:.3f} |")
+    return "\n".join(lines) + f"\n\n{where(data['provenance'])}"
+
+
+RENDERERS = {"cells:train": cells, "single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc,
+             "fold-check": fold_check, "label-issues": label_issues,
+             "speed:train-cpu": speed_train, "speed:train-gpu": speed_train_gpu,
+             "speed:precision-cpu": speed_precision, "speed:precision-gpu": speed_precision, "tests": tests}
+# A part of a results file (NAME:PART) is rendered from that key of the file.
+FORMATS = {
+    **{f"pct{d}": (lambda d: lambda v: f"{100 * v:.{d}f}%")(d) for d in range(3)},
+    **{f"f{d}": (lambda d: lambda v: f"{v:,.{d}f}")(d) for d in range(5)},
+    "spread": spread,
+    "spreadf1": lambda v: spread(v, False),
+    "min": lambda v: f"{v / 60:.0f}",
+    "commit": lambda v: f"`{v[:7]}`",
+    "list": lambda v: ", ".join(map(str, v)),
+    "pcts": lambda v: ", ".join(f"{100 * x:.1f}" for x in v),
+}
+
+
+def lookup(data: object, path: str) -> object:
+    """The value at a `/`-joined path of keys and list items: a position, `KEY=VALUE` (the item whose KEY is VALUE)
+    or `KEY^=PREFIX` (the first whose KEY starts so); naming rows by what they are keeps a figure on its row when
+    rows are added to the file."""
+    for key in path.split("/"):
+        if isinstance(data, list):
+            field, op, wanted = re.fullmatch(r"(?:([\w-]+)(\^?=))?(.*)", key).groups()  # type: ignore[union-attr]
+            if not op:
+                data = data[int(wanted)]
+                continue
+            found = [item for item in data if str(item.get(field, "")) == wanted
+                     or (op == "^=" and str(item.get(field, "")).startswith(wanted))]
+            if not found:
+                raise SystemExit(f"no item with {key} in {path}")
+            data = found[0]
+        else:
+            data = data[key]  # type: ignore[index]
+    return data
 
 
 def config_reference() -> str:
@@ -115,14 +240,29 @@ def config_reference() -> str:
 
 
 def render_tables(text: str) -> str:
-    """Every results block of a markdown text, rendered anew from its JSON."""
-    def table(match: re.Match) -> str:
-        name = match.group(2)
+    """Every results block and inline figure of a markdown text, rendered anew from its JSON."""
+    def load(name: str) -> dict | None:
         source = REPO / "results" / f"{name}.json"
-        body = RENDERERS[name](json.loads(source.read_text())) if source.is_file() else \
-            f"(not measured yet: there is no results/{name}.json)"
-        return f"{match.group(1)}{body}\n{match.group(4)}"
-    return BLOCK.sub(table, text)
+        return json.loads(source.read_text()) if source.is_file() else None
+
+    def table(match: re.Match) -> str:
+        name, part = match.group(2), match.group(3)
+        data = load(name)
+        if data is None:
+            body = f"(not measured yet: there is no results/{name}.json)"
+        else:
+            body = RENDERERS[f"{name}:{part}" if part else name](data[part] if part else data)
+        return f"{match.group(1)}{body}\n{match.group(5)}"
+
+    def figure(match: re.Match) -> str:
+        name, path, form = match.group(2), match.group(3), match.group(4)
+        data = load(name)
+        if data is None:
+            raise SystemExit(f"an inline figure names results/{name}.json, which does not exist")
+        value = lookup(data, path)
+        return f"{match.group(1)}{FORMATS[form](value) if form else value}{match.group(6)}"
+
+    return INLINE.sub(figure, BLOCK.sub(table, text))
 
 
 def main() -> int:
