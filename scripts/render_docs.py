@@ -94,7 +94,15 @@ def label_issues(data: dict) -> str:
         row = data[name]
         lines.append(f"| {label} | {row['flagged']} | {pct(row['precision'])} | {pct(row['recall'])} "
                      f"| {where(data['provenance'])} |")
-    return f"{data['what']}; cv accuracy {spread(data['cv_accuracy'])}. `{data['command']}`\n\n" + "\n".join(lines)
+    real = ["| dataset | predictions | images flagged | groups flagged | whole groups | measured on |",
+            "|---|---|---|---|---|---|"]
+    for row in data.get("real_datasets", []):
+        real.append(f"| {row['dataset']} | {row['predictions']} | {row['flagged']:,} of {row['images']:,} | "
+                    f"{row['flagged_groups']:,} of {row['groups']:,} | {row['whole_groups']} | {where(row['provenance'])} |")
+    return (f"{data['what']}; cv accuracy {spread(data['cv_accuracy'])}. `{data['command']}`\n\n" + "\n".join(lines)
+            + (f"\n\n{data['note']}" if data.get("note") else "")
+            + ("\n\nOn the two real datasets, as published (no flips):\n\n" + "\n".join(real)
+               if data.get("real_datasets") else ""))
 
 
 def speed_rate(entry: dict) -> float:
