@@ -27,6 +27,7 @@ import numpy as np
 from ..cli import Parser, UserError, run_main
 from ..data.stream import numbered
 from ..files import write_atomic
+from ..output import say
 from ..pack.manifest import ShardManifest
 from . import pages
 from .cv import OOF_NAME
@@ -129,11 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = str(manifest.args.get("src", "?"))
     html = issues_page(source, rows, issues, uris, metas, args.max_shown)
     write_atomic(out / "label-issues.html", html)
-    print(f"{len(issues)} of {len(rows)} labels look wrong ({len(issues) / max(len(rows), 1):.1%}); wrote "
-          f"{out / 'label-issues.csv'}, {out / 'relabelled.csv'} and {out / 'label-issues.html'}")
+    say(f"{len(issues)} of {len(rows)} labels look wrong ({len(issues) / max(len(rows), 1):.1%}); wrote "
+        f"{out / 'label-issues.csv'}, {out / 'relabelled.csv'} and {out / 'label-issues.html'}")
     for r in issues[:10]:
-        print(f"  #{r['rank']} {metas.get(r['key'], {}).get('path', r['key'])}: given {r['label']}, suggested "
-              f"{r['suggested']} (p = {r['suggested_probability']:.3f})")
+        say(f"  #{r['rank']} {metas.get(r['key'], {}).get('path', r['key'])}: given {r['label']}, suggested "
+            f"{r['suggested']} (p = {r['suggested_probability']:.3f})")
     return 0
 
 
