@@ -13,7 +13,7 @@ from bloodcells_dist.config import build_config
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.rundir import RunDir
 
-from ..conftest import cli
+from ..helpers import cli
 
 TINY = {"image_size": "24,32", "widths": "4,8,8,8", "hidden": "16,16", "batch_size": "16", "tracker": "none",
         "workers": "0", "mixed_precision": "no", "val_split": "", "epochs": "2"}
