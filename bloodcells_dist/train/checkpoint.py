@@ -75,13 +75,14 @@ def check_resume(config: TrainConfig, resume: Path, overwrite: bool) -> TrainSta
     return read_state(checkpoint)
 
 
-def check_classes(state: TrainState, classes: list[str], resume: Path) -> None:
+def check_classes(resume: Path, classes: list[str]) -> None:
     """A UserError when a resume would continue a run on shards whose classes (names and label order) differ from
     those it was trained on."""
+    checkpoint = find_checkpoint(resume)
+    state = read_state(checkpoint)
     if state.classes and state.classes != list(classes):
-        raise UserError(f"cannot resume {find_checkpoint(resume)} on shards of classes {list(classes)}: the run was "
-                        f"trained on {state.classes}, and label indices would change meaning; resume with the run's "
-                        "shards")
+        raise UserError(f"cannot resume {checkpoint} on shards of classes {list(classes)}: the run was trained on "
+                        f"{state.classes}, and label indices would change meaning; resume with the run's shards")
 
 
 def read_state(checkpoint: Path) -> TrainState:

@@ -105,8 +105,8 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     manifest = manifests[0]  # the run's own data: it validates
     check_fold(config, manifest)
     classes = united_classes(manifests)  # with several shard folders, united by name
-    if resumed is not None:
-        check_classes(resumed, classes, resume)
+    if resume is not None:
+        check_classes(resume, classes)
     else:
         folder.refuse_earlier_run(overwrite)  # before the decoded cache is built
     # The model to start from, read (and refused if it is none) before any expensive work; a resume has its weights.
