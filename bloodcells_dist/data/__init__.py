@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from ..cli import UserError
+from ..output import say
 from ..pack.manifest import ShardManifest
 from .augment import DeviceAugment, training_augment
 from .batches import CachedBatches, StreamedBatches, shard_positions, streamed_eval_batches
@@ -84,7 +85,7 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest,
     train_rows = samples.select(train)
     if config.train_fraction < 1:
         train_rows, line = train_subset(train_rows, samples.groups, samples.labels, config.train_fraction, config.seed)
-        accelerator.print(line)
+        say(line)
     val_rows = samples.select(val) if val else torch.zeros(0, dtype=torch.long)
     plan = EpochPlan(len(train_rows), config.batch_size, accelerator.num_processes, config.grad_accum,
                      seed=config.seed, shuffle=config.shuffle)
@@ -92,11 +93,11 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest,
     device, rank = accelerator.device, accelerator.process_index
     seconds = time.perf_counter() - started
     if kind == "cache":
-        accelerator.print(f"data: cache ({why}; {'built' if built else 'loaded'} {path} in {seconds:.1f} s), "
-                          f"augmented in batches on {device.type}")
+        say(f"data: cache ({why}; {'built' if built else 'loaded'} {path} in {seconds:.1f} s), "
+            f"augmented in batches on {device.type}")
         return CachedBatches(samples.to(device), train_rows, val_rows, plan, augment, rank, device)
-    accelerator.print(f"data: stream ({why}; {config.workers} data worker(s) per process decode, "
-                      f"augmentation in batches on {device.type})")
+    say(f"data: stream ({why}; {config.workers} data worker(s) per process decode, "
+        f"augmentation in batches on {device.type})")
     urls = lambda names: [u for s in names for u in manifest.shard_urls(config.shards, s)]
     counts = {s: len(manifest.split(s).shards) for s in train.splits}
     return StreamedBatches(urls(train.splits), shard_positions(samples, counts, train_rows),

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import pickle
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..files import atomic_path
+from ..output import say, warn
 from ..pack.manifest import ShardManifest
 from .preprocess import Preprocess
 from .selection import Selection
@@ -190,9 +190,9 @@ def load_or_build(manifest: ShardManifest, shards: str, splits: Sequence[str], p
     if samples is not None:
         return samples, path, False
     if why:
-        print(f"data: the cache {path} is not used ({why}): rebuilding it", file=sys.stderr)
+        say(f"data: the cache {path} is not used ({why}): rebuilding it", every_rank=True, stderr=True)  # the builder
     samples = read_samples(manifest, shards, splits, preprocess, workers)
     problem = save_samples(samples, path, source)
     if problem:
-        print(f"warning: {problem}", file=sys.stderr)
+        warn(problem, every_rank=True)  # the process that built it
     return samples, path, True

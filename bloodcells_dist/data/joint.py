@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from ..cli import UserError
+from ..output import say
 from ..pack.manifest import ShardManifest
 from .augment import training_augment
 from .batches import CachedBatches
@@ -86,7 +87,7 @@ def open_joint_data(config: TrainConfig, folders: list[str], manifests: list[Sha
             samples, path, built = load_or_build(manifest, folder, splits, preprocess,
                                                  cache_dir=Path(config.cache_dir or default_cache_dir()),
                                                  workers=min(os.cpu_count() or 1, 16))
-        accelerator.print(f"data: {name}: cache {'built' if built else 'loaded'} ({path})")
+        say(f"data: {name}: cache {'built' if built else 'loaded'} ({path})")
         assert samples.images is not None
         to_united = torch.tensor([classes.index(next(c for c in classes if c.casefold() == name.casefold()))
                                   for name in manifest.classes])
@@ -96,7 +97,7 @@ def open_joint_data(config: TrainConfig, folders: list[str], manifests: list[Sha
         rows = samples.select(train)
         if config.train_fraction < 1 and name == names[0]:  # the run's own data: its learning curve
             rows, line = train_subset(rows, samples.groups, samples.labels, config.train_fraction, config.seed)
-            accelerator.print(line)
+            say(line)
         train_parts.append(rows + offset)
         if val is not None:
             val_parts[name] = samples.select(val) + offset

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..cli import Parser, UserError, run_main
 from ..data.selection import Selection
 from ..files import write_json
+from ..output import say
 from ..pack.manifest import ShardManifest
 from ..train.provenance import provenance
 from ..train.rundir import RunDir
@@ -125,13 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for fold in folds:
         run = args.output_dir / f"fold-{fold}"
         if not RunDir(run).finished():
-            print(f"fold {fold}: training in {run}", flush=True)
+            say(f"fold {fold}: training in {run}")
             command = fold_command(args.launcher, args.shards, run, fold, args.config, extra)
             if subprocess.run(command).returncode != 0:
                 raise UserError(f"fold {fold} failed (command: {shlex.join(command)}); rerun to resume it")
             if not RunDir(run).finished():  # stopped by a signal (preempted): checkpointed, exit 0 like the trainer
-                print(f"fold {fold} stopped before its end (checkpointed in {run}); rerun this command to resume it; "
-                      "no cv.json written", flush=True)
+                say(f"fold {fold} stopped before its end (checkpointed in {run}); rerun this command to resume it; "
+                    "no cv.json written")
                 return 0
         summary = json.loads(RunDir(run).final.read_text())
         results[fold] = summary.get("last_validation", summary.get("final"))  # "final" before version 0.2
@@ -147,12 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["provenance"] = provenance()
     write_json(args.output_dir / "cv.json", summary)
     for k, r in summary["folds"].items():
-        print(f"fold {k}: accuracy {r['accuracy']:.4f}  macro F1 {r['macro_f1']:.4f}  ({r['samples']} samples)")
-    print(report(summary, f"{len(folds)} folds"))
-    print(f"out-of-fold probabilities of {summary['out_of_fold']['samples']} images: {args.output_dir / OOF_NAME} "
-          f"(bloodcells label-issues {args.output_dir} ranks the labels they contradict)")
+        say(f"fold {k}: accuracy {r['accuracy']:.4f}  macro F1 {r['macro_f1']:.4f}  ({r['samples']} samples)")
+    say(report(summary, f"{len(folds)} folds"))
+    say(f"out-of-fold probabilities of {summary['out_of_fold']['samples']} images: {args.output_dir / OOF_NAME} "
+        f"(bloodcells label-issues {args.output_dir} ranks the labels they contradict)")
     if args.tta:
-        print(report(summary["tta"], "with TTA"))
+        say(report(summary["tta"], "with TTA"))
     return 0
 
 

@@ -29,6 +29,7 @@ from ..data import open_eval_data
 from ..data.preprocess import UnreadableImage, read_rgb
 from ..data.selection import Selection
 from ..files import read_user_text, write_atomic, write_json
+from ..output import say, warn
 from ..pack.manifest import ShardManifest
 from ..pack.sources import scan_images
 from ..train.metrics import format_metrics
@@ -171,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         files, left_out = folder_files(args.images, args.split, classes)
         if left_out and accelerator.is_main_process:
-            print(f"warning: {len(left_out)} file(s) left out: " + "; ".join(left_out[:5]), file=sys.stderr)
+            warn(f"{len(left_out)} file(s) left out: " + "; ".join(left_out[:5]))
         batches, unreadable = folder_batches(files, spec.preprocess.transform(), args.batch_size, rank, world)
     samples: list = []
     metrics = score(model, batches, accelerator, classes, tta=args.tta, samples=samples)
@@ -195,11 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(out / f"{stem}.json", metrics)
         save_confusion_png(metrics["confusion_matrix"], classes, out / f"{stem}-confusion.png",
                            f"{args.split}: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}")
-        print(format_metrics(metrics, classes))
+        say(format_metrics(metrics, classes))
         if skipped:
-            print(f"warning: {skipped} unreadable image(s) skipped: " + ", ".join(unreadable[:5]), file=sys.stderr)
-        print(f"wrote {out / (stem + '.json')}, {out / (stem + '.predictions.csv')} (one row per image) and "
-              f"{out / (stem + '-confusion.png')}")
+            warn(f"{skipped} unreadable image(s) skipped: " + ", ".join(unreadable[:5]))
+        say(f"wrote {out / (stem + '.json')}, {out / (stem + '.predictions.csv')} (one row per image) and "
+            f"{out / (stem + '-confusion.png')}")
     return 0
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from ..cli import Parser, UserError, run_main
 from ..data.stream import numbered
 from ..files import write_atomic
+from ..output import say
 from ..pack.manifest import ShardManifest
 from . import pages
 from .cv import OOF_NAME
@@ -176,13 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     html = issues_page(source, rows, issues, uris, metas, args.max_shown)
     write_atomic(out / "label-issues.html", html)
     groups = by_group(issues, metas)
-    print(f"{len(issues)} of {len(rows)} labels look wrong ({len(issues) / max(len(rows), 1):.1%}), in {len(groups)} "
-          f"group(s); wrote "
-          f"{out / 'label-issues.csv'}, {out / 'relabelled.csv'} and {out / 'label-issues.html'}")
+    say(f"{len(issues)} of {len(rows)} labels look wrong ({len(issues) / max(len(rows), 1):.1%}), in {len(groups)} "
+        f"group(s); wrote "
+        f"{out / 'label-issues.csv'}, {out / 'relabelled.csv'} and {out / 'label-issues.html'}")
     for g in groups[:10]:
-        print(f"  {g['group']}: {g['flagged']} of {g['images']} image(s) flagged, given {g['given']}, suggested "
-              f"{g['suggested']} (most suspect: #{g['first']['rank']} "
-              f"{metas.get(g['first']['key'], {}).get('path', g['first']['key'])})")
+        say(f"  {g['group']}: {g['flagged']} of {g['images']} image(s) flagged, given {g['given']}, suggested "
+            f"{g['suggested']} (most suspect: #{g['first']['rank']} "
+            f"{metas.get(g['first']['key'], {}).get('path', g['first']['key'])})")
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ..cli import Parser, UserError, output_file, run_main
 from ..data.preprocess import UnreadableImage, read_rgb
+from ..output import say
 from ..train.scoring import logits as model_logits
 from ..train.spec import ModelSpec, load_model
 from .export import SUFFIXES, load_exported
@@ -110,14 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             writer.writerow(row)
             unreadable += row[-1].startswith("unreadable")
             broken += bool(row[-1]) and not row[-1].startswith("unreadable")
-    print(f"{len(files)} images, {unreadable} unreadable" + (f", {broken} without a finite output" if broken else "")
-          + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+    say(f"{len(files)} images, {unreadable} unreadable" + (f", {broken} without a finite output" if broken else "")
+        + (f"; wrote {args.out}" if args.out else ""), stderr=True)
     if broken:
-        print(f"error: the model's output is not finite (inf or nan) for {broken} of {len(files)} image(s): its "
-              "weights or preprocessing are broken", file=sys.stderr)
+        say(f"error: the model's output is not finite (inf or nan) for {broken} of {len(files)} image(s): its "
+            "weights or preprocessing are broken", stderr=True)
         return 1
     if unreadable:  # the rows are written (with the reason), but a script must not take this run for a clean one
-        print(f"error: {unreadable} of {len(files)} image(s) could not be read (their rows say why)", file=sys.stderr)
+        say(f"error: {unreadable} of {len(files)} image(s) could not be read (their rows say why)", stderr=True)
         return 1
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..cli import Parser, UserError, run_main
 from ..files import atomic_path, read_user_yaml, write_atomic
+from ..output import say, warn
 from ..pack.manifest import ShardManifest
 from ..train.rundir import RunDir
 from ..train.scoring import eval_stem, save_confusion_png
@@ -95,9 +96,9 @@ def log_to_wandb(run: Path, images: dict[str, Path]) -> None:
         with wandb.init(project=project, dir=str(run), mode="offline",
                         name=f"{run.name}-report", job_type="report") as wb:
             wb.log({name: wandb.Image(str(path)) for name, path in images.items()})
-        print(f"logged {', '.join(images)} to an offline W&B run in {run / 'wandb'}")
+        say(f"logged {', '.join(images)} to an offline W&B run in {run / 'wandb'}")
     except Exception as err:  # a broken W&B install or config must not cost the user the PNGs
-        print(f"warning: W&B logging failed: {type(err).__name__}: {err}", file=sys.stderr)
+        warn(f"W&B logging failed: {type(err).__name__}: {err}")
 
 
 def run_pngs(run: Path) -> tuple[dict[str, Path], dict | None]:
@@ -113,8 +114,8 @@ def run_pngs(run: Path) -> tuple[dict[str, Path], dict | None]:
                            f"epoch {kept['epoch']} of {val[-1]['epoch']} ({which}): accuracy "
                            f"{kept['val/accuracy']:.3f}, macro F1 {kept['val/macro_f1']:.3f}")
     else:
-        print("note: no validation epochs logged, so no confusion matrix", file=sys.stderr)
-    print(f"{len(train)} training and {len(val)} validation records; wrote " + " and ".join(map(str, images.values())))
+        say("note: no validation epochs logged, so no confusion matrix", stderr=True)
+    say(f"{len(train)} training and {len(val)} validation records; wrote " + " and ".join(map(str, images.values())))
     return images, kept
 
 
@@ -136,7 +137,7 @@ def validation_evaluation(run: Path) -> tuple[Path | None, str]:
         return out, ""
     argv = ["--model", str(run), "--shards", shards, "--split", split, "--out", str(run), "--workers", "1",
             *(["--fold", str(fold)] if fold >= 0 else [])]
-    print(f"scoring the validation images: bloodcells evaluate {' '.join(argv)}", flush=True)
+    say(f"scoring the validation images: bloodcells evaluate {' '.join(argv)}")
     if run_main(evaluate.main, argv) != 0:
         return None, f"evaluating the validation split of {shards} failed (see above)"
     return out, ""
@@ -229,7 +230,7 @@ def evaluation_sections(evaluation: dict, classes: list[str], rows: list[dict],
         shown[i, j] = sorted(members, key=lambda r: -r["confidence"] if i != j else r["confidence"])[:per_cell]
     started = time.perf_counter()
     uris = thumbnails(evaluation, {r["key"] for r in errors[:max_errors]} | {r["key"] for m in shown.values() for r in m})
-    print(f"{len(uris)} thumbnails in {time.perf_counter() - started:.1f} s", flush=True)
+    say(f"{len(uris)} thumbnails in {time.perf_counter() - started:.1f} s")
     matrix = [[len(cells.get((i, j), [])) for j in range(len(classes))] for i in range(len(classes))]
     by_cell = "".join(
         f'<div id="cell-{i}-{j}"><h3>true {esc(classes[i])}, predicted {esc(classes[j])}: {len(cells[i, j])} '
@@ -349,12 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     html = build_page(title=title, run=run, curves=curves, evaluation=evaluation, predictions=predictions, note=note,
                       max_errors=args.max_errors)
     write_atomic(out, html)
-    print(f"wrote {out} ({len(html.encode()) / 2**20:.1f} MB) in {time.perf_counter() - started:.1f} s")
+    say(f"wrote {out} ({len(html.encode()) / 2**20:.1f} MB) in {time.perf_counter() - started:.1f} s")
     if args.wandb and images and run is not None:
         log_to_wandb(run, images)
     for wandb_run in sorted((run / "wandb").glob("*run-*")) if run is not None else []:
         upload = f"; upload: wandb sync {wandb_run}" if wandb_run.name.startswith("offline-") else ""
-        print(f"W&B run: {wandb_run}{upload}")
+        say(f"W&B run: {wandb_run}{upload}")
     return 0
 
 

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from ..cli import UserError
+from ..config import TrainConfig, build_config, check_resume_config, read_yaml
 from ..data.plan import stable_seed
 from ..files import remove_own_path, write_json
 from .rundir import STATE_NAME, RunDir
@@ -56,12 +57,27 @@ def find_checkpoint(path: Path) -> Path:
     return latest
 
 
-def check_resume(folder: RunDir, resume: Path, classes: list[str]) -> None:
-    """Before any work: a UserError when a resume would rewrite a finished run's record, or continue a run on
-    shards whose classes (names and label order) differ from those it was trained on."""
-    if folder.finished():
-        raise UserError(f"{folder} holds a finished run (final.json): a resume would rewrite its record; evaluate "
+def check_resume(config: TrainConfig, resume: Path, overwrite: bool) -> TrainState:
+    """Before any work, what a resume may not do: delete the run it continues (overwrite), write into another
+    folder than that run's, change a key that shapes the model, data or schedule (config.RESUMABLE says which may
+    change), or rewrite a finished run's record. Returns the state of the checkpoint it continues from."""
+    checkpoint = find_checkpoint(resume)
+    run = RunDir.of_checkpoint(checkpoint)
+    if Path(config.output_dir).resolve() != run.path.resolve():  # never into (or over) another run's folder
+        raise UserError(f"--resume continues the run in {run} and writes only there: drop --output-dir "
+                        f"{config.output_dir} (to start another run, train without --resume)")
+    if overwrite:
+        raise UserError("--resume continues a run and --overwrite deletes it: pass one of them")
+    check_resume_config(build_config(base=read_yaml(run.config)), config)
+    if run.finished():
+        raise UserError(f"{run} holds a finished run (final.json): a resume would rewrite its record; evaluate "
                         "it as it is, or train a new run into another --output-dir")
+    return read_state(checkpoint)
+
+
+def check_classes(resume: Path, classes: list[str]) -> None:
+    """A UserError when a resume would continue a run on shards whose classes (names and label order) differ from
+    those it was trained on."""
     checkpoint = find_checkpoint(resume)
     state = read_state(checkpoint)
     if state.classes and state.classes != list(classes):

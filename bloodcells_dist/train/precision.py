@@ -9,11 +9,12 @@ A launch config asking for fp16 or bf16 (`accelerate launch --mixed_precision ..
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..output import warn
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 dot products
 
@@ -77,5 +78,5 @@ def resolve_precision(requested: str, hardware: Hardware, launched: str = "no") 
 def warn_if_emulated(precision: str, hardware: Hardware) -> None:
     """One warning where bf16 was asked for on a CPU that can only emulate it."""
     if precision == "bf16" and not hardware.cuda and not hardware.cpu_native_bf16:
-        warnings.warn(f"mixed_precision bf16 on a CPU without native bf16 ({hardware.cpu_detail}) is emulated and "
-                      "several times slower than fp32: set mixed_precision auto (or no)", stacklevel=2)
+        warn(f"mixed_precision bf16 on a CPU without native bf16 ({hardware.cpu_detail}) is emulated and several "
+             "times slower than fp32: set mixed_precision auto (or no)")

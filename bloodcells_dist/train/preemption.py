@@ -18,6 +18,8 @@ from pathlib import Path
 import torch.distributed
 from accelerate import Accelerator
 
+from ..output import say
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # A collective waits at most the config's collective_timeout, then fails instead of hanging (gloo's default is
 # 30 min). Gloo notices a killed peer on the same network at once (connection reset); the timeout bounds the cases
@@ -96,7 +98,7 @@ class StopSignal:
         elif action == "stop":
             self.received = AT_STEP_ENV
         elif action == "pause":
-            print(f"paused at step {step}", flush=True)
+            say(f"paused at step {step}", every_rank=True)  # the rank the test paused
             sys.stdin.readline()
 
     def requested(self, accelerator: Accelerator) -> bool:

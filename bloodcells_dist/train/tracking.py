@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
-import warnings
 from pathlib import Path
 
 from accelerate import Accelerator
 
 from ..cli import debugging
 from ..files import open_own_file, write_atomic
+from ..output import warn
 from .rundir import RunDir
 
 
@@ -35,7 +34,7 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
         except json.JSONDecodeError:
             torn += 1
     if torn:
-        print(f"warning: skipped {torn} unreadable (torn) line(s) of {path}", file=sys.stderr)
+        warn(f"skipped {torn} unreadable (torn) line(s) of {path}")
     return records
 
 
@@ -90,7 +89,7 @@ class Tracker:
             if debugging():
                 raise
             self.enabled = False
-            warnings.warn(f"experiment tracker disabled after an error: {type(err).__name__}: {err}", stacklevel=3)
+            warn(f"experiment tracker disabled after an error: {type(err).__name__}: {err}")
 
     def log(self, values: dict, step: int) -> None:
         """Scalars at an optimizer step."""

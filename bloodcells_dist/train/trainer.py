@@ -3,9 +3,10 @@
     accelerate launch [--config_file launch/X.yaml] -m bloodcells_dist.train --shards DIR --output-dir RUN \\
         [--config RECIPE.yaml] [--key value ...] [--resume RUN_OR_CHECKPOINT] [--overwrite]
 
-`train()` reads top to bottom: setup (shards, Accelerator, the run folder and its lock, data, model, optimizer,
-state), then every epoch's optimizer steps (`train_epoch`, one `train_step` per micro-batch), the epoch's end
-(`end_epoch`: validate, keep the best weights, checkpoint), and `finish` (the last weights, final.json).
+`train()` reads top to bottom: the resume checks, setup (shards, Accelerator, the run folder and its lock, data,
+model, optimizer, state), then `train_loop` (every epoch's steps, micro-batch by micro-batch, and the epoch's end
+in `end_epoch`: validate, keep the best weights, checkpoint), and `finish` (the last weights, final.json).
+What stays put is the frozen `Run`; what changes, and every checkpoint saves, is `TrainState`.
 Weights: `best.safetensors` (the best validation epoch, in a run that validates) and `last.safetensors` (the end
 of training, in every run). A run that trains on train + val has no validation and so only `last`.
 """
@@ -18,8 +19,7 @@ import os
 import random
 import sys
 import time
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,20 +31,21 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast, broadcast_object_list, set_seed
 
 from ..cli import Parser, UserError, run_main
-from ..config import TrainConfig, add_config_arguments, build_config, check_resume_config, config_overrides, read_yaml
+from ..config import TrainConfig, add_config_arguments, build_config, config_overrides, read_yaml
 from ..data import open_training_data
 from ..data.batches import CachedBatches, StreamedBatches
 from ..data.joint import dataset_names, open_joint_data, united_classes
 from ..data.plan import Segment, stable_seed
 from ..data.selection import training_selections
+from ..output import say, warn
 from ..pack.manifest import ShardManifest
 from ..progress import device_name, eta_line, progress, start_summary
 from .checkpoint import (
+    check_classes,
     check_resume,
     check_shared_run_dir,
     find_checkpoint,
     load_checkpoint,
-    read_state,
     rng_isolated,
     save_checkpoint,
 )
@@ -65,9 +66,10 @@ LAYOUT_KEYS = ("processes", "grad_accum", "workers")  # what starts a new segmen
 AUTO = "auto"  # --resume auto: the run folder's newest checkpoint, else a fresh start
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """The parts of a training run that stay put while it runs (what the step and epoch functions share)."""
+    """What stays put while a run goes, shared by the loop and its helpers: these objects, never replaced (the
+    model's weights and the optimizer's buffers change inside them). What changes, and is saved, is TrainState."""
 
     config: TrainConfig
     accelerator: Accelerator
@@ -81,7 +83,6 @@ class Run:
     stop: StopSignal
     total_steps: int
     warmup_steps: int
-    first_bad: torch.Tensor  # first step of the epoch whose loss was inf/nan, on the device (no host sync)
 
     def save(self, path: Path) -> None:
         """The plain network's weights (no DDP or compile wrapper) with the spec, from the main process."""
@@ -93,6 +94,10 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     """Train as configured (continuing from a checkpoint if given); return final.json's contents.
     allow_pipe: accept `pipe:` shard locations (shell commands); never from a config file."""
     # Setup. User errors first, on every rank, before Accelerate starts a process group.
+    resumed = check_resume(config, resume, overwrite) if resume is not None else None  # the checkpoint's state
+    if config.validate_on_train and config.val_fold < 0 and config.val_split in config.train_splits:
+        warn(f"validate_on_train: validation on {config.val_split!r} scores samples the model trains on; its "
+             "figures (and the best weights it picks) are optimistic; final.json says so")
     folder = RunDir(config.output_dir)
     folder.create()
     folders = config.shard_folders()
@@ -100,10 +105,8 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     manifest = manifests[0]  # the run's own data: it validates
     check_fold(config, manifest)
     classes = united_classes(manifests)  # with several shard folders, united by name
-    saved: dict = {}  # the resumed run's layout
     if resume is not None:
-        check_resume(folder, resume, classes)
-        saved = read_state(find_checkpoint(resume)).layout
+        check_classes(resume, classes)
     else:
         folder.refuse_earlier_run(overwrite)  # before the decoded cache is built
     # The model to start from, read (and refused if it is none) before any expensive work; a resume has its weights.
@@ -112,14 +115,13 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
     precision, why = resolve_precision(config.mixed_precision, hardware, launch_precision())
     accelerator = make_accelerator(config, precision)
     with hold_folder(accelerator, folder):  # one training per run folder, before anything is written there
-        if accelerator.is_main_process:
-            warn_if_emulated(precision, hardware)
+        warn_if_emulated(precision, hardware)
         origin = provenance(device=device_name(accelerator), precision=f"{precision} ({why})",
                             processes=accelerator.num_processes)
         data = (open_joint_data(config, folders, manifests, classes, accelerator) if len(manifests) > 1 or
                 config.shard_weights else open_training_data(config, manifest, accelerator))
         # A resume on another number of processes keeps the run's global batch and steps (plan.py says how).
-        data.plan = data.plan.resumed_on(saved)
+        data.plan = data.plan.resumed_on(resumed.layout if resumed is not None else {})
         accelerator.gradient_accumulation_steps = data.plan.grad_accum
         steps_per_epoch = data.plan.steps_per_epoch
         spec = ModelSpec.from_config(config.to_dict(), classes, provenance=origin,
@@ -148,26 +150,72 @@ def train(config: TrainConfig, *, resume: Path | None = None, overwrite: bool = 
                       tracker=Tracker(accelerator, kind=config.tracker, project=config.wandb_project,
                                       config=config.to_dict(), run_dir=folder.path, group=config.wandb_group),
                       total_steps=steps_per_epoch * config.epochs,
-                      warmup_steps=int(config.warmup_epochs * steps_per_epoch),
-                      first_bad=torch.full((), NO_STEP, device=accelerator.device))
-            accelerator.print(start_summary(accelerator, precision=precision, why=why, batch_size=config.batch_size,
-                                            grad_accum=config.grad_accum, steps_per_epoch=steps_per_epoch,
-                                            epochs=config.epochs,
-                                            data=f"{config.shards}: {data.plan.samples} training samples "
-                                                 f"({data.plan.remainder} left out of each epoch) from the {data.kind}"))
-
-            # The loop: every epoch's steps, then its end; a stop signal ends it at a step, checkpointed.
-            first_epoch = state.epoch
-            for epoch in range(first_epoch, config.epochs):
-                state.epoch = epoch
-                started = time.perf_counter()
-                train_epoch(run, state)
-                if stop.stopping:
-                    break
-                end_epoch(run, state, started)
-                if epoch == first_epoch and epoch + 1 < config.epochs:
-                    accelerator.print(eta_line(time.perf_counter() - started, config.epochs - epoch - 1))
+                      warmup_steps=int(config.warmup_epochs * steps_per_epoch))
+            say(start_summary(accelerator, precision=precision, why=why, batch_size=config.batch_size,
+                              grad_accum=config.grad_accum, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                              data=f"{config.shards}: {data.plan.samples} training samples "
+                                   f"({data.plan.remainder} left out of each epoch) from the {data.kind}"))
+            train_loop(run, state)
             return finish(run, state, data.plan.samples)
+
+
+def train_loop(run: Run, state: TrainState) -> None:
+    """Every epoch's optimizer steps from where `state` stands, then the epoch's end (validation, the best weights,
+    a checkpoint). A stop signal on any rank ends it at a step boundary, checkpointed. Collective."""
+    config, accelerator, model, plan = run.config, run.accelerator, run.model, run.data.plan
+    first_epoch, rank = state.epoch, accelerator.process_index
+    for epoch in range(first_epoch, config.epochs):
+        state.epoch, started = epoch, time.perf_counter()
+        done = state.step - epoch * plan.steps_per_epoch  # the epoch's optimizer steps taken before
+        if done < plan.steps_per_epoch:  # else stopped after the epoch's last step: only its end is left
+            model.train()
+            if epoch < config.freeze_epochs:  # the conv blocks stay as they are: BatchNorm uses its running statistics
+                accelerator.unwrap_model(model).features.eval()
+            first_bad = torch.full((), NO_STEP, device=accelerator.device)  # first inf/nan step, kept on the device
+            window, micro, clock = LossWindow(accelerator.device), 0, time.perf_counter()  # micro: within the step
+            bar = progress(epoch_batches(run, state, done), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                           disable=not accelerator.is_main_process, leave=False)
+            for images, labels in bar:
+                with accelerator.accumulate(model):  # the optimizer steps on a step's last micro-batch only
+                    loss = mixup_loss(model, images, labels, config, (state.step, micro, rank))
+                    first_bad = torch.minimum(first_bad, torch.where(loss.isfinite(), NO_STEP, state.step + 1))
+                    # Weighted by the micro-batch's share of the global batch (1 when the step splits evenly): a
+                    # short or uneven step then counts each sample as much as a full, even one does.
+                    accelerator.backward(loss * (len(labels) * plan.slices / plan.global_batch))
+                    stepped = accelerator.sync_gradients  # the last micro-batch of an optimizer step
+                    if stepped:
+                        rate = lr_at(state.step, schedule=config.schedule, peak=config.lr, total=run.total_steps,
+                                     warmup=run.warmup_steps)
+                        for group in run.optimizer.param_groups:
+                            group["lr"] = rate * group.get("lr_scale", 1.0)
+                        if epoch < config.freeze_epochs:  # no update, momentum or weight decay for the conv blocks
+                            for parameter in feature_parameters(accelerator.unwrap_model(model)):
+                                parameter.grad = None
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                window.add(loss.detach())
+                micro = 0 if stepped else micro + 1
+                if not stepped:
+                    continue
+                state.step += 1
+                # every log_every steps, and the epoch's last step: a run shorter than log_every still has a curve
+                if state.step % config.log_every == 0 or state.step == (epoch + 1) * plan.steps_per_epoch:
+                    log_training(run, state, window, first_bad, bar)
+                if run.stop.requested(accelerator) or (config.checkpoint_every and state.step % config.checkpoint_every == 0):
+                    state.train_seconds += time.perf_counter() - clock  # up to date in every checkpoint
+                    checkpoint(run, state, first_bad)
+                    clock = time.perf_counter()
+                    if run.stop.stopping:  # every rank agreed at this step boundary
+                        break
+                run.stop.at_step(state.step, rank)  # the tests' hook: a no-op unless they set it
+            bar.close()
+            stop_if_nonfinite(run, state, first_bad)  # before validation and the epoch's checkpoint
+            state.train_seconds += time.perf_counter() - clock
+            if run.stop.stopping:
+                return
+        end_epoch(run, state, started)
+        if epoch == first_epoch and epoch + 1 < config.epochs:
+            say(eta_line(time.perf_counter() - started, config.epochs - epoch - 1))
 
 
 def check_fold(config: TrainConfig, manifest: ShardManifest) -> None:
@@ -192,9 +240,9 @@ def make_accelerator(config: TrainConfig, precision: str) -> Accelerator:
     # group keys there, and a rank may connect to a dead peer's address (pytorch/pytorch#135712).
     if (env.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             and env.get("LOCAL_RANK", "0") == "0"):
-        warnings.warn("this group was restarted in the launcher's store, which still holds the previous group's "
-                      "addresses: if it fails to connect, launch with --rdzv_backend c10d and "
-                      "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/training.md)", stacklevel=1)
+        warn("this group was restarted in the launcher's store, which still holds the previous group's addresses: if "
+             "it fails to connect, launch with --rdzv_backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+             "(docs/training.md)", every_rank=True)  # each machine's first process: its own launcher's store
     # With no GPU, torchrun-launched processes must be told they are CPU processes to form a gloo group.
     try:
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
@@ -236,7 +284,7 @@ def build_model(config: TrainConfig, spec: ModelSpec, accelerator: Accelerator,
     started_from: dict = {}
     if source is not None:
         started_from, line = start_from(model, spec, config.init_from, config.class_map, loaded=source)
-        accelerator.print(line)
+        say(line)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(optimizer_groups(model, config.features_lr), lr=config.lr, momentum=config.momentum,
@@ -256,7 +304,7 @@ def refit_statistics(model: torch.nn.Module, data: CachedBatches | StreamedBatch
     for buffer in features.buffers():
         if buffer.is_floating_point():
             buffer.copy_(accelerator.reduce(buffer.clone(), reduction="mean"))
-    accelerator.print(f"bn_refit: BatchNorm statistics re-estimated on {used} training batch(es)")
+    say(f"bn_refit: BatchNorm statistics re-estimated on {used} training batch(es)")
 
 
 def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, overwrite: bool,
@@ -265,9 +313,9 @@ def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, o
     if resume is not None:
         checkpoint = find_checkpoint(resume)
         state = load_checkpoint(accelerator, checkpoint, layout, seed)
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        say(f"resumed from {checkpoint} at step {state.step}")
         if state.layout.get("processes", layout["processes"]) != layout["processes"]:
-            accelerator.print(f"resumed on {layout['processes']} process(es) where {state.layout['processes']} "
+            say(f"resumed on {layout['processes']} process(es) where {state.layout['processes']} "
                               f"saved it: global batch {layout['global_batch']} kept, grad_accum "
                               f"{state.layout['grad_accum']} -> {layout['grad_accum']}, each micro-batch's loss "
                               f"weighted by its share; every rank's random stream reseeded from (seed, step, rank)")
@@ -281,75 +329,17 @@ def start_state(accelerator: Accelerator, folder: RunDir, resume: Path | None, o
     return state
 
 
-def train_epoch(run: Run, state: TrainState) -> None:
-    """The epoch's optimizer steps from where the state stands; returns early, after a checkpoint, when a stop
-    signal reached any rank. state.train_seconds is brought up to date before every checkpoint."""
-    config, accelerator, plan = run.config, run.accelerator, run.data.plan
-    step = state.step - state.epoch * plan.steps_per_epoch  # the epoch's optimizer steps done
-    if step >= plan.steps_per_epoch:  # stopped after the epoch's last step: only its end is left
-        return
-    here = dataclasses.asdict(Segment(step if state.segments else 0, accelerator.num_processes, plan.grad_accum,
-                                      max(config.workers, 1)))
+def epoch_batches(run: Run, state: TrainState, done: int) -> Iterator:
+    """The epoch's micro-batches from its optimizer step `done` on, cut for this layout (processes, grad_accum,
+    workers), which state.segments records: a new segment when a resume changed it mid-epoch. Drawing them never
+    moves the global RNG (dropout's)."""
+    accelerator, plan = run.accelerator, run.data.plan
+    here = dataclasses.asdict(Segment(done if state.segments else 0, accelerator.num_processes, plan.grad_accum,
+                                      max(run.config.workers, 1)))
     if not state.segments or any(state.segments[-1][k] != here[k] for k in LAYOUT_KEYS):
         state.segments.append(here)  # the epoch's first layout, or a new one from this step on
-    run.model.train()
-    if state.epoch < config.freeze_epochs:  # the conv blocks stay as they are: BatchNorm uses its running statistics
-        accelerator.unwrap_model(run.model).features.eval()
-    run.first_bad = torch.full((), NO_STEP, device=accelerator.device)
-    window = LossWindow(accelerator.device)
-    clock = time.perf_counter()
     segments = [Segment(**s) for s in state.segments]
-    batches = rng_isolated(run.data.train_batches(state.epoch, step, segments))  # the data never moves dropout's RNG
-    bar = progress(batches, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not accelerator.is_main_process, leave=False)
-    micro = 0  # micro-batch within the optimizer step
-    for images, labels in bar:
-        stepped, loss = train_step(run, state, images, labels, micro)
-        window.add(loss)
-        micro = 0 if stepped else micro + 1
-        if not stepped:
-            continue
-        # every log_every steps, and the epoch's last step: a run shorter than log_every still has a curve
-        if state.step % config.log_every == 0 or state.step == (state.epoch + 1) * run.data.plan.steps_per_epoch:
-            log_training(run, state, window, bar)
-        if run.stop.requested(accelerator) or (config.checkpoint_every and state.step % config.checkpoint_every == 0):
-            state.train_seconds += time.perf_counter() - clock
-            checkpoint(run, state)
-            clock = time.perf_counter()
-            if run.stop.stopping:  # every rank agreed at this step boundary
-                break
-        run.stop.at_step(state.step, accelerator.process_index)  # the tests' hook: a no-op unless they set it
-    bar.close()
-    stop_if_nonfinite(run, state)  # before validation and the epoch's checkpoint
-    state.train_seconds += time.perf_counter() - clock
-
-
-def train_step(run: Run, state: TrainState, images: torch.Tensor, labels: torch.Tensor,
-               micro: int) -> tuple[bool, torch.Tensor]:
-    """One micro-batch: forward, backward and, on the last micro-batch of an optimizer step, the update (at
-    this step's learning rate). Returns whether an optimizer step was completed (state.step moved on) and the
-    micro-batch's loss (on the device)."""
-    config, accelerator = run.config, run.accelerator
-    with accelerator.accumulate(run.model):
-        loss = mixup_loss(run.model, images, labels, config, (state.step, micro, accelerator.process_index))
-        run.first_bad = torch.minimum(run.first_bad, torch.where(loss.isfinite(), NO_STEP, state.step + 1))
-        # Weighted by the micro-batch's share of the global batch (1 when the step splits evenly): a short or
-        # uneven step then counts each sample as much as a full, even one does.
-        accelerator.backward(loss * (len(labels) * run.data.plan.slices / run.data.plan.global_batch))
-        stepped = accelerator.sync_gradients  # the last micro-batch of an optimizer step
-        if stepped:
-            rate = lr_at(state.step, schedule=config.schedule, peak=config.lr, total=run.total_steps,
-                         warmup=run.warmup_steps)
-            for group in run.optimizer.param_groups:
-                group["lr"] = rate * group.get("lr_scale", 1.0)
-            if state.epoch < config.freeze_epochs:  # no update, no momentum, no weight decay for the conv blocks
-                for parameter in feature_parameters(accelerator.unwrap_model(run.model)):
-                    parameter.grad = None
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    if stepped:
-        state.step += 1
-    return stepped, loss.detach()
+    return rng_isolated(run.data.train_batches(state.epoch, done, segments))
 
 
 def mixup_loss(model, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, key: tuple) -> torch.Tensor:
@@ -381,9 +371,9 @@ class LossWindow:
         self.batches, self.start = 0, time.perf_counter()
 
 
-def log_training(run: Run, state: TrainState, window: LossWindow, bar) -> None:
+def log_training(run: Run, state: TrainState, window: LossWindow, first_bad: torch.Tensor, bar) -> None:
     """A metrics line (and a tracker point): the mean loss over all ranks since the last one. Collective."""
-    stop_if_nonfinite(run, state)  # before logging or saving anything
+    stop_if_nonfinite(run, state, first_bad)  # before logging or saving anything
     accelerator, config = run.accelerator, run.config
     mean_loss = accelerator.reduce(window.total / window.batches, reduction="mean").item()
     rate = window.batches * config.batch_size * accelerator.num_processes / (time.perf_counter() - window.start)
@@ -395,9 +385,10 @@ def log_training(run: Run, state: TrainState, window: LossWindow, bar) -> None:
     window.reset()
 
 
-def stop_if_nonfinite(run: Run, state: TrainState) -> None:
-    """Stop every rank with one error naming the first step whose loss was inf/nan. Collective (a gather)."""
-    step = int(run.accelerator.gather(run.first_bad.reshape(1)).min().item())
+def stop_if_nonfinite(run: Run, state: TrainState, first_bad: torch.Tensor) -> None:
+    """Stop every rank with one error naming the first step whose loss was inf/nan (first_bad on each rank, NO_STEP
+    for none). Collective (a gather)."""
+    step = int(run.accelerator.gather(first_bad.reshape(1)).min().item())
     if step != NO_STEP:
         latest = run.folder.latest_checkpoint()
         kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before it"
@@ -405,9 +396,9 @@ def stop_if_nonfinite(run: Run, state: TrainState) -> None:
                         f"{kept}; lower --lr or check the data")
 
 
-def checkpoint(run: Run, state: TrainState) -> None:
+def checkpoint(run: Run, state: TrainState, first_bad: torch.Tensor) -> None:
     """A checkpoint of a model known to be finite. Collective."""
-    stop_if_nonfinite(run, state)
+    stop_if_nonfinite(run, state, first_bad)
     save_checkpoint(run.accelerator, run.folder, state, run.config.keep_checkpoints)
 
 
@@ -429,14 +420,14 @@ def end_epoch(run: Run, state: TrainState, started: float) -> None:
         run.log.write({"step": state.step, "epoch": epoch + 1, "epoch_seconds": time.perf_counter() - started,
                        **{f"val/{k}": metrics[k] for k in ("accuracy", "macro_f1", "samples")}, "val": metrics})
         run.tracker.log_validation(metrics, list(run.spec.classes), step=state.step, epoch=epoch + 1)
-        accelerator.print(f"epoch {epoch + 1}: " + format_metrics(metrics, list(run.spec.classes)))
+        say(f"epoch {epoch + 1}: " + format_metrics(metrics, list(run.spec.classes)))
         for dataset in run.data.extra_val:  # further datasets, each on its own (they never pick the weights)
             extra = score(accelerator.unwrap_model(run.model), run.data.eval_batches(dataset), accelerator,
                           list(run.spec.classes))
             run.log.write({"step": state.step, "epoch": epoch + 1, "dataset": dataset,
                            **{f"val/{dataset}/{k}": extra[k] for k in ("accuracy", "macro_f1", "samples")}})
             run.tracker.log({f"val/{dataset}/{k}": extra[k] for k in ("accuracy", "macro_f1")}, step=state.step)
-            accelerator.print(f"epoch {epoch + 1}, {dataset}: accuracy {extra['accuracy']:.4f}  macro F1 "
+            say(f"epoch {epoch + 1}, {dataset}: accuracy {extra['accuracy']:.4f}  macro F1 "
                               f"{extra['macro_f1']:.4f}  ({extra['samples']} samples)")
         if metrics["macro_f1"] > state.best_macro_f1:
             state.best_macro_f1, state.best = metrics["macro_f1"], {**metrics, "epoch": epoch + 1}
@@ -450,7 +441,7 @@ def finish(run: Run, state: TrainState, train_samples: int) -> dict:
     config, accelerator = run.config, run.accelerator
     if run.stop.stopping:
         run.tracker.finish()
-        accelerator.print(f"stopped by a signal ({run.stop.received or 'on another process'}) at step {state.step}: "
+        say(f"stopped by a signal ({run.stop.received or 'on another process'}) at step {state.step}: "
                           f"checkpoint written; `--resume {run.folder}` continues the run")
         return {"stopped": True, "steps": state.step}
     sync_batchnorm_stats(run.model)  # collective: every rank
@@ -465,7 +456,7 @@ def finish(run: Run, state: TrainState, train_samples: int) -> dict:
     if accelerator.is_main_process:
         run.folder.write_final(summary)
     if state.best:
-        accelerator.print(f"best val macro F1 {state.best['macro_f1']:.4f} (accuracy {state.best['accuracy']:.4f}) "
+        say(f"best val macro F1 {state.best['macro_f1']:.4f} (accuracy {state.best['accuracy']:.4f}) "
                           f"at epoch {state.best['epoch']}; run folder {run.folder}")
     return summary
 
@@ -479,7 +470,7 @@ def resume_auto(output_dir: str | None) -> tuple[Path | None, bool]:
         return None, True
     if folder.latest_checkpoint() is None:
         if folder.path.exists() and folder.run_files():  # an attempt killed before its first checkpoint
-            print(f"--resume auto: no complete checkpoint in {folder}: starting fresh (removing "
+            say(f"--resume auto: no complete checkpoint in {folder}: starting fresh (removing "
                   f"{', '.join(p.name for p in folder.run_files())})")
         return None, False
     return folder.path, False
@@ -500,42 +491,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="accept a pipe: shard location (webdataset runs it as a shell command); only if you trust it")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    auto = args.resume == Path(AUTO)
     overrides = config_overrides(args)
-    if args.resume == Path(AUTO):
+    auto = args.resume == Path(AUTO)
+    if auto:
         args.resume, finished = resume_auto(overrides.get("output_dir"))
         if finished:
-            print(f"{overrides['output_dir']} holds a finished run (final.json): nothing to do")
+            say(f"{overrides['output_dir']} holds a finished run (final.json): nothing to do")
             return 0
     base = None
-    if args.resume is not None:
-        checkpoint_folder = find_checkpoint(args.resume)
-        resumed = RunDir.of_checkpoint(checkpoint_folder)
+    if args.resume is not None:  # the run's own config, under the flags given; train() refuses what may not change
+        resumed = RunDir.of_checkpoint(find_checkpoint(args.resume))
         base = read_yaml(resumed.config)
-        # Resume writes only into the run it continues: never into (or over) another run's folder.
-        if "output_dir" in overrides and Path(overrides["output_dir"]).resolve() != resumed.path.resolve():
-            raise UserError(f"--resume continues the run in {resumed} and writes only there: drop --output-dir "
-                            f"{overrides['output_dir']} (to start another run, train without --resume)")
-        overrides["output_dir"] = str(resumed.path)
+        overrides.setdefault("output_dir", str(resumed.path))
     config = build_config(args.config, overrides, base=base)
-    if args.resume is not None and args.overwrite:
-        raise UserError("--resume continues a run and --overwrite deletes it: pass one of them")
-    if base is not None:
-        check_resume_config(build_config(base=base), config)
-    if config.validate_on_train and config.val_fold < 0 and config.val_split in config.train_splits:
-        warnings.warn(f"validate_on_train: validation on {config.val_split!r} scores samples the model trains on; its "
-                      "figures (and the best weights it picks) are optimistic; final.json says so", stacklevel=1)
     try:
-        train(config, resume=args.resume, overwrite=args.overwrite or auto, allow_pipe=args.allow_pipe)
+        # --resume auto with nothing to resume starts afresh over what a killed first attempt left
+        train(config, resume=args.resume, overwrite=args.overwrite or (auto and args.resume is None),
+              allow_pipe=args.allow_pipe)
     except RuntimeError as err:
         if not lost_peer(err):
             raise
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         silent = silent_ranks(Path(config.output_dir), rank, world, grace=min(30.0, 2 + config.collective_timeout / 10))
         who = f"rank {', '.join(map(str, silent))}" if silent else "a rank"
-        print(f"error: lost contact with another process of this run: {who} stopped answering within "
-              f"collective_timeout {config.collective_timeout:g} s, or died ({str(err).strip().splitlines()[0][:300]}); "
-              f"see its log; `--resume {config.output_dir}` continues from the last checkpoint", file=sys.stderr)
+        say(f"error: lost contact with another process of this run: {who} stopped answering within "
+            f"collective_timeout {config.collective_timeout:g} s, or died ({str(err).strip().splitlines()[0][:300]}); "
+            f"see its log; `--resume {config.output_dir}` continues from the last checkpoint", every_rank=True,
+            stderr=True)
         return 1
     if torch.distributed.is_initialized():  # rank 0 may host the launcher's store: leave the group before exiting
         torch.distributed.destroy_process_group()

@@ -14,7 +14,6 @@ one does.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ..cli import UserError
+from ..output import warn
 from .spec import ModelSpec, load_model
 
 EXPORT_SUFFIXES = (".pt2", ".pt")  # torch.export and TorchScript exports keep the module's parameter names
@@ -177,8 +177,8 @@ def start_from(model: nn.Module, spec: ModelSpec, path: str, class_map_entries: 
     match, fresh_layers = transfer_weights(model, spec, state, source, parse_class_map(class_map_entries))
     changed = preprocessing_differences(source, spec)
     if changed:
-        warnings.warn(f"init_from {path}: this run prepares images otherwise than the source model did "
-                      f"({'; '.join(changed)}): its features were learnt on other inputs", stacklevel=2)
+        warn(f"init_from {path}: this run prepares images otherwise than the source model did "
+             f"({'; '.join(changed)}): its features were learnt on other inputs")
     record = {"source": str(path), "dataset": source.dataset, "classes": match.record(),
               "fresh_layers": fresh_layers, "preprocessing_changed": changed,
               "commit": source.provenance.get("git_commit", source.provenance.get("commit", "")),

@@ -106,15 +106,15 @@ def test_a_run_folder_a_hub_folder_a_weights_file_and_an_export_all_start_a_mode
         assert line.startswith(f"init_from {path} (dataset synthetic, 4 classes): kept 2")
 
 
-def test_another_image_size_keeps_the_conv_blocks_starts_fc1_fresh_and_warns(source_run, recwarn):
+def test_another_image_size_keeps_the_conv_blocks_starts_fc1_fresh_and_warns(source_run, capsys):
     config = build_config(overrides={**TINY, "image_size": "32,32"})
     target = ModelSpec.from_config(config.to_dict(), list(SOURCE_CLASSES))
     model = fresh_model(target)
     record, line = start_from(model, target, str(source_run), [])
     assert record["fresh_layers"] == ["FC1"] and line.endswith("fresh layers: FC1")
     assert record["preprocessing_changed"] == ["image_size [24, 32] -> [32, 32]"]
-    assert any("prepares images otherwise than the source model did (image_size [24, 32] -> [32, 32])"
-               in str(w.message) for w in recwarn)
+    assert (f"warning: init_from {source_run}: this run prepares images otherwise than the source model did "
+            "(image_size [24, 32] -> [32, 32])") in capsys.readouterr().err
     source = load_model(source_run)[0].state_dict()
     assert torch.equal(model.state_dict()["features.3.0.weight"], source["features.3.0.weight"])
 
