@@ -13,7 +13,6 @@ figure is what the run saw. `--plot-only` redraws the picture from the results f
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import tarfile
@@ -34,7 +33,7 @@ def shard_groups(shards: Path) -> list[tuple[str, str, int]]:
             with tarfile.open(shards / shard["file"]) as tar:
                 for member in tar:
                     if member.name.endswith(".json"):
-                        meta = json.load(io.TextIOWrapper(tar.extractfile(member)))
+                        meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
                         out.append((meta["group"], meta["class_name"], meta["fold"]))
     return out
 
