@@ -116,6 +116,9 @@ def plot(data: dict, path: Path) -> None:
             ax.scatter([xi] * sum(f is not None for f in p["folds"]), [100 * f for f in p["folds"] if f is not None],
                        s=8, alpha=0.35, color=ax.lines[-1].get_color())
     ax.set_xscale("log")
+    ticks = sorted({round(statistics.fmean(p["cells"])) for p in data["points"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("training cells per fold (mean over the 5 folds; log scale)")
     ax.set_ylabel("honest CV accuracy (%)")
     ax.set_title("blood-cells: how many cells does a model need?", fontsize=10)

@@ -105,6 +105,20 @@ def label_issues(data: dict) -> str:
                if data.get("real_datasets") else ""))
 
 
+def learning_curve(data: dict) -> str:
+    """Honest CV accuracy against the cells each fold trained on, from scratch and from the PBC model."""
+    lines = ["| start | share of each fold's cells | cells a fold trained on | honest CV | per fold | macro F1 | "
+             "steps a fold | measured on |", "|---|---|---|---|---|---|---|---|"]
+    starts = {"scratch": "from scratch (`best.yaml`)", "pbc": "from PBC (`bloodcells-finetune.yaml`)"}
+    for row in sorted(data["points"], key=lambda r: (r["fraction"], r["start"])):
+        cells = f"{min(row['cells'])}-{max(row['cells'])}" if min(row["cells"]) != max(row["cells"]) else str(row["cells"][0])
+        steps = f"{min(row['steps'])}-{max(row['steps'])}" if row.get("steps") else "-"
+        folds = ", ".join("-" if f is None else f"{100 * f:.1f}" for f in row["folds"])
+        lines.append(f"| {starts[row['start']]} | {pct(row['fraction'], 0)} | {cells} | **{spread(row['accuracy'])}** | "
+                     f"{folds} | {spread(row['macro_f1'], False)} | {steps} | {where(row['provenance'])} |")
+    return "\n".join(lines)
+
+
 def speed_rate(entry: dict) -> float:
     """A path's images/s: the median of its rounds, or the one figure recorded."""
     return statistics.median(entry["rounds"]) if entry.get("rounds") else entry["img_per_s"]
@@ -190,7 +204,7 @@ def cells(data: dict) -> str:
 
 
 RENDERERS = {"cells:train": cells, "single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc,
-             "fold-check": fold_check, "label-issues": label_issues,
+             "fold-check": fold_check, "label-issues": label_issues, "learning-curve": learning_curve,
              "speed:train-cpu": speed_train, "speed:train-gpu": speed_train_gpu,
              "speed:precision-cpu": speed_precision, "speed:precision-gpu": speed_precision, "tests": tests}
 # A part of a results file (NAME:PART) is rendered from that key of the file.
