@@ -91,7 +91,7 @@ class TrainConfig:
     warmup_epochs: float = 0.5  # linear warm-up from 0 (cosine and constant schedules)
     label_smoothing: float = 0.0  # share of the target spread over the other classes (0.1 is usual)
     mixup: float = 0.0  # mixup's Beta(a, a) parameter a (0.2-0.4 is usual); 0: off
-    mixed_precision: str = "auto"  # auto (hardware and launch config decide, see precision.py) | no | fp16 | bf16
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it (else fp16), on a CPU only where it computes bf16 natively (AMX, AVX512-BF16; else fp32), a launch config's choice wins | no | fp16 | bf16
     seed: int = 0  # every random draw (weights, data order, augmentation) follows from it; 0 <= seed < 2**63
     # bookkeeping
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
