@@ -15,11 +15,17 @@ PBC_OUT ?= shards-pbc
 PRETRAIN ?= runs/pbc-pretrain
 TUNED  ?= runs/bloodcells-finetune-final
 TRAIN_FLAGS ?=
+# Where torch and torchvision come from. Empty (the default): the package index pip uses, which works everywhere
+# (on Linux that wheel brings the CUDA and triton wheels, about 4 GB). On a CPU-only machine that can reach it:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_PINS := $(shell grep -oE '"torch(vision)?[<>=][^"]*"' pyproject.toml)  # pyproject.toml's versions of both
 
 .PHONY: help setup demo test test-fast lint docs shards verify train cv final transfer bench clean
 
 help:
-	@echo "make setup                 create $(VENV) and install the package with its dev and export extras"
+	@echo "make setup [TORCH_INDEX=URL]   create $(VENV) and install the package with its dev and export extras"
+	@echo "                           (TORCH_INDEX=https://download.pytorch.org/whl/cpu: CPU-only torch, no CUDA wheels)"
 	@echo "make demo                  synthetic data -> shards -> train -> evaluate -> plots, all on CPU"
 	@echo "make test                  the whole test suite, end-to-end launches included (what CI runs)"
 	@echo "make test-fast             the in-process layer (tests not marked e2e)"
@@ -38,6 +44,9 @@ $(PY):
 
 # The stamp reinstalls when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(PY)
+ifneq ($(TORCH_INDEX),)
+	$(PY) -m pip install $(TORCH_PINS) --index-url $(TORCH_INDEX)
+endif
 	$(PY) -m pip install -e ".[dev,export]"
 	touch $@
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from record import record
 
-from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards
 from bloodcells_dist.pack.sources import scan_images
 
 
@@ -50,10 +50,10 @@ def main() -> None:
         runs = {
             "tar -cf (I/O floor)": lambda: subprocess.run(["tar", "-cf", f"{tmp}/all.tar", "-T", str(listing)],
                                                           check=True, stderr=subprocess.DEVNULL),
-            "pack, 1 process": lambda: pack_shards(args.src, Path(tmp, "w1"), overwrite=True, workers=1,
-                                                   groups=args.groups, log=lambda _: None),
-            "pack, 2 processes": lambda: pack_shards(args.src, Path(tmp, "w2"), overwrite=True, workers=2,
-                                                     groups=args.groups, log=lambda _: None),
+            "pack, 1 process": lambda: pack_shards(args.src, Path(tmp, "w1"), PackOptions(
+                overwrite=True, workers=1, groups=args.groups), say=lambda _: None),
+            "pack, 2 processes": lambda: pack_shards(args.src, Path(tmp, "w2"), PackOptions(
+                overwrite=True, workers=2, groups=args.groups), say=lambda _: None),
         }
         for fn in runs.values():  # warm the page cache so every variant reads from memory
             fn()

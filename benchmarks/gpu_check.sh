@@ -21,9 +21,9 @@ if [ "$stage" = smoke ]; then
   python3 - <<'PY'
 from pathlib import Path
 from bloodcells_dist.pack.synthetic import generate_dataset
-from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards
 generate_dataset(Path("/tmp/syn"), per_class=100, seed=0, copies=8, test_per_class=25)
-pack_shards(Path("/tmp/syn"), Path("/tmp/syn-shards"), seed=0)
+pack_shards(Path("/tmp/syn"), Path("/tmp/syn-shards"), PackOptions(seed=0))
 PY
   for data in cache stream; do
     timeout 120 python3 -m bloodcells_dist.train --shards /tmp/syn-shards --output-dir /tmp/smoke-$data --overwrite \

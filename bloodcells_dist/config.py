@@ -15,8 +15,26 @@ from pathlib import Path
 import yaml
 
 from .cli import UserError
-from .data.preprocess import Preprocess
 from .files import read_user_yaml
+
+FITS = ("crop", "pad", "stretch")  # how a window or frame meets image_size when their aspects differ
+MAX_SIDE = 4096  # pixels per side of the model's input; the cell window's bound too
+
+
+def geometry_problem(image_size: Sequence[int], cell_crop: float, fit: str) -> str:
+    """What is wrong with an image size, cell window and fit (of a config, or of a model's recorded
+    preprocessing, data/preprocess.py), or ''."""
+    if len(image_size) != 2 or min(image_size) < 16 or max(image_size) > MAX_SIDE:
+        return (f"image_size={list(image_size)}: give height and width, each at least 16 (4 max-pools) and at "
+                f"most {MAX_SIDE} (larger cannot be held in memory)")
+    if fit not in FITS:
+        return f"fit={fit!r}: expected one of {', '.join(FITS)}"
+    crop = cell_crop
+    if not math.isfinite(crop) or crop < 0 or (1 < crop and (crop != int(crop) or not 16 <= crop <= MAX_SIDE)) \
+            or (0 < crop <= 1 and crop < 0.05):
+        return (f"cell_crop={crop:g}: 0 (the whole frame), a fraction 0.05-1 of the shorter side, or a window "
+                f"side of 16 to {MAX_SIDE} pixels")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -73,7 +91,7 @@ class TrainConfig:
     warmup_epochs: float = 0.5  # linear warm-up from 0 (cosine and constant schedules)
     label_smoothing: float = 0.0  # share of the target spread over the other classes (0.1 is usual)
     mixup: float = 0.0  # mixup's Beta(a, a) parameter a (0.2-0.4 is usual); 0: off
-    mixed_precision: str = "auto"  # auto (hardware and launch config decide, see precision.py) | no | fp16 | bf16
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it (else fp16), on a CPU only where it computes bf16 natively (AMX, AVX512-BF16; else fp32), a launch config's choice wins | no | fp16 | bf16
     seed: int = 0  # every random draw (weights, data order, augmentation) follows from it; 0 <= seed < 2**63
     # bookkeeping
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
@@ -149,18 +167,13 @@ class TrainConfig:
                             f"({len(folders)})")
         if not all(math.isfinite(w) and w > 0 for w in self.shard_weights):
             raise UserError(f"config shard_weights={list(self.shard_weights)}: every weight must be above 0")
-        try:
-            self.preprocess()
-        except ValueError as err:
-            raise UserError(f"config {err}") from None
+        problem = geometry_problem(self.image_size, self.cell_crop, self.fit)
+        if problem:
+            raise UserError(f"config {problem}")
 
     def shard_folders(self) -> list[str]:
         """The shard folders (or URL prefixes) this run trains on, the validating one first."""
         return [part.strip() for part in self.shards.split(",")]
-
-    def preprocess(self) -> Preprocess:
-        """Window, resize and normalisation of this run's images (what its models record)."""
-        return Preprocess(image_size=self.image_size, cell_crop=self.cell_crop, fit=self.fit)
 
     def to_dict(self) -> dict:
         """Plain dict with lists for tuples, for YAML, JSON and trackers."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import torch
-from accelerate import Accelerator
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # the packer prints progress too, and never loads torch or accelerate for it
+    from accelerate import Accelerator
 
 LOG_INTERVAL_S = 30.0  # seconds between lines when stderr is not a terminal (CI, nohup, a log file)
 
@@ -48,6 +49,8 @@ def device_name(accelerator: Accelerator) -> str:
     device = accelerator.device
     name = f"{accelerator.num_processes} x {device.type}"
     if device.type == "cuda":
+        import torch  # loaded already wherever an Accelerator exists
+
         name += f" ({torch.cuda.get_device_name(device)})"
     return name
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bloodcells_dist.data.preprocess import Preprocess
-from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards
 from bloodcells_dist.pack.synthetic import generate_dataset
 from bloodcells_dist.train.spec import ModelSpec, save_weights
 
@@ -54,7 +54,7 @@ def synthetic_shards(synthetic_root, tmp_path_factory) -> Path:
     """The synthetic dataset packed with its true cells (the generator's record, as a `bloodcells cells` mapping):
     the grouping a perfect recovery would give, without the recovery's seconds (test_cells.py tests that)."""
     out = tmp_path_factory.mktemp("shards")
-    pack_shards(synthetic_root, out, seed=0, cells=true_cells(synthetic_root, out.parent / "cells.csv"))
+    pack_shards(synthetic_root, out, PackOptions(seed=0, cells=true_cells(synthetic_root, out.parent / "cells.csv")))
     return out
 
 
@@ -68,7 +68,7 @@ def lab_shards(synthetic_root, tmp_path_factory) -> Path:
                      "MONOCYTE": "basophil"}.items():
         shutil.copytree(train / old, root / new)
     out = root.parent / "shards"
-    pack_shards(root, out, seed=0, val_fraction=0.2, test_fraction=0.0, groups="files", name="lab")
+    pack_shards(root, out, PackOptions(seed=0, val_fraction=0.2, test_fraction=0.0, groups="files", name="lab"))
     return out
 
 
@@ -89,6 +89,6 @@ def small_shards(tmp_path_factory) -> Path:
     files.update({f"TEST/{c}/_{i}_0.jpeg": jpeg(1000 + 10 * k + i) for k, c in enumerate("AB") for i in range(4)})
     make_root(root, files)
     out = tmp_path_factory.mktemp("small-shards")
-    pack_shards(root, out, workers=1, shard_size=10)
+    pack_shards(root, out, PackOptions(workers=1, shard_size=10))
     return out
 

@@ -6,8 +6,8 @@
     for images, labels, keys in open_eval_data(shards, manifest, selection, preprocess, accelerator, ...): ...  # evaluate
 
 selection.py  which samples: splits and cross-validation folds (the one place that knows about folds)
-preprocess.py window, resize and normalisation of an image (what a model records and predict replays); read_rgb
-nucleus.py    the stained nucleus of a white cell, which the window centres on
+preprocess.py window (centred on the nucleus: bloodcells_dist/nucleus.py), resize and normalisation of an image
+              (what a model records and predict replays); read_rgb
 plan.py       the epoch plan: sample order, global batches, each rank's slice, step counts, stream ranges
 cache.py      the decoded cache (built once, checked, reused) and the sample index
 stream.py     reading shards as they stream, for data larger than memory or in object storage
@@ -23,13 +23,13 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from ..cli import UserError
+from ..config import TrainConfig
 from ..output import say
 from ..pack.manifest import ShardManifest
 from .augment import DeviceAugment, training_augment
@@ -38,9 +38,6 @@ from .cache import cache_bytes, default_cache_dir, load_or_build, memory_budget
 from .plan import EpochPlan
 from .preprocess import Preprocess
 from .selection import Selection, train_subset, training_selections
-
-if TYPE_CHECKING:  # config.py imports preprocess.py: only a type here, no import circle
-    from ..config import TrainConfig
 
 
 def choose_path(config: TrainConfig, manifest: ShardManifest, splits: list[str],
@@ -74,7 +71,7 @@ def open_training_data(config: TrainConfig, manifest: ShardManifest,
     (A `pipe:` shard location is read only if the manifest was loaded with allow_pipe.)"""
     train, val = training_selections(config.train_splits, config.val_split, config.val_fold)
     splits = list(dict.fromkeys([*train.splits, *(val.splits if val else ())]))
-    preprocess = config.preprocess()
+    preprocess = Preprocess.of(config)
     kind, why = choose_path(config, manifest, splits, accelerator)
     started = time.perf_counter()
     # One process per machine builds the cache, with a data worker per CPU; the others wait and load its file.

@@ -18,18 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from ..config import TrainConfig
 from .plan import stable_seed
 from .preprocess import MEAN, STD, Preprocess
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # Accelerate's mixed_precision -> the autocast dtype
-
-if TYPE_CHECKING:
-    from ..config import TrainConfig
 
 MASK32 = 0xFFFFFFFF
 # Draws per sample, in this order (a fixed slot each, so switching one augmentation off changes no other).

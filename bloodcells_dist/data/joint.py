@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 
 from ..cli import UserError
+from ..config import TrainConfig
 from ..output import say
 from ..pack.manifest import ShardManifest
 from .augment import training_augment
 from .batches import CachedBatches
 from .cache import DecodedSamples, cache_bytes, default_cache_dir, load_or_build, memory_budget
 from .plan import EpochPlan, take_of
+from .preprocess import Preprocess
 from .selection import Selection, train_subset, training_selections
-
-if TYPE_CHECKING:
-    from ..config import TrainConfig
 
 
 def united_classes(manifests: list[ShardManifest]) -> list[str]:
@@ -70,7 +68,7 @@ def open_joint_data(config: TrainConfig, folders: list[str], manifests: list[Sha
     if config.data == "stream":
         raise UserError("several shard folders train from the decoded cache: set data to cache or auto "
                         "(data: stream reads one shard folder)")
-    preprocess = config.preprocess()
+    preprocess = Preprocess.of(config)
     plans = [(folder, manifest, *selections(config, manifest, i == 0))
              for i, (folder, manifest) in enumerate(zip(folders, manifests))]
     split_lists = [list(dict.fromkeys([*train.splits, *(val.splits if val else ())])) for _, _, train, val in plans]

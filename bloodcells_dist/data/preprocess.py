@@ -23,14 +23,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from .nucleus import nucleus_centre
+from ..config import TrainConfig, geometry_problem
+from ..nucleus import nucleus_mask
 
 # Per-channel mean and std of the real TRAIN images (RGB in [0, 1], 498 images sampled).
 MEAN = (0.678, 0.641, 0.659)
 STD = (0.262, 0.260, 0.259)
 FILL = tuple(round(255 * m) for m in MEAN)  # uint8 colour of what lies outside the frame (window, padding)
-FITS = ("crop", "pad", "stretch")
-MAX_SIDE = 4096  # pixels per side of the model's input; the cell window's bound too
 MIN_STD = 1e-3  # a smaller std turns one grey level into hundreds of units: the model file is broken
 
 
@@ -88,6 +87,15 @@ def read_with_pil(data: bytes) -> torch.Tensor:
             return pil_to_tensor(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for bad files
         raise UnreadableImage(f"{type(err).__name__}: {' '.join(str(err).split()) or 'empty file'}") from None
+
+
+def nucleus_centre(image: torch.Tensor) -> tuple[float, float]:
+    """(row, column) of the white cell's stained nucleus in a uint8 (3, H, W) image: the centroid of
+    nucleus_mask; the frame's centre when the image has no stained pixel."""
+    ys, xs = np.nonzero(nucleus_mask(image.permute(1, 2, 0).numpy().astype(np.int16)))
+    if len(ys) == 0:
+        return (image.shape[1] - 1) / 2, (image.shape[2] - 1) / 2
+    return float(ys.mean()), float(xs.mean())
 
 
 def window_side(cell_crop: float, height: int, width: int) -> int:
@@ -153,6 +161,11 @@ class Preprocess:
         if problem:
             raise ValueError(problem)
 
+    @classmethod
+    def of(cls, config: TrainConfig) -> Preprocess:
+        """Window, resize and normalisation of a run's images (what its models record)."""
+        return cls(image_size=config.image_size, cell_crop=config.cell_crop, fit=config.fit)
+
     def resize(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (3, H, W) decoded image -> uint8 (3, *image_size): the cell window (if any), then the fit."""
         if self.cell_crop:
@@ -177,16 +190,9 @@ class Preprocess:
 
 def preprocess_problem(p: Preprocess) -> str:
     """What is wrong with a preprocessing (e.g. read from a model file someone edited), or ''."""
-    if len(p.image_size) != 2 or min(p.image_size) < 16 or max(p.image_size) > MAX_SIDE:
-        return (f"image_size={list(p.image_size)}: give height and width, each at least 16 (4 max-pools) and at "
-                f"most {MAX_SIDE} (larger cannot be held in memory)")
-    if p.fit not in FITS:
-        return f"fit={p.fit!r}: expected one of {', '.join(FITS)}"
-    crop = p.cell_crop
-    if not math.isfinite(crop) or crop < 0 or (1 < crop and (crop != int(crop) or not 16 <= crop <= MAX_SIDE)) \
-            or (0 < crop <= 1 and crop < 0.05):
-        return (f"cell_crop={crop:g}: 0 (the whole frame), a fraction 0.05-1 of the shorter side, or a window "
-                f"side of 16 to {MAX_SIDE} pixels")
+    problem = geometry_problem(p.image_size, p.cell_crop, p.fit)
+    if problem:
+        return problem
     for name, values in (("mean", p.mean), ("std", p.std)):
         if len(values) != 3 or not all(math.isfinite(v) for v in values):
             return f"{name}={list(values)}: expected 3 finite numbers (R, G, B)"

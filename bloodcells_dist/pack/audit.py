@@ -300,8 +300,8 @@ def write_report(report: dict, path: Path, facts: Sequence[ImageFacts] | None = 
 
 def audit_page(report: dict, facts: Sequence[ImageFacts]) -> str:
     """The audit as a self-contained HTML page: what it found, with the images (thumbnails) side by side."""
-    from ..tools import pages
-    from ..tools.pages import Tile
+    from .. import pages
+    from ..pages import Tile
 
     by_path = {f.image.rel_path: f for f in facts}
     def tile(path: str, *caption: str) -> Tile:

@@ -41,8 +41,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from ..cli import Parser, UserError, output_file_in_folder, run_main
-from ..data.nucleus import nucleus_mask
 from ..files import read_user_text, write_atomic
+from ..nucleus import nucleus_mask
 
 RADII = np.arange(6.0, 106.0, 3.0)  # ring radii around the nucleus centre, in pixels of a 320x240 image
 ANGLES = 128  # samples per ring

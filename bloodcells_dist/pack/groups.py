@@ -137,7 +137,7 @@ def merge_near_duplicates(facts: Sequence[ImageFacts]) -> dict[str, str]:
 
 
 def group_images(kept: Sequence[ImageFacts], *, requested: str, has_groups: bool, cells_file: Path | None,
-                 seed: int, workers: int, log: Callable[[str], None]) -> Grouping:
+                 seed: int, workers: int, say: Callable[[str], None]) -> Grouping:
     """The group of every image (`kept`: after the audit's policy). The listing's groups cover every row, those
     the listing puts in a split too (splits.py keeps such a group whole); cells and files group the pool only."""
     if cells_file is not None and requested not in ("auto", "cells"):
@@ -149,10 +149,10 @@ def group_images(kept: Sequence[ImageFacts], *, requested: str, has_groups: bool
     if method == "cells" and cells_file is not None:
         groups = cells_from_mapping(facts, cells_file)
     elif method == "cells":
-        log(f"recovering the source cells of {len(facts)} images from their pixels "
+        say(f"recovering the source cells of {len(facts)} images from their pixels "
             "(bloodcells cells writes them once for reuse with --cells)")
         groups, apart = recover_cells([(f.image.rel_path, f.image.class_name, f.image.path) for f in facts],
-                                      workers=workers, progress=log)
+                                      workers=workers, progress=say)
     elif method == "csv":
         groups = {f.image.rel_path: f"group:{f.image.group}" if f.image.group else f.image.key for f in kept}
     else:

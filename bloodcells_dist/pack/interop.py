@@ -19,7 +19,7 @@ from .manifest import MANIFEST_NAME, ShardManifest
 
 TIMM_INFO = "_info.json"  # timm's ReaderWds looks for this name (or info.json) in --data-dir
 CARD = "README.md"  # datasets.load_dataset(DIR) reads its YAML header; the Hub shows it as the dataset card
-TIMM_SPLIT_NAMES = {"val": "validation"}  # timm's train.py defaults: --train-split train --val-split validation
+READER_SPLIT_NAMES = {"val": "validation"}  # what timm (--val-split validation) and HF scripts (dataset["validation"]) read
 JSON_DTYPES = {bool: "bool", int: "int64", float: "float64", str: "string"}
 
 
@@ -39,7 +39,7 @@ def timm_info(manifest: ShardManifest) -> dict:
     """timm's `_info.json`: per split its sample count, shard files and shard lengths; val is `validation`."""
     splits = {}
     for name in split_names(manifest):
-        split, timm_name = manifest.splits[name], TIMM_SPLIT_NAMES.get(name, name)
+        split, timm_name = manifest.splits[name], READER_SPLIT_NAMES.get(name, name)
         splits[timm_name] = {"name": timm_name, "num_samples": split.samples,
                              "filenames": [s.file for s in split.shards],
                              "shard_lengths": [s.samples for s in split.shards]}
@@ -65,9 +65,11 @@ def sample_metadata(folder: Path, manifest: ShardManifest) -> dict:
     raise ValueError(f"{first} holds no .json metadata")
 
 
-def card_header(manifest: ShardManifest, metadata: dict) -> dict:
-    """The dataset card's YAML header: one data_files entry per split (so test_simple stays apart from test)
-    and the features, with `cls` a ClassLabel naming the classes."""
+def card_header(manifest: ShardManifest, metadata: dict, license: str = "unknown") -> dict:
+    """The dataset card's YAML header: the images' licence, one data_files entry per split (so test_simple stays
+    apart from test; val is `validation`, the name HF's scripts read) and the features, with `cls` a ClassLabel
+    naming the classes. `datasets` names the columns after the tar members' extensions (jpg, cls, json): no card
+    key renames them, and renaming the members would break the readers that look for jpg and cls."""
     features = [
         {"name": "jpg", "dtype": "image"},
         {"name": "cls", "dtype": {"class_label": {"names": {str(i): c for i, c in enumerate(manifest.classes)}}}},
@@ -77,11 +79,13 @@ def card_header(manifest: ShardManifest, metadata: dict) -> dict:
         {"name": "__url__", "dtype": "string"},
     ]
     return {
+        "license": license,
         "pretty_name": f"{manifest.dataset} (WebDataset shards)",
         "task_categories": ["image-classification"],
         "size_categories": [size_category(sum(s.samples for s in manifest.splits.values()))],
         "configs": [{"config_name": "default", "default": True,
-                     "data_files": [{"split": name, "path": [s.file for s in manifest.splits[name].shards]}
+                     "data_files": [{"split": READER_SPLIT_NAMES.get(name, name),
+                                     "path": [s.file for s in manifest.splits[name].shards]}
                                     for name in split_names(manifest)]}],
         # No `splits` here: datasets wants their Arrow byte sizes, which only it can know.
         "dataset_info": {"config_name": "default", "features": features},
@@ -96,13 +100,14 @@ def size_category(n: int) -> str:
     return "n>1M"
 
 
-def dataset_card(manifest: ShardManifest, metadata: dict) -> str:
+def dataset_card(manifest: ShardManifest, metadata: dict, license: str = "unknown") -> str:
     """README.md: the YAML header that `datasets` reads, then what a reader of the Hub page needs."""
     rows = "\n".join(
         f"| {name} | {' | '.join(f'{split.samples_per_class.get(c, 0):,}' for c in manifest.classes)} "
         f"| {split.samples:,} | {len(split.shards)} |"
         for name, split in ((n, manifest.splits[n]) for n in split_names(manifest)))
-    header = yaml.safe_dump(card_header(manifest, metadata), sort_keys=False, allow_unicode=True)
+    header = yaml.safe_dump(card_header(manifest, metadata, license), sort_keys=False, allow_unicode=True)
+    hf_splits = ", ".join(READER_SPLIT_NAMES.get(n, n) for n in split_names(manifest))
     first = split_names(manifest)[0]
     return f"""---
 {header}---
@@ -128,33 +133,39 @@ group ({manifest.groups.get('method', 'none')}: {manifest.groups.get('why', '')}
 
 ```python
 import datasets
-ds = datasets.load_dataset("DIR")                     # DatasetDict: {', '.join(split_names(manifest))}
-ds["train"].features["cls"].names                     # {manifest.classes}
+ds = datasets.load_dataset("DIR")                     # DatasetDict: {hf_splits}
+ds["train"].features["cls"].names                     # {manifest.classes}; the image is ds["train"][0]["jpg"]
 import webdataset as wds
 wds.WebDataset("DIR/{first}-{{00000..{len(manifest.splits[first].shards) - 1:05d}}}.tar").decode("pil")
 import wids
 wids.ShardListDataset("DIR/{wids_index_name(first)}")  # random access; one index per split
 ```
 
+Hugging Face's `run_image_classification.py` (transformers examples) reads it with `--dataset_name DIR
+--image_column_name jpg --label_column_name cls` (it validates on `validation`). Licence of the images:
+{license} (`bloodcells pack --license`).
+
 timm: `python train.py --data-dir DIR --dataset wds/bloodcells --num-classes {len(manifest.classes)}` reads `_info.json`
-(splits `train`, `validation`{''.join(f', `{TIMM_SPLIT_NAMES.get(n, n)}`' for n in split_names(manifest)
+(splits `train`, `validation`{''.join(f', `{READER_SPLIT_NAMES.get(n, n)}`' for n in split_names(manifest)
                                      if n not in ('train', 'val'))}).
 
 Not for diagnosis: a research and teaching dataset, not a medical device.
 """
 
 
-def expected_files(manifest: ShardManifest, metadata: dict) -> dict[str, str]:
+def expected_files(manifest: ShardManifest, metadata: dict, license: str = "unknown") -> dict[str, str]:
     """File name -> text of every description of the folder."""
-    files = {TIMM_INFO: json.dumps(timm_info(manifest), indent=1) + "\n", CARD: dataset_card(manifest, metadata)}
+    files = {TIMM_INFO: json.dumps(timm_info(manifest), indent=1) + "\n",
+             CARD: dataset_card(manifest, metadata, license)}
     for split in split_names(manifest):
         files[wids_index_name(split)] = json.dumps(wids_index(manifest, split), indent=1) + "\n"
     return files
 
 
-def write_descriptions(folder: Path, manifest: ShardManifest) -> list[str]:
-    """Write timm's _info.json, the dataset card and the wids indexes (atomically each); return their names."""
-    files = expected_files(manifest, sample_metadata(folder, manifest))
+def write_descriptions(folder: Path, manifest: ShardManifest, license: str = "unknown") -> list[str]:
+    """Write timm's _info.json, the dataset card (with the images' licence) and the wids indexes (atomically
+    each); return their names."""
+    files = expected_files(manifest, sample_metadata(folder, manifest), license)
     for name, text in files.items():
         write_atomic(Path(folder) / name, text)
     return list(files)
@@ -192,10 +203,19 @@ def check_descriptions(folder: Path, manifest: ShardManifest) -> None:
             if name == CARD:
                 have, want = front_matter(path.read_text()), front_matter(text)
                 keys = ("configs", "dataset_info")
-                agree = all(have.get(k) == want[k] for k in keys)
+                agree = all(have.get(k) in (want[k], older_card(want)[k]) for k in keys)
             else:
                 agree = json.loads(path.read_text()) == json.loads(text)
         except ValueError as err:  # front_matter's, json's, a non-UTF-8 file's
             raise ValueError(f"{name} is unreadable ({err})") from None
         if not agree:
             raise ValueError(f"{name} disagrees with {MANIFEST_NAME} (re-run pack, or restore it)")
+
+
+def older_card(header: dict) -> dict:
+    """A card header as earlier packs wrote it, `val` where `validation` is now: their folders still verify."""
+    old = json.loads(json.dumps(header))
+    for config in old["configs"]:
+        for entry in config["data_files"]:
+            entry["split"] = {v: k for k, v in READER_SPLIT_NAMES.items()}.get(entry["split"], entry["split"])
+    return old

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -24,26 +25,38 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import webdataset as wds
 
 from .. import __version__
 from ..cli import Parser, UserError, run_main, writable_folder
 from ..files import atomic_path
 from ..progress import progress
-from .audit import AUDIT_PAGE, apply_policy, build_report, collect_facts, near_pairs, report_lines, write_report
-from .groups import METHODS, group_images
+from .audit import AUDIT_PAGE, ImageFacts, apply_policy, build_report, collect_facts, near_pairs, report_lines, write_report
+from .groups import METHODS, Grouping, group_images
 from .interop import check_descriptions, stale_description_names, write_descriptions
 from .manifest import AUDIT_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
-from .sources import EVAL_SPLITS, HIDDEN, LAYOUTS, LINK_OUT, NOT_REGULAR, check_jpeg, scan_images, split_folder_root, unique_keys
+from .sources import (
+    EVAL_SPLITS,
+    HIDDEN,
+    LAYOUTS,
+    LINK_OUT,
+    NOT_REGULAR,
+    Clash,
+    Scan,
+    Skipped,
+    check_jpeg,
+    scan_images,
+    split_folder_root,
+    unique_keys,
+)
 from .splits import FOLDS, Sample, assign_splits, in_pool, unmet_fractions
 
 MIN_SHARDS = 16  # 8 ranks x 2 workers each get a shard of their own...
 MIN_SHARD_SAMPLES = 16  # ...unless that would make shards smaller than this
 MAX_SHARD_SAMPLES = 2000  # big splits get more shards rather than bigger ones
 SPLITS = ("train", "val", "test", "test_simple")
+VAL_SPLITS = ("group", "random", "cell")  # cell: the former name of group, still accepted
 DEFAULT_VAL_FRACTION = 0.2
 DATASET_INFO = "dataset.json"  # {"name": ...} at a source root names the dataset (the synthetic generator writes one)
 
@@ -59,9 +72,14 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def stderr_line(line: str) -> None:
-    """Progress notes of the packer go to stderr; its summary goes to stdout."""
-    print(line, file=sys.stderr, flush=True)
+Say = Callable[[str], None]
+
+
+def say(line: str) -> None:
+    """The packer's one channel for what a user reads: what it found and decided to stdout; its warnings and notes
+    (lines starting `warning:` or `note:`) to stderr, so that `pack > log` keeps the findings and shows the doubts."""
+    doubt = line.startswith(("warning:", "note:"))
+    print(line, file=sys.stderr if doubt else sys.stdout, flush=True)
 
 
 AT_SHARD_ENV = "BLOODCELLS_AT_SHARD"  # test hook: "N:pause" once N shards are written
@@ -77,19 +95,24 @@ def at_shard(written: int) -> None:
         sys.stdin.readline()
 
 
+def source_info(src: Path, key: str) -> str | None:
+    """A string the source states about itself in SRC/dataset.json ({"name": ..., "license": ...}), or None."""
+    info = src / DATASET_INFO
+    if not (src.is_dir() and info.is_file()):
+        return None
+    try:
+        found = json.loads(info.read_text()).get(key)
+    except (ValueError, OSError, AttributeError):
+        return None
+    return found.strip()[:100] if isinstance(found, str) and found.strip() else None
+
+
 def dataset_name(src: Path, layout: str, name: str | None) -> str:
     """--name, else the name in SRC/dataset.json, else "blood-cells" for the Kaggle download, else the folder's
     (or listing's) name."""
-    if name:
-        return name
-    info = src / DATASET_INFO
-    if src.is_dir() and info.is_file():
-        try:
-            found = json.loads(info.read_text()).get("name")
-        except (ValueError, OSError, AttributeError):
-            found = None
-        if isinstance(found, str) and found.strip():
-            return found.strip()[:100]
+    found = name or source_info(src, "name")
+    if found:
+        return found
     if layout == "splits" and split_folder_root(src) == src / "dataset2-master" / "dataset2-master" / "images":
         return "blood-cells"
     return (src.stem if src.is_file() else src.resolve().name) or "dataset"
@@ -165,8 +188,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardInfo:
     """Write one tar under a temporary name, fsync it and rename it into place; return its manifest entry."""
     with atomic_path(path, keep_suffix=False) as tmp, open(tmp, "wb") as stream:
-        # Fixed owner, mode and mtime: same input -> byte-identical tar.
-        with wds.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
+        # Fixed owner, mode and mtime: same input -> byte-identical tar (the layout webdataset's TarWriter writes).
+        with tarfile.open(fileobj=stream, mode="w|") as tar:
             for s in samples:
                 image = s.facts.image
                 meta = {
@@ -181,12 +204,11 @@ def write_shard(path: Path, samples: list[Sample], classes: list[str]) -> ShardI
                 data = image.path.read_bytes()  # the original bytes, never re-encoded
                 if hashlib.sha256(data).hexdigest() != s.facts.sha256:
                     raise UserError(f"{image.rel_path} changed while it was being packed; pack again")
-                tar.write({
-                    "__key__": image.key,
-                    "jpg": data,
-                    "cls": str(s.label).encode(),
-                    "json": json.dumps(meta, sort_keys=True).encode(),
-                })
+                members = {"cls": str(s.label).encode(), "jpg": data, "json": json.dumps(meta, sort_keys=True).encode()}
+                for ext, payload in sorted(members.items()):  # KEY.cls, KEY.jpg, KEY.json: one sample
+                    info = tarfile.TarInfo(f"{image.key}.{ext}")
+                    info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), 0, 0o444, "", ""
+                    tar.addfile(info, io.BytesIO(payload))
         stream.flush()
         os.fsync(stream.fileno())
     return ShardInfo(file=path.name, samples=len(samples), bytes=path.stat().st_size, sha256=file_sha256(path))
@@ -230,153 +252,205 @@ def plan_shards(samples: list[Sample], out: Path, *, seed: int,
     return plan
 
 
-def pack_shards(
-    src: Path,
-    out: Path,
-    *,
-    seed: int = 0,
-    val_fraction: float | None = None,
-    test_fraction: float = 0.0,
-    val_split: str = "group",
-    layout: str = "auto",
-    groups: str = "auto",
-    cells: Path | None = None,
-    name: str | None = None,
-    shard_size: int | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-    workers: int = 2,
-    log: Callable[[str], None] = stderr_line,
-) -> ShardManifest:
+@dataclass(frozen=True)
+class PackOptions:
+    """How `pack` reads, groups, splits and writes a source: the `bloodcells pack` flags (README, Your own data)."""
+
+    seed: int = 0  # seed of the splits, folds and shard order
+    val_fraction: float | None = None  # share of each class's groups held out as val; None: 0.2, or 0 where the data gives val
+    test_fraction: float = 0.0  # share of each class's groups held out as test, where the data gives no test split
+    val_split: str = "group"  # group: whole groups go to val (honest); random: images (leaks copies); cell: former name of group
+    layout: str = "auto"  # how the source is laid out (sources.LAYOUTS); auto: detected
+    groups: str = "auto"  # the unit a split never cuts (groups.METHODS); auto measures the data
+    cells: Path | None = None  # a cell mapping from `bloodcells cells` (with groups cells); None: recover while packing
+    name: str | None = None  # None: SRC/dataset.json's name, blood-cells for the Kaggle download, else the folder's
+    shard_size: int | None = None  # samples per shard; None: at least 16 shards per big split (default_shard_count)
+    strict: bool = False  # any bad input, name clash, duplicate or label conflict is an error and nothing is written
+    overwrite: bool = False  # replace an earlier pack in the output folder
+    workers: int = 2  # processes for checking and writing
+    license: str | None = None  # the images' licence for the card (cc-by-4.0, other...); None: SRC/dataset.json's or unknown
+
+    def check(self) -> None:
+        """UserError naming the first flag with a value pack cannot use."""
+        if self.val_split not in VAL_SPLITS:
+            raise UserError(f"--val-split {self.val_split}: expected group or random (cell is group's former name)")
+        if self.groups not in METHODS:
+            raise UserError(f"--groups {self.groups}: expected one of {', '.join(METHODS)}")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise UserError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.license is not None and (not self.license.strip() or any(c.isspace() for c in self.license)):
+            raise UserError(f"--license {self.license!r}: one identifier, e.g. cc-by-4.0, other or unknown")
+
+
+@dataclass
+class PackPlan:
+    """What pack decided before writing a byte: the images kept and left out, their groups, splits and shards."""
+
+    src: Path
+    out: Path
+    options: PackOptions  # with val_fraction and test_fraction resolved for this source
+    scan: Scan
+    facts: list[ImageFacts]  # every readable image (the audit report describes them all)
+    skipped: list[Skipped]
+    clashes: list[Clash]
+    excluded: list[dict]  # exact duplicates and label conflicts, left out
+    report: dict  # the audit (audit.json)
+    classes: list[str]
+    grouping: Grouping | None  # None with val_split random
+    warned: list[str]  # what the packer could not honour or doubts (the manifest keeps them)
+    shards: dict[str, list[tuple[Path, list[Sample]]]]  # split -> [(shard path, its samples)]
+
+
+def pack_shards(src: Path, out: Path, options: PackOptions | None = None, *, say: Say = say) -> ShardManifest:
     """Pack the images of `src` (a folder in any layout of sources.py, or a CSV listing) into shards, a manifest
-    and an audit report in `out`; return the manifest."""
-    src, out = Path(src), Path(out)
-    if val_split not in ("group", "cell", "random"):
-        raise UserError(f"--val-split {val_split}: expected group or random")
-    if groups not in METHODS:
-        raise UserError(f"--groups {groups}: expected one of {', '.join(METHODS)}")
-    if shard_size is not None and shard_size < 1:
-        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    scan = scan_images(src, layout)
+    and an audit report in `out`: plan, write, describe; return the manifest. Every line for the user goes
+    through `say`."""
+    src, out, options = Path(src), Path(out), options or PackOptions()
+    options.check()
+    pool = ProcessPoolExecutor(max_workers=options.workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=die_with_parent)
+    with pool:  # checking (decoding, hashing) and tar writing are Python-bound: processes, not threads, use both cores
+        plan = plan_pack(src, out, options, pool, say)
+        written = write_pack(plan, pool)
+    return describe_pack(plan, written)
+
+
+def plan_pack(src: Path, out: Path, options: PackOptions, pool: ProcessPoolExecutor, say: Say) -> PackPlan:
+    """Scan and audit the source, group and split what is kept, and cut the splits into shards; writes nothing
+    but raises UserError for a source or options pack cannot honour."""
+    scan = scan_images(src, options.layout)
     check_out_folder(src, out)
-    val_fraction, test_fraction = resolve_fractions(scan.images, val_fraction, test_fraction)
+    val_fraction, test_fraction = resolve_fractions(scan.images, options.val_fraction, options.test_fraction)
+    options = replace(options, val_fraction=val_fraction, test_fraction=test_fraction)
     writable_folder(out, "--out")  # before the slow checking
     for note in scan.notes:
-        log(f"note: {note}")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=die_with_parent)
-    with pool:
-        # Checking (decoding, hashing) and tar writing are Python-bound: processes, not threads, use both cores.
-        facts, unreadable = collect_facts(scan.images, pool)
-        skipped = sorted(scan.skipped + unreadable, key=lambda s: s.path)
-        keyed, key_clashes = unique_keys([f.image for f in facts])  # only readable files claim keys
-        facts = [replace(f, image=img) for img, f in zip(keyed, facts)]
-        clashes = scan.clashes + key_clashes
-        pairs = near_pairs(facts)
-        kept, excluded = apply_policy(facts, pairs)
-        if strict and (skipped or clashes or excluded):
-            first = (f"{skipped[0].path}: {skipped[0].reason}" if skipped else
-                     f"{' and '.join(clashes[0].paths)} {clashes[0].conflict}" if clashes else
-                     f"{excluded[0]['path']}: {excluded[0]['reason']}")
-            raise UserError(f"--strict: {len(skipped)} bad input(s), {len(clashes)} name clash(es), {len(excluded)} "
-                            f"duplicate(s) or label conflict(s); nothing written; first: {first}")
-        if not kept:
-            raise UserError(f"no readable JPEG images in {src} ({len(skipped)} skipped, {len(excluded)} excluded)")
-        for s in skipped:
-            log(f"warning: skipped {s.path}: {s.reason}")
-        for c in clashes:
-            log(f"warning: {' and '.join(c.paths)} {c.conflict}: {c.resolution}")
-        for e in excluded:
-            log(f"warning: excluded {e['path']}: {e['reason']}")
-        report = build_report(scan, facts, skipped, excluded, pairs)
-        print("\n".join(report_lines(report)), flush=True)
+        say(f"note: {note}")
+    facts, unreadable = collect_facts(scan.images, pool)
+    skipped = sorted(scan.skipped + unreadable, key=lambda s: s.path)
+    keyed, key_clashes = unique_keys([f.image for f in facts])  # only readable files claim keys
+    facts = [replace(f, image=img) for img, f in zip(keyed, facts)]
+    clashes = scan.clashes + key_clashes
+    pairs = near_pairs(facts)
+    kept, excluded = apply_policy(facts, pairs)
+    if options.strict and (skipped or clashes or excluded):
+        first = (f"{skipped[0].path}: {skipped[0].reason}" if skipped else
+                 f"{' and '.join(clashes[0].paths)} {clashes[0].conflict}" if clashes else
+                 f"{excluded[0]['path']}: {excluded[0]['reason']}")
+        raise UserError(f"--strict: {len(skipped)} bad input(s), {len(clashes)} name clash(es), {len(excluded)} "
+                        f"duplicate(s) or label conflict(s); nothing written; first: {first}")
+    if not kept:
+        raise UserError(f"no readable JPEG images in {src} ({len(skipped)} skipped, {len(excluded)} excluded)")
+    for s in skipped:
+        say(f"warning: skipped {s.path}: {s.reason}")
+    for c in clashes:
+        say(f"warning: {' and '.join(c.paths)} {c.conflict}: {c.resolution}")
+    for e in excluded:
+        say(f"warning: excluded {e['path']}: {e['reason']}")
+    report = build_report(scan, facts, skipped, excluded, pairs)
+    say("\n".join(report_lines(report)))
 
-        classes = scan.classes  # every class the data names, usable images or not: labels never shift
-        for empty in sorted(set(classes) - {f.image.class_name for f in kept}):
-            log(f"warning: class {empty} has no usable images (kept in the class list, label {classes.index(empty)})")
-        if val_split == "random":
-            grouping = None
-            print("groups: none (--val-split random splits val by image, to show the leak)", flush=True)
-        else:
-            grouping = group_images(kept, requested=groups, has_groups=scan.has_groups, cells_file=cells,
-                                    seed=seed, workers=workers, log=log)
-            print(f"groups: {grouping.method} ({grouping.why})", flush=True)
-            for rel in grouping.set_apart:
-                log(f"warning: {rel} has no cell features to match (an evenly coloured image?): set apart as a "
-                    "group of its own")
-        samples = assign_splits(kept, grouping.groups if grouping else {}, classes, seed=seed,
-                                val_fraction=val_fraction, test_fraction=test_fraction, val_split=val_split)
-        warned = check_samples(samples, classes, val_fraction=0.0 if val_split == "random" else val_fraction,
-                               test_fraction=test_fraction)
-        for line in warned:
-            log(f"warning: {line}")
-        if not test_fraction and not any(s.split in EVAL_SPLITS for s in samples):
-            log("note: no test split: the data gives none and --test-fraction is 0 (pass e.g. --test-fraction 0.15)")
-        if not any(s.split == "val" for s in samples) and not any(in_pool(f.image) for f in kept):
-            log("note: no val split: the data gives none and every image its split (a listing's rows given train stay "
-                "in train); leave the split empty on rows the packer may deal into val")
-        plan = plan_shards(samples, out, seed=seed, shard_size=shard_size)
-        try:
-            clear_old_pack(out, overwrite)
-        except OSError as err:
-            raise UserError(f"cannot clear {out} for the new shards: {err.strerror or err}") from None
-        try:
-            with progress(total=len(samples), desc="packing", unit="img") as bar:
-                futures = {split: [pool.submit(write_shard, path, chunk, classes) for path, chunk in jobs]
-                           for split, jobs in plan.items()}
-                written = 0
-                for split, jobs in plan.items():
-                    for future, (_, chunk) in zip(futures[split], jobs):
-                        future.result()
-                        bar.update(len(chunk))
-                        written += 1
-                        at_shard(written)  # the interruption test's hook: a no-op unless it is set
-        except (OSError, UserError) as err:  # a full disk, a folder we may not write in, a file changed meanwhile...
-            pool.shutdown(wait=True, cancel_futures=True)  # no worker may rename a shard into place after the cleanup
-            remove_partial(out, plan)
-            if isinstance(err, UserError):
-                raise
-            raise UserError(f"cannot write shards to {out}: {err.strerror or err} (the partial shards were removed)") \
-                from None
+    classes = scan.classes  # every class the data names, usable images or not: labels never shift
+    for empty in sorted(set(classes) - {f.image.class_name for f in kept}):
+        say(f"warning: class {empty} has no usable images (kept in the class list, label {classes.index(empty)})")
+    if options.val_split == "random":
+        grouping = None
+        say("groups: none (--val-split random splits val by image, to show the leak)")
+    else:
+        grouping = group_images(kept, requested=options.groups, has_groups=scan.has_groups, cells_file=options.cells,
+                                seed=options.seed, workers=options.workers, say=say)
+        say(f"groups: {grouping.method} ({grouping.why})")
+        for rel in grouping.set_apart:
+            say(f"warning: {rel} has no cell features to match (an evenly coloured image?): set apart as a "
+                "group of its own")
+    samples = assign_splits(kept, grouping.groups if grouping else {}, classes, seed=options.seed,
+                            val_fraction=val_fraction, test_fraction=test_fraction, val_split=options.val_split)
+    warned = check_samples(samples, classes, val_fraction=0.0 if options.val_split == "random" else val_fraction,
+                           test_fraction=test_fraction)
+    for line in warned:
+        say(f"warning: {line}")
+    if not test_fraction and not any(s.split in EVAL_SPLITS for s in samples):
+        say("note: no test split: the data gives none and --test-fraction is 0 (pass e.g. --test-fraction 0.15)")
+    if not any(s.split == "val" for s in samples) and not any(in_pool(f.image) for f in kept):
+        say("note: no val split: the data gives none and every image its split (a listing's rows given train stay "
+            "in train); leave the split empty on rows the packer may deal into val")
+    shards = plan_shards(samples, out, seed=options.seed, shard_size=options.shard_size)
+    return PackPlan(src, out, options, scan, facts, skipped, clashes, excluded, report, classes, grouping, warned,
+                    shards)
 
+
+def write_pack(plan: PackPlan, pool: ProcessPoolExecutor) -> dict[str, list[ShardInfo]]:
+    """Clear an earlier pack (with --overwrite) and write the planned tars; on failure remove what was written."""
+    out = plan.out
+    try:
+        clear_old_pack(out, plan.options.overwrite)
+    except OSError as err:
+        raise UserError(f"cannot clear {out} for the new shards: {err.strerror or err}") from None
+    try:
+        with progress(total=sum(len(c) for jobs in plan.shards.values() for _, c in jobs), desc="packing",
+                      unit="img") as bar:
+            futures = {split: [pool.submit(write_shard, path, chunk, plan.classes) for path, chunk in jobs]
+                       for split, jobs in plan.shards.items()}
+            written = 0
+            for split, jobs in plan.shards.items():
+                for future, (_, chunk) in zip(futures[split], jobs):
+                    future.result()
+                    bar.update(len(chunk))
+                    written += 1
+                    at_shard(written)  # the interruption test's hook: a no-op unless it is set
+    except (OSError, UserError) as err:  # a full disk, a folder we may not write in, a file changed meanwhile...
+        pool.shutdown(wait=True, cancel_futures=True)  # no worker may rename a shard into place after the cleanup
+        remove_partial(out, plan.shards)
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"cannot write shards to {out}: {err.strerror or err} (the partial shards were removed)") \
+            from None
+    return {split: [f.result() for f in fs] for split, fs in futures.items()}
+
+
+def describe_pack(plan: PackPlan, written: dict[str, list[ShardInfo]]) -> ShardManifest:
+    """The manifest of the written shards, then the audit report, the descriptions other readers look for and,
+    last, the manifest itself (its presence means everything above is complete)."""
+    options, classes = plan.options, plan.classes
     splits = {}
-    for split, jobs in plan.items():
+    for split, jobs in plan.shards.items():
         members = [s for _, chunk in jobs for s in chunk]
         splits[split] = SplitInfo(
             samples=len(members),
             samples_per_class={c: sum(1 for s in members if s.label == k) for k, c in enumerate(classes)},
             groups_per_class={c: len({s.group for s in members if s.label == k}) for k, c in enumerate(classes)},
             samples_per_fold={str(f): sum(1 for s in members if s.fold == f) for f in range(FOLDS)},
-            shards=[f.result() for f in futures[split]],
+            shards=written[split],
         )
     manifest = ShardManifest(
         classes=classes,
         splits=splits,
-        dataset=dataset_name(src, scan.layout, name),
-        layout=scan.layout,
-        groups=grouping.record() if grouping else {"method": "none", "why": "--val-split random"},
-        skipped=[{"path": s.path, "reason": s.reason} for s in skipped],
-        excluded=excluded,
-        clashes=[{"paths": list(c.paths), "conflict": c.conflict, "resolution": c.resolution} for c in clashes],
-        warnings=warned,
-        audit={k: report[k] for k in ("exact_duplicates", "near_duplicates")} | {"report": AUDIT_NAME},
+        dataset=dataset_name(plan.src, plan.scan.layout, options.name),
+        layout=plan.scan.layout,
+        groups=plan.grouping.record() if plan.grouping else {"method": "none", "why": "--val-split random"},
+        skipped=[{"path": s.path, "reason": s.reason} for s in plan.skipped],
+        excluded=plan.excluded,
+        clashes=[{"paths": list(c.paths), "conflict": c.conflict, "resolution": c.resolution} for c in plan.clashes],
+        warnings=plan.warned,
+        audit={k: plan.report[k] for k in ("exact_duplicates", "near_duplicates")} | {"report": AUDIT_NAME},
         folds=FOLDS,
-        args={"src": str(src.resolve()), "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
-              "val_split": val_split, "layout": layout, "groups": groups, "cells": str(cells) if cells else None,
-              "shard_size": shard_size, "strict": strict},
+        args={"src": str(plan.src.resolve()), "seed": options.seed, "val_fraction": options.val_fraction,
+              "test_fraction": options.test_fraction, "val_split": options.val_split, "layout": options.layout,
+              "groups": options.groups, "cells": str(options.cells) if options.cells else None,
+              "shard_size": options.shard_size, "strict": options.strict},
         tool_version=__version__,
     )
     for key in ("exact_duplicates", "near_duplicates"):  # the manifest keeps the counts; the lists are in audit.json
         manifest.audit[key] = {k: v for k, v in manifest.audit[key].items() if k != "list"}
     try:
-        write_report(report, out / AUDIT_NAME, facts)  # and the page, AUDIT_PAGE
-        write_descriptions(out, manifest)  # _info.json (timm), README.md (datasets, Hub), *.wids.json
-        manifest.save(out)  # last: its presence means every shard and description above is complete
+        write_report(plan.report, plan.out / AUDIT_NAME, plan.facts)  # and the page, AUDIT_PAGE
+        licence = options.license or source_info(plan.src, "license") or "unknown"
+        write_descriptions(plan.out, manifest, license=licence)  # _info.json, README.md (datasets), *.wids.json
+        manifest.save(plan.out)  # last: its presence means every shard and description above is complete
     except OSError as err:
-        remove_partial(out, plan)
-        raise UserError(f"cannot write the manifest to {out}: {err.strerror or err} (the shards were removed: "
+        remove_partial(plan.out, plan.shards)
+        raise UserError(f"cannot write the manifest to {plan.out}: {err.strerror or err} (the shards were removed: "
                         "nothing reads shards without their manifest)") from None
     return manifest
 
@@ -390,6 +464,8 @@ def check_shard(path: Path, shard: ShardInfo, classes: list[str]) -> list[dict]:
         raise ValueError(f"{path.stat().st_size} bytes, manifest says {shard.bytes} (truncated or replaced?)")
     if file_sha256(path) != shard.sha256:
         raise ValueError("sha256 does not match the manifest (corrupted)")
+    import webdataset as wds  # verify reads with the reader training uses (it loads torch: pack does not)
+
     metas = []
     try:
         for sample in wds.tarfile_samples([{"url": str(path)}]):
@@ -489,15 +565,15 @@ def verify_shards(folder: Path) -> ShardManifest:
     return manifest
 
 
-def print_summary(manifest: ShardManifest, seconds: float) -> None:
+def print_summary(manifest: ShardManifest, seconds: float, say: Say = say) -> None:
     """Images per split and class, groups, what was left out, and throughput."""
     total = sum(s.samples for s in manifest.splits.values())
     width = max(len(c) for c in manifest.classes)
-    print(f"{'split':<12} {'class':<{width}} {'images':>7} {'groups':>7}")
+    say(f"{'split':<12} {'class':<{width}} {'images':>7} {'groups':>7}")
     for name, split in manifest.splits.items():
         for c in manifest.classes:
-            print(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.groups_per_class[c]:>7}")
-        print(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.groups_per_class.values()):>7}  "
+            say(f"{name:<12} {c:<{width}} {split.samples_per_class[c]:>7} {split.groups_per_class[c]:>7}")
+        say(f"{name:<12} {'(all)':<{width}} {split.samples:>7} {sum(split.groups_per_class.values()):>7}  "
               f"in {len(split.shards)} shards")
     kinds = Counter(s["reason"] for s in manifest.skipped)
     notes = [f"{kinds[reason]} {what}" for reason, what in ((LINK_OUT, "symbolic link(s) leading out of the source "
@@ -506,7 +582,7 @@ def print_summary(manifest: ShardManifest, seconds: float) -> None:
     link_note = f" ({', '.join(notes)})" if notes else ""
     clash_note = f", {len(manifest.clashes)} name clash(es) resolved (manifest: clashes)" if manifest.clashes else ""
     excluded = f", excluded {len(manifest.excluded)} duplicate(s) or label conflict(s)" if manifest.excluded else ""
-    print(f"packed {total} images of {manifest.dataset!r}, skipped {len(manifest.skipped)}{link_note}{excluded}"
+    say(f"packed {total} images of {manifest.dataset!r}, skipped {len(manifest.skipped)}{link_note}{excluded}"
           f"{clash_note}, in {seconds:.1f} s ({total / seconds:,.0f} images/s); groups: {manifest.groups['method']}; "
           f"audit report: {AUDIT_NAME}")
 
@@ -523,40 +599,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     pack.add_argument("--name", help="the dataset's name, recorded in the manifest and model cards "
                                      "(default: SRC/dataset.json's name, blood-cells for the Kaggle download, "
                                      "else the folder name)")
-    pack.add_argument("--seed", type=int, default=0, help="seed of the splits, folds and shard order")
+    pack.add_argument("--seed", type=int, default=0, help="seed of the splits, folds and shard order (default: 0)")
     pack.add_argument("--val-fraction", type=float, default=None,
                       help=f"share of the groups of each class held out as val (default {DEFAULT_VAL_FRACTION}; "
                            "0 where the data gives a val split)")
     pack.add_argument("--test-fraction", type=float, default=0.0,
-                      help="share of the groups of each class held out as test, where the data gives no test split")
+                      help="share of the groups of each class held out as test, where the data gives no test split "
+                           "(default: 0)")
     pack.add_argument("--groups", choices=METHODS, default="auto",
                       help="the unit a split never cuts: recovered cells of augmented copies, the listing's group "
                            "column, or single files; auto measures the data (see README, Your own data)")
-    pack.add_argument("--val-split", choices=["group", "cell", "random"], default="group",
-                      help="group: whole groups go to val (honest); random: images (leaks copies of a cell into both sides)")
+    pack.add_argument("--val-split", choices=VAL_SPLITS, default="group", metavar="{group,random}",
+                      help="group (default): whole groups go to val (honest); random: single images (leaks copies of "
+                           "a cell into both sides, to show the leak); cell, group's former name, still means group")
     pack.add_argument("--cells", type=Path, help="cell mapping from `bloodcells cells` "
                       "(with --groups cells; default: recover the cells while packing)")
     pack.add_argument("--shard-size", type=int, help="samples per shard (default: at least 16 shards per big split)")
     pack.add_argument("--strict", action="store_true",
                       help="any bad input, name clash, duplicate or label conflict is an error and nothing is written")
     pack.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    pack.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes for checking and writing")
+    workers = min(2, os.cpu_count() or 1)
+    pack.add_argument("--workers", type=int, default=workers,
+                      help=f"processes for checking and writing (default: {workers}, at most 2 or the CPU count)")
+    pack.add_argument("--license", help="the images' licence, written to the dataset card (README.md), e.g. "
+                                        "cc-by-4.0 or other (default: SRC/dataset.json's license, else unknown)")
     verify = sub.add_parser("verify", help="re-read and check every shard of a folder")
-    verify.add_argument("dir", type=Path)
+    verify.add_argument("dir", type=Path, metavar="DIR",
+                        help="a shard folder written by `bloodcells pack` (holding manifest.json)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     if args.command == "pack":
-        manifest = pack_shards(args.src, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                               test_fraction=args.test_fraction, val_split=args.val_split, layout=args.layout,
-                               groups=args.groups, cells=args.cells, name=args.name, shard_size=args.shard_size,
-                               strict=args.strict, overwrite=args.overwrite, workers=args.workers)
+        options = PackOptions(seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                              val_split=args.val_split, layout=args.layout, groups=args.groups, cells=args.cells,
+                              name=args.name, shard_size=args.shard_size, strict=args.strict,
+                              overwrite=args.overwrite, workers=args.workers, license=args.license)
+        manifest = pack_shards(args.src, args.out, options)
         print_summary(manifest, time.perf_counter() - start)
     else:
         manifest = verify_shards(args.dir)
         n = sum(s.samples for s in manifest.splits.values())
         shards = sum(len(s.shards) for s in manifest.splits.values())
-        print(f"ok: {shards} shards, {n} samples verified in {time.perf_counter() - start:.1f} s")
+        say(f"ok: {shards} shards, {n} samples verified in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -31,15 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import pages
 from ..cli import Parser, UserError, run_main
 from ..data.stream import numbered
 from ..files import write_atomic
 from ..output import say
 from ..pack.manifest import ShardManifest
-from . import pages
+from ..pages import Tile
 from .cv import OOF_NAME
 from .evaluate import read_predictions
-from .pages import Tile
 
 MAX_SHOWN = 300  # flagged images shown on the page (all are in the CSV)
 

@@ -19,16 +19,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import pages
 from ..cli import Parser, UserError, run_main
 from ..files import atomic_path, read_user_yaml, write_atomic
 from ..output import say, warn
 from ..pack.manifest import ShardManifest
+from ..pages import Raw, Tile, esc
 from ..train.rundir import RunDir
 from ..train.scoring import eval_stem, save_confusion_png
 from ..train.spec import load_model
 from ..train.tracking import read_jsonl
-from . import pages
-from .pages import Raw, Tile, esc
 
 MAX_ERRORS = 200  # thumbnails in the error gallery (the most confident errors; all are counted)
 CELL_BUDGET = 1500  # thumbnails over all confusion cells together (each cell gets 2..24)

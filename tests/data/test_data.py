@@ -17,7 +17,7 @@ from bloodcells_dist.data.preprocess import FILL, Preprocess, cell_window, nucle
 from bloodcells_dist.data.selection import Selection, group_subset
 from bloodcells_dist.data.stream import EvalStream, TrainStream, stream_loader, unread_pool
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards
 from bloodcells_dist.train import trainer
 
 from ..helpers import REAL_TRAIN, cli, train_args
@@ -274,7 +274,7 @@ def test_a_shifted_copy_of_a_real_cell_gets_the_same_window():
 
 def test_a_cell_window_is_its_own_cache(synthetic_root, tmp_path):
     shards, cache = tmp_path / "shards", tmp_path / "cache"
-    pack_shards(synthetic_root, shards, seed=0, groups="files")
+    pack_shards(synthetic_root, shards, PackOptions(seed=0, groups="files"))
     manifest = ShardManifest.load(shards)
     # Every part of the preprocessing names its own file: the size, the window (pixels or a share), the fit.
     names = {cache_path(cache, manifest, ["train"], p).name for p in (
@@ -306,7 +306,7 @@ def test_device_augmentation_on_gpu_matches_cpu():
 
 def test_the_cache_is_reused_and_rebuilt_when_a_shard_or_the_size_changes(synthetic_root, tmp_path):
     shards, cache = tmp_path / "shards", tmp_path / "cache"
-    pack_shards(synthetic_root, shards, seed=0, groups="files")
+    pack_shards(synthetic_root, shards, PackOptions(seed=0, groups="files"))
     manifest = ShardManifest.load(shards)
     first, path, built = load_or_build(manifest, str(shards), ["train", "val"], Preprocess((48, 64)), cache_dir=cache, workers=2)
     assert built and path.exists() and first.images.shape == (400, 3, 48, 64) and first.images.dtype == torch.uint8
@@ -314,7 +314,7 @@ def test_the_cache_is_reused_and_rebuilt_when_a_shard_or_the_size_changes(synthe
     assert not built and same == path and torch.equal(again.images, first.images) and again.keys == first.keys
     _, other, built = load_or_build(manifest, str(shards), ["train", "val"], Preprocess((24, 32)), cache_dir=cache, workers=2)
     assert built and other != path  # another image size: another cache
-    pack_shards(synthetic_root, shards, seed=1, overwrite=True, groups="files")  # same images, other shards
+    pack_shards(synthetic_root, shards, PackOptions(seed=1, overwrite=True, groups="files"))  # same images, other shards
     changed = ShardManifest.load(shards)
     samples, new, built = load_or_build(changed, str(shards), ["train", "val"], Preprocess((48, 64)), cache_dir=cache, workers=2)
     assert built and new != path and sorted(samples.keys) == sorted(first.keys)

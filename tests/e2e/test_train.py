@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards
 from bloodcells_dist.pack.synthetic import generate_dataset
 from bloodcells_dist.train import trainer as train
 from bloodcells_dist.train.spec import load_model
@@ -93,7 +93,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """
     generate_dataset(tmp_path / "data", per_class=20, copies=4, test_per_class=0)  # 80 images: 5 steps of 16
     shards = tmp_path / "shards"
-    pack_shards(tmp_path / "data", shards, seed=0, val_fraction=0.0, shard_size=8)
+    pack_shards(tmp_path / "data", shards, PackOptions(seed=0, val_fraction=0.0, shard_size=8))
     fixed = ["--epochs", "1", "--shuffle", "false", "--aug-flip", "false", "--aug-rot90", "false",
              "--aug-affine", "false", "--aug-color", "false", "--val-split", "", "--workers", "0"]
     launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", PORT,
@@ -127,7 +127,7 @@ def test_two_machines_on_loopback_stream_one_shard_to_two_ranks_times_two_worker
     """Machine ranks 0 and 1 on 127.0.0.1, one process each, as on two hosts sharing a file system. One shard
     per split, fewer than the (rank, worker) slots: each slot reads its own range of it, no sample reused."""
     shards = tmp_path / "shards"
-    pack_shards(synthetic_root, shards, seed=0, shard_size=10_000)
+    pack_shards(synthetic_root, shards, PackOptions(seed=0, shard_size=10_000))
     port, run = free_port(), tmp_path / "run"
     common = ["--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
               "--main_process_port", str(port), "--rdzv_backend", "static", "--same_network"]
@@ -150,8 +150,8 @@ def test_two_processes_train_on_all_but_fewer_than_two_of_57_samples(tmp_path):
     last, short step (13 + 12 samples, each loss weighted by its share) keeps them."""
     files = {f"TRAIN/{c}/_{i}_1.jpeg": jpeg(100 * k + i) for k, c in enumerate("ABCD") for i in range(15 - (k > 0))}
     shards = tmp_path / "shards"
-    pack_shards(make_root(tmp_path / "src", files), shards, val_fraction=0.0, groups="files", workers=1,
-                log=lambda line: None)
+    pack_shards(make_root(tmp_path / "src", files), shards, PackOptions(val_fraction=0.0, groups="files", workers=1),
+                say=lambda line: None)
     assert ShardManifest.load(shards).splits["train"].samples == 57
     log = tmp_path / "ids"
     proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", PORT,

@@ -19,7 +19,7 @@ from PIL import Image
 from bloodcells_dist.cli import UserError, run_main
 from bloodcells_dist.pack import cells, shards
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards, verify_shards
 from bloodcells_dist.tools import evaluate
 from bloodcells_dist.train import trainer as train
 
@@ -96,7 +96,7 @@ def test_key_clashes_are_an_error_with_strict_naming_both_files(case, tmp_path):
     names = KEY_CLASHES[case]
     root = make_root(tmp_path / "src", {name: jpeg(i) for i, name in enumerate(names)})
     with pytest.raises(UserError, match="--strict") as err:
-        pack_shards(root, tmp_path / "out", strict=True, workers=1)
+        pack_shards(root, tmp_path / "out", PackOptions(strict=True, workers=1))
     # the two files, or for class folders A/ and a/ the two folders
     both = ["TRAIN/A", "TRAIN/a"] if case == "class_folder_case" else sorted(names)[:2]
     assert f"{both[0]} and {both[1]}" in str(err.value)
@@ -109,7 +109,7 @@ def test_key_clashes_without_strict_lose_nothing_whatever_the_seed(tmp_path):
     root = make_root(tmp_path / "src", {name: jpeg(i) for i, name in enumerate(names)})
     for seed in range(3):
         out = tmp_path / f"out{seed}"
-        manifest = pack_shards(root, out, seed=seed, val_fraction=0.3, workers=1)
+        manifest = pack_shards(root, out, PackOptions(seed=seed, val_fraction=0.3, workers=1))
         verify_shards(out)
         found = packed(out)
         assert sorted(found) == sorted(names)  # every file once, with its own bytes
@@ -127,7 +127,7 @@ def test_key_clashes_without_strict_lose_nothing_whatever_the_seed(tmp_path):
 
 def test_a_one_pixel_jpeg_is_packed(tmp_path):
     root = make_root(tmp_path / "src", {"TRAIN/A/_0_1.jpeg": jpeg(0, size=(1, 1)), "TRAIN/A/_1_1.jpeg": jpeg(1)})
-    manifest = pack_shards(root, tmp_path / "out", workers=1, strict=True)
+    manifest = pack_shards(root, tmp_path / "out", PackOptions(workers=1, strict=True))
     assert not manifest.skipped and [s["width"] for s in packed(tmp_path / "out")["TRAIN/A/_0_1.jpeg"]] == [1]
 
 
@@ -138,7 +138,7 @@ def test_an_evenly_coloured_image_is_set_apart_not_fatal_to_cell_recovery(synthe
         make_root(src, {f"TRAIN/{cls}/{p.name}": p.read_bytes() for p in sorted((train / cls).glob("*.jpeg"))[:24]})
     purple = src / "TRAIN" / "EOSINOPHIL" / "_purple.jpeg"
     Image.new("RGB", (320, 240), (128, 40, 160)).save(purple, quality=95)
-    manifest = pack_shards(src, tmp_path / "out", groups="cells", workers=1)
+    manifest = pack_shards(src, tmp_path / "out", PackOptions(groups="cells", workers=1))
     assert manifest.groups["set_apart"] == ["TRAIN/EOSINOPHIL/_purple.jpeg"]
     proc = cli(cells.main, "--src", str(src), "--out", str(tmp_path / "cells.csv"), check=True)
     assert "TRAIN/EOSINOPHIL/_purple.jpeg has no cell features" in proc.stderr and "1 set apart" in proc.stdout
@@ -167,12 +167,12 @@ def test_jpegs_the_decoder_warns_about_are_skipped(tmp_path):
         Image.open(io.BytesIO(data)).load()
     root = make_root(tmp_path / "src", {"TRAIN/A/_0_1.jpeg": good, "TRAIN/A/_1_1.jpeg": half_with_end,
                                         "TRAIN/A/_2_1.jpeg": flipped})
-    manifest = pack_shards(root, tmp_path / "out", workers=1)
+    manifest = pack_shards(root, tmp_path / "out", PackOptions(workers=1))
     assert {s["path"]: s["reason"].split(" (")[0] for s in manifest.skipped} == {
         "TRAIN/A/_1_1.jpeg": "corrupt JPEG", "TRAIN/A/_2_1.jpeg": "corrupt JPEG"}
     assert list(packed(tmp_path / "out")) == ["TRAIN/A/_0_1.jpeg"]
     with pytest.raises(UserError, match="--strict"):
-        pack_shards(root, tmp_path / "strict", workers=1, strict=True)
+        pack_shards(root, tmp_path / "strict", PackOptions(workers=1, strict=True))
 
 
 def edit_manifest(folder: Path, change) -> None:
@@ -223,16 +223,16 @@ def test_a_cells_file_naming_a_path_twice_or_another_class_is_refused_with_its_l
     path, cls, _, sha = lines[3].split(",")
     twice.write_text("\n".join([*lines, f"{path},{cls},{cls}/cell999,{sha}"]) + "\n")
     with pytest.raises(UserError, match=rf"listed twice \(lines 4 and {len(lines) + 1}\)"):
-        pack_shards(synthetic_root, tmp_path / "a", cells=twice, workers=1)
+        pack_shards(synthetic_root, tmp_path / "a", PackOptions(cells=twice, workers=1))
     other = tmp_path / "other.csv"
     other_class = "LYMPHOCYTE" if cls != "LYMPHOCYTE" else "MONOCYTE"
     other.write_text("\n".join([*lines[:3], f"{path},{other_class},{other_class}/cell000,{sha}", *lines[4:]]) + "\n")
     with pytest.raises(UserError, match=f"line 4 puts {path} in class '{other_class}'"):
-        pack_shards(synthetic_root, tmp_path / "b", cells=other, workers=1)
+        pack_shards(synthetic_root, tmp_path / "b", PackOptions(cells=other, workers=1))
     binary = tmp_path / "binary.csv"
     binary.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(UserError, match="not a cell mapping"):
-        pack_shards(synthetic_root, tmp_path / "c", cells=binary, workers=1)
+        pack_shards(synthetic_root, tmp_path / "c", PackOptions(cells=binary, workers=1))
 
 
 # ---------------------------------------------------------------- commands from data, links out of the source
@@ -370,7 +370,7 @@ def test_random_mix_every_good_file_in_one_shard_every_bad_one_listed_once(seed,
     root = tmp_path / "src"
     good, bad = random_source(root, rng)
     out = tmp_path / "out"
-    manifest = pack_shards(root, out, seed=seed, shard_size=rng.choice([1, 3, 50]), workers=1)
+    manifest = pack_shards(root, out, PackOptions(seed=seed, shard_size=rng.choice([1, 3, 50]), workers=1))
     verify_shards(out)
     found = packed(out)
     # The good files reuse 6 payloads, so many are duplicates: each good file is packed once or excluded once,

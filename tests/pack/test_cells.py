@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.pack import cells
 from bloodcells_dist.pack.cells import image_features, read_mapping, recover_cells
-from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards, verify_shards
 from bloodcells_dist.pack.sources import scan_images
 from bloodcells_dist.pack.synthetic import TRUTH_NAME, generate_dataset
 
@@ -65,7 +65,7 @@ def test_cells_cli_mapping_is_reused_by_pack_and_checked(synthetic_root, tmp_pat
     proc = cli(cells.main, "--src", str(synthetic_root), "--out", str(mapping_file), "--sheet", str(sheet), check=True)
     assert re.search(r"400 images -> \d+ cells", proc.stdout) and sheet.stat().st_size > 10_000
     mapping = read_mapping(mapping_file)
-    manifest = pack_shards(synthetic_root, tmp_path / "shards", cells=mapping_file)
+    manifest = pack_shards(synthetic_root, tmp_path / "shards", PackOptions(cells=mapping_file))
     assert manifest.args["cells"] == str(mapping_file)
     packed = {}
     for split in ("train", "val"):
@@ -79,7 +79,7 @@ def test_cells_cli_mapping_is_reused_by_pack_and_checked(synthetic_root, tmp_pat
     rows[1] = re.sub(r",[0-9a-f]{64}$", "," + "0" * 64, rows[1])
     mapping_file.write_text("\n".join(rows) + "\n")
     with pytest.raises(UserError, match="made from other bytes"):
-        pack_shards(synthetic_root, tmp_path / "shards2", cells=mapping_file)
+        pack_shards(synthetic_root, tmp_path / "shards2", PackOptions(cells=mapping_file))
 
 
 @pytest.mark.skipif(not REAL_TRAIN.is_dir(), reason="real data not present at ../shared/blood-cells")
@@ -92,7 +92,7 @@ def test_real_subset_splits_by_cell_and_cells_are_tight(tmp_path):
         for path in sorted(class_dir.glob("*.jpeg"))[::19][:125]:
             shutil.copyfile(path, root / class_dir.name / path.name)
     out = tmp_path / "shards"
-    manifest = pack_shards(root.parent, out, seed=0)
+    manifest = pack_shards(root.parent, out, PackOptions(seed=0))
     verify_shards(out)
     side, fold, meta_of = defaultdict(set), defaultdict(set), {}
     for split in ("train", "val"):

@@ -23,7 +23,7 @@ from bloodcells_dist.data.preprocess import FILL, Preprocess, fit_to, window_sid
 from bloodcells_dist.pack import audit, shards
 from bloodcells_dist.pack import shards as shards_cli
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards, verify_shards
 from bloodcells_dist.pack.sources import HIDDEN, LINK_OUT, NOT_REGULAR, scan_images
 from bloodcells_dist.pack.splits import FOLDS, assign_splits
 from bloodcells_dist.pack.synthetic import generate_dataset
@@ -179,7 +179,7 @@ def test_rotated_and_flipped_copies_are_near_duplicates_and_across_classes_a_lab
     assert near == {("A/0.jpg", "B/turned.jpg"): "across_classes", ("A/1.jpg", "A/mirrored.jpg"): "within_class"}
     assert "near duplicates across classes: A/0.jpg and B/turned.jpg" in proc.stdout
     out = tmp_path / "out"
-    manifest = pack_shards(root, out, workers=1)
+    manifest = pack_shards(root, out, PackOptions(workers=1))
     assert [(e["path"], e["reason"].split(":")[0]) for e in manifest.excluded] == [("A/0.jpg", "label conflict"),
                                                                                   ("B/turned.jpg", "label conflict")]
     packed_paths = {s["path"]: s for s in samples_of(out)}
@@ -223,7 +223,7 @@ def forge(out: Path, split: str, edit) -> None:
 def test_a_listing_group_stays_whole_across_given_and_blank_rows_and_verify_checks_it(tmp_path):
     listing = given_split_listing(tmp_path / "lab")
     out = tmp_path / "shards"
-    pack_shards(listing, out, workers=1)
+    pack_shards(listing, out, PackOptions(workers=1))
     verify_shards(out)
     split_of, fold_of = defaultdict(set), defaultdict(set)
     for s in samples_of(out):
@@ -269,7 +269,7 @@ def test_a_listing_keeps_rows_given_train_in_train_and_deals_only_blank_rows(tmp
     with open(listing, "w", newline="") as f:
         csv.writer(f).writerows([("path", "label", "group", "split"), *rows])
     out = tmp_path / "shards"
-    pack_shards(listing, out, workers=1)  # --val-fraction 0.2 by default: 2 of each class's 10 blank patients
+    pack_shards(listing, out, PackOptions(workers=1))  # --val-fraction 0.2 by default: 2 of each class's 10 blank patients
     split_of = {s["path"]: s["split"] for s in samples_of(out)}
     given_train = [rel for rel, _, _, split in rows if split == "train"]
     assert {split_of[rel] for rel in given_train} == {"train"}
@@ -295,7 +295,7 @@ def test_a_listing_names_only_files_inside_its_folder_and_bad_rows_name_their_li
     listing.write_text("path,label,split\na/1.jpg,A,\na/2.jpg,A,train\nb/1.jpg,B,\nb/2.jpg,B,test\n"
                        "../secret.jpg,A,\n/etc/passwd,B,\nmissing.jpg,B,\n")
     out = tmp_path / "shards"
-    manifest = pack_shards(listing, out, val_fraction=0.0, workers=1)
+    manifest = pack_shards(listing, out, PackOptions(val_fraction=0.0, workers=1))
     reasons = {s["path"]: s["reason"] for s in manifest.skipped}
     assert reasons == {"../secret.jpg": "outside the listing's folder (not read)",
                        "/etc/passwd": "outside the listing's folder (not read)",
@@ -309,7 +309,7 @@ def test_a_listing_names_only_files_inside_its_folder_and_bad_rows_name_their_li
                         ("path,label\na/1.jpg,A/B\n", "class name 'A/B'")):
         listing.write_text(text)
         with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
-            pack_shards(listing, tmp_path / "s2", workers=1)
+            pack_shards(listing, tmp_path / "s2", PackOptions(workers=1))
     listing.write_bytes(b"\x00\x01binary\xff")
     proc = cli(shards.main, "pack", "--src", str(listing), "--out", str(tmp_path / "s3"))
     assert proc.returncode == 2
@@ -322,19 +322,19 @@ def test_split_folders_at_the_root_with_a_val_folder_keep_their_splits(tmp_path)
                                         **{f"val/{c}/{i}.jpg": jpeg(100 + 10 * k + i) for k, c in enumerate("xy")
                                            for i in range(2)},
                                         "TEST/x/0.jpg": jpeg(500), "TEST/y/0.jpg": jpeg(501)})
-    manifest = pack_shards(root, tmp_path / "out", workers=1)
+    manifest = pack_shards(root, tmp_path / "out", PackOptions(workers=1))
     assert manifest.layout == "splits" and manifest.classes == ["x", "y"]
     assert {k: v.samples for k, v in manifest.splits.items()} == {"train": 12, "val": 4, "test": 2}
     with pytest.raises(UserError, match="already gives a val split"):
-        pack_shards(root, tmp_path / "out2", val_fraction=0.3, workers=1)
+        pack_shards(root, tmp_path / "out2", PackOptions(val_fraction=0.3, workers=1))
     with pytest.raises(UserError, match="already gives a test split"):
-        pack_shards(root, tmp_path / "out3", test_fraction=0.2, workers=1)
+        pack_shards(root, tmp_path / "out3", PackOptions(test_fraction=0.2, workers=1))
 
 
 def test_the_name_given_is_kept_beside_an_empty_class_folder(tmp_path):
     root = make_root(tmp_path / "src", {**{f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(4)},
                                         "C": None})
-    manifest = pack_shards(root, tmp_path / "out", name="my-lab", workers=1)
+    manifest = pack_shards(root, tmp_path / "out", PackOptions(name="my-lab", workers=1))
     assert manifest.dataset == "my-lab" and manifest.classes == ["A", "B", "C"]
     assert "# my-lab, as WebDataset shards" in (tmp_path / "out" / "README.md").read_text()
 
@@ -350,7 +350,7 @@ def test_only_regular_files_are_read_a_named_pipe_is_listed_not_opened(tmp_path)
     assert {s.path: s.reason for s in scan.skipped} == {"A/pipe.jpg": NOT_REGULAR, "B/gone.jpg": NOT_REGULAR,
                                                         "B/out.jpg": LINK_OUT}
     assert cli(audit.main, "--src", str(root), "--workers", "1", check=True)
-    manifest = pack_shards(root, tmp_path / "out", workers=1)
+    manifest = pack_shards(root, tmp_path / "out", PackOptions(workers=1))
     assert {s["path"] for s in manifest.skipped} == {"A/pipe.jpg", "B/gone.jpg", "B/out.jpg"}
     assert sum(s.samples for s in manifest.splits.values()) == 8
 
@@ -372,7 +372,7 @@ def test_class_folders_named_like_splits_are_one_line_naming_the_ambiguity(names
     proc = cli(shards.main, "pack", "--src", str(root), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     one_error_line(proc.stderr, f"{names[0]} are named like split folders but hold images", "--layout classes")
-    manifest = pack_shards(root, tmp_path / "out2", layout="classes", workers=1)
+    manifest = pack_shards(root, tmp_path / "out2", PackOptions(layout="classes", workers=1))
     assert manifest.classes == sorted(names) and sum(s.samples for s in manifest.splits.values()) == 10
 
 
@@ -399,12 +399,12 @@ def test_labels_differing_in_case_or_invisible_characters_are_one_class_with_a_n
 def test_auto_groups_finds_augmented_copies_and_originals(tmp_path):
     copies = tmp_path / "copies"
     generate_dataset(copies, per_class=32, seed=3, copies=8, test_per_class=0)
-    manifest = pack_shards(copies, tmp_path / "a", workers=2)
+    manifest = pack_shards(copies, tmp_path / "a", PackOptions(workers=2))
     assert manifest.groups["method"] == "cells" and manifest.groups["measured"]["share"] > 0.5
     assert manifest.dataset == "synthetic"  # named by the generator's dataset.json
     originals = tmp_path / "originals"
     generate_dataset(originals, per_class=16, seed=3, copies=1, test_per_class=0)
-    manifest = pack_shards(originals, tmp_path / "b", workers=2)
+    manifest = pack_shards(originals, tmp_path / "b", PackOptions(workers=2))
     assert manifest.groups["method"] == "files" and manifest.groups["measured"]["share"] < 0.1
 
 

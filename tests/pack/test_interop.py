@@ -15,7 +15,7 @@ from PIL import Image
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.pack.interop import CARD, TIMM_INFO, wids_index_name
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards, verify_shards
 from bloodcells_dist.tools import evaluate, hub, predict
 
 from ..helpers import cli, run_cli
@@ -37,7 +37,7 @@ def four_split_shards(synthetic_root, tmp_path_factory) -> Path:
         for path in sorted((images / "TEST" / c).glob("*.jpeg"))[:3]:
             shutil.copy(path, root / "TEST_SIMPLE" / c / path.name)
     out = tmp_path_factory.mktemp("four_shards")
-    pack_shards(root, out, seed=0)
+    pack_shards(root, out, PackOptions(seed=0))
     return out
 
 
@@ -88,10 +88,11 @@ def test_hugging_face_datasets_reads_every_split_apart_with_class_names(four_spl
     datasets = pytest.importorskip("datasets", reason="the dev extra installs datasets")
     manifest = ShardManifest.load(four_split_shards)
     ds = datasets.load_dataset(str(four_split_shards), cache_dir=str(tmp_path / "cache"))
-    assert set(ds) == {"train", "val", "test", "test_simple"}  # test_simple is not merged into test
+    # val is `validation`, the name HF scripts read; test_simple is not merged into test
+    assert set(ds) == {"train", "validation", "test", "test_simple"}
     for name, split in manifest.splits.items():
-        assert ds[name].num_rows == split.samples
-        assert ds[name].features["cls"].names == CLASSES
+        assert ds["validation" if name == "val" else name].num_rows == split.samples
+        assert ds["validation" if name == "val" else name].features["cls"].names == CLASSES
     sample = ds["test_simple"][0]
     assert isinstance(sample["jpg"], Image.Image) and sample["jpg"].size == (320, 240)
     assert ds["test_simple"].features["cls"].int2str(sample["cls"]) == sample["json"]["class_name"]

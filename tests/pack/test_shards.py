@@ -24,7 +24,7 @@ from PIL import Image
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.pack import shards
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.pack.shards import pack_shards, verify_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards, verify_shards
 from bloodcells_dist.pack.synthetic import TRUTH_NAME
 
 from ..helpers import REAL_TRAIN, REPO, cli, jpeg, make_root, one_error_line, true_cells
@@ -85,7 +85,7 @@ def test_train_val_split_is_by_cell(synthetic_root, synthetic_shards):
 
 
 def test_random_split_leaks_cells(synthetic_root, tmp_path):
-    pack_shards(synthetic_root, tmp_path, seed=0, val_split="random")
+    pack_shards(synthetic_root, tmp_path, PackOptions(seed=0, val_split="random"))
     samples = read_all(tmp_path)
     assert leaked_fraction(synthetic_root, samples) > 0.5, "a random split puts copies of a cell on both sides"
 
@@ -123,7 +123,7 @@ def test_a_manifest_written_before_warnings_still_loads_and_the_field_bumped_the
 
 def test_default_shard_counts(synthetic_root, tmp_path):
     """Splits over a few hundred samples get >= 16 shards (8 ranks x 2 workers); small ones keep >= 16 per shard."""
-    manifest = pack_shards(synthetic_root, tmp_path, seed=0, val_fraction=0.1, groups="files")
+    manifest = pack_shards(synthetic_root, tmp_path, PackOptions(seed=0, val_fraction=0.1, groups="files"))
     assert manifest.splits["train"].samples > 256 and len(manifest.splits["train"].shards) == 16
     assert len(manifest.splits["test"].shards) == 99 // 16
     sizes = [s.samples for s in manifest.splits["train"].shards]
@@ -133,19 +133,19 @@ def test_default_shard_counts(synthetic_root, tmp_path):
 def test_pack_is_deterministic(synthetic_root, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     cells = true_cells(synthetic_root, tmp_path / "cells.csv")
-    pack_shards(synthetic_root, a, seed=3, shard_size=40, cells=cells)
-    pack_shards(synthetic_root, b, seed=3, shard_size=40, cells=cells, workers=1)
+    pack_shards(synthetic_root, a, PackOptions(seed=3, shard_size=40, cells=cells))
+    pack_shards(synthetic_root, b, PackOptions(seed=3, shard_size=40, cells=cells, workers=1))
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir()) and "manifest.json" in files
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between two packs"
     c = tmp_path / "c"
-    pack_shards(synthetic_root, c, seed=4, shard_size=40, cells=cells)
+    pack_shards(synthetic_root, c, PackOptions(seed=4, shard_size=40, cells=cells))
     assert (a / "manifest.json").read_bytes() != (c / "manifest.json").read_bytes()
 
 
 def test_verify_accepts_good_and_catches_flipped_byte_and_truncation(synthetic_root, tmp_path):
-    pack_shards(synthetic_root, tmp_path, seed=0, groups="files")
+    pack_shards(synthetic_root, tmp_path, PackOptions(seed=0, groups="files"))
     verify_shards(tmp_path)
     shard = sorted(tmp_path.glob("train-*.tar"))[1]
     original = shard.read_bytes()
@@ -191,7 +191,7 @@ def test_a_dataset_card_with_a_bad_yaml_header_is_one_line_from_verify(case, syn
 
 def test_verify_catches_bad_content_with_matching_checksum(synthetic_root, tmp_path):
     """A shard rewritten with a wrong label and its checksum updated still fails: labels are checked."""
-    manifest = pack_shards(synthetic_root, tmp_path, seed=0, shard_size=50, groups="files")
+    manifest = pack_shards(synthetic_root, tmp_path, PackOptions(seed=0, shard_size=50, groups="files"))
     shard = tmp_path / manifest.splits["test"].shards[0].file
     samples = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
     with wds.TarWriter(str(shard), encoder=False) as tar:
@@ -345,10 +345,10 @@ def test_a_write_error_mid_pack_is_one_line_and_leaves_no_partial_tar(tmp_path):
 
 
 def test_existing_shards_need_overwrite(synthetic_root, tmp_path):
-    pack_shards(synthetic_root, tmp_path, seed=0, groups="files")
+    pack_shards(synthetic_root, tmp_path, PackOptions(seed=0, groups="files"))
     with pytest.raises(UserError, match="--overwrite"):
-        pack_shards(synthetic_root, tmp_path, seed=0, groups="files")
-    pack_shards(synthetic_root, tmp_path, seed=1, shard_size=100, overwrite=True, groups="files")
+        pack_shards(synthetic_root, tmp_path, PackOptions(seed=0, groups="files"))
+    pack_shards(synthetic_root, tmp_path, PackOptions(seed=1, shard_size=100, overwrite=True, groups="files"))
     verify_shards(tmp_path)
     manifest = ShardManifest.load(tmp_path)
     listed = {s.file for split in manifest.splits.values() for s in split.shards}
@@ -360,7 +360,7 @@ def test_interrupted_pack_leaves_nothing_verify_accepts(synthetic_root, tmp_path
     """SIGKILL an overwriting pack once it has written 3 shards: the old manifest is gone, verify refuses, and
     no worker process outlives the packer."""
     out = tmp_path / "out"
-    pack_shards(synthetic_root, out, seed=0, groups="files")
+    pack_shards(synthetic_root, out, PackOptions(seed=0, groups="files"))
     proc = subprocess.Popen([sys.executable, "-m", "bloodcells_dist", "pack", "--src", str(synthetic_root),
                              "--out", str(out), "--overwrite", "--shard-size", "5", "--groups", "files"], cwd=REPO,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -379,7 +379,7 @@ def test_interrupted_pack_leaves_nothing_verify_accepts(synthetic_root, tmp_path
     assert not (out / "manifest.json").exists() and len(list(out.glob("train-*.tar"))) >= 3
     with pytest.raises(UserError, match="manifest.json not found"):
         verify_shards(out)
-    pack_shards(synthetic_root, out, seed=0, overwrite=True, groups="files")  # a rerun cleans up and completes
+    pack_shards(synthetic_root, out, PackOptions(seed=0, overwrite=True, groups="files"))  # a rerun cleans up and completes
     assert not list(out.glob(".*tmp*"))
     verify_shards(out)
 
@@ -395,7 +395,7 @@ def test_real_subset_packs_and_verifies(tmp_path):
         for path in sorted(class_dir.glob("*.jpeg"))[:50]:
             shutil.copy(path, root / class_dir.name / path.name)
     out = tmp_path / "out"
-    manifest = pack_shards(root.parent, out, seed=0, val_fraction=0.3)
+    manifest = pack_shards(root.parent, out, PackOptions(seed=0, val_fraction=0.3))
     verify_shards(out)
     assert sum(s.samples for s in manifest.splits.values()) == 200 and not manifest.skipped
     samples = read_all(out)

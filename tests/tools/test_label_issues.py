@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards
 from bloodcells_dist.tools import cv, label_issues
 
 from ..helpers import assert_self_contained, cli, parse, train_args
@@ -38,7 +38,7 @@ def test_cross_validated_probabilities_find_flipped_labels(synthetic_root, tmp_p
         if i in flipped:
             flips[f"{given}/{path.name}"] = path.parent.name
     shards, runs = tmp_path / "shards", tmp_path / "cv"
-    pack_shards(tmp_path / "data", shards, seed=0, test_fraction=0.0, groups="files")
+    pack_shards(tmp_path / "data", shards, PackOptions(seed=0, test_fraction=0.0, groups="files"))
     proc = cli(cv.main, "--shards", str(shards), "--output-dir", str(runs),
                *train_args(shards, runs, "--epochs", "3", "--workers", "0", "--batch-size", "16")[6:], check=True)
     assert "out-of-fold probabilities of" in proc.stdout
@@ -67,7 +67,7 @@ def test_cross_validated_probabilities_find_flipped_labels(synthetic_root, tmp_p
     suggested = {r["path"]: r["suggested_label"] for r in issues}
     assert all(r["label"] == suggested.get(r["path"], r["path"].split("/")[0]) for r in listing)
     shutil.copy(runs / "relabelled.csv", tmp_path / "data" / "relabelled.csv")
-    repacked = pack_shards(tmp_path / "data" / "relabelled.csv", tmp_path / "repacked", seed=0, test_fraction=0.0,
-                           groups="files")
+    repacked = pack_shards(tmp_path / "data" / "relabelled.csv", tmp_path / "repacked",
+                           PackOptions(seed=0, test_fraction=0.0, groups="files"))
     counts = {c: sum(1 for r in listing if r["label"] == c) for c in classes}
     assert {c: sum(repacked.splits[s].samples_per_class[c] for s in repacked.splits) for c in classes} == counts

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bloodcells_dist.pack import audit
-from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards
 from bloodcells_dist.tools import evaluate, report
 from bloodcells_dist.train import trainer
 
@@ -123,7 +123,7 @@ def test_audit_page_shows_duplicates_conflicts_unreadable_files_and_samples(tmp_
 
 
 def test_pack_writes_the_audit_page_beside_audit_json(synthetic_root, tmp_path):
-    pack_shards(synthetic_root, tmp_path, seed=0, groups="files")
+    pack_shards(synthetic_root, tmp_path, PackOptions(seed=0, groups="files"))
     page = parse(tmp_path / audit.AUDIT_PAGE)
     assert_self_contained(page)
     assert page.figures["near"] == 2 * json.loads((tmp_path / "audit.json").read_text())["near_duplicates"]["pairs"]

@@ -18,7 +18,7 @@ from bloodcells_dist.cli import UserError
 from bloodcells_dist.config import build_config
 from bloodcells_dist.data.plan import EpochPlan
 from bloodcells_dist.pack.manifest import ShardManifest
-from bloodcells_dist.pack.shards import pack_shards
+from bloodcells_dist.pack.shards import PackOptions, pack_shards
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.rundir import RunDir
 from bloodcells_dist.train.schedule import lr_at
@@ -171,7 +171,7 @@ def test_a_folder_holding_a_run_is_refused_unless_overwritten(tiny_run, syntheti
 def small_shards(folder: Path, classes: str) -> Path:
     """Shards of 6 small JPEGs per class, the same images whatever the class names."""
     files = {f"TRAIN/{c}/_{i}_1.jpeg": jpeg(10 * k + i) for k, c in enumerate(classes.split(",")) for i in range(6)}
-    pack_shards(make_root(folder.with_name(folder.name + "-src"), files), folder, workers=1, log=lambda line: None)
+    pack_shards(make_root(folder.with_name(folder.name + "-src"), files), folder, PackOptions(workers=1), say=lambda line: None)
     return folder
 
 

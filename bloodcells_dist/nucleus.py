@@ -1,12 +1,10 @@
-"""The stained nucleus of a white cell: what the cell window centres on, and what cell recovery describes.
-
-Small on purpose: inference (predict, evaluate, exports' preprocessing) imports it without the clustering code.
+"""The stained nucleus of a white cell: what the cell window centres on (data/preprocess.py) and what cell recovery
+describes (pack/cells.py). Below both stages, and numpy only: packing never loads torch for it.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 
@@ -21,12 +19,3 @@ def nucleus_mask(rgb: np.ndarray) -> np.ndarray:
         return purple  # empty: the caller treats the image as unreliable
     mass = ndimage.sum(np.where(purple, stain, 0.0), blobs, range(1, n + 1))
     return (blobs == int(np.argmax(mass)) + 1) & purple
-
-
-def nucleus_centre(image: torch.Tensor) -> tuple[float, float]:
-    """(row, column) of the white cell's stained nucleus in a uint8 (3, H, W) image: the centroid of
-    nucleus_mask; the frame's centre when the image has no stained pixel."""
-    ys, xs = np.nonzero(nucleus_mask(image.permute(1, 2, 0).numpy().astype(np.int16)))
-    if len(ys) == 0:
-        return (image.shape[1] - 1) / 2, (image.shape[2] - 1) / 2
-    return float(ys.mean()), float(xs.mean())
