@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, output
 from ..cli import Parser, UserError, run_main, writable_folder
 from ..files import atomic_path
 from ..progress import progress
@@ -76,10 +76,10 @@ Say = Callable[[str], None]
 
 
 def say(line: str) -> None:
-    """The packer's one channel for what a user reads: what it found and decided to stdout; its warnings and notes
-    (lines starting `warning:` or `note:`) to stderr, so that `pack > log` keeps the findings and shows the doubts."""
-    doubt = line.startswith(("warning:", "note:"))
-    print(line, file=sys.stderr if doubt else sys.stdout, flush=True)
+    """The packer's lines through the package's one channel (output.say): what it found and decided to stdout; its
+    warnings and notes (lines starting `warning:` or `note:`) to stderr, so that `pack > log` keeps the findings
+    and shows the doubts."""
+    output.say(line, stderr=line.startswith(("warning:", "note:")))
 
 
 AT_SHARD_ENV = "BLOODCELLS_AT_SHARD"  # test hook: "N:pause" once N shards are written

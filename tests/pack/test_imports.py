@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "bloodcells_dist"
 REPO = PACKAGE.parent
 STAGES = ("pack", "data", "train", "tools")  # each may import the ones before it, never one after
-SHARED = ("cli", "config", "files", "progress", "nucleus", "pages")  # below every stage: they import none
+SHARED = ("cli", "config", "files", "progress", "nucleus", "pages", "output")  # below every stage: they import none
 HEAVY = ("torch", "torchvision", "accelerate", "webdataset")  # what packing and configuration never load
 # Known, and not this test's to fix: train/transfer.py reads an exported model (.pt2/.pt) with tools/export.py's
 # loader, lazily (`--init-from model.pt2`). Remove the entry when load_exported moves below train.
