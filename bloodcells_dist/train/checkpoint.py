@@ -6,7 +6,6 @@ written last, marks it), so a kill at any moment leaves either the previous chec
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -19,7 +18,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from ..cli import UserError
 from ..data.plan import stable_seed
 from ..files import remove_own_path, write_json
-from .rundir import STATE_NAME, RunDir
+from .rundir import STATE_NAME, RunDir, read_run_json
 from .state import TrainState
 
 
@@ -71,7 +70,7 @@ def check_resume(folder: RunDir, resume: Path, classes: list[str]) -> None:
 
 def read_state(checkpoint: Path) -> TrainState:
     """A complete checkpoint's trainer state."""
-    return TrainState.from_json(json.loads((checkpoint / STATE_NAME).read_text()))
+    return TrainState.from_json(read_run_json(checkpoint / STATE_NAME))
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: dict, seed: int) -> TrainState:
