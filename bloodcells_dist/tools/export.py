@@ -104,9 +104,11 @@ def export(model: torch.nn.Module, spec: ModelSpec, fmt: str, out: Path) -> None
         else:
             import onnx
 
-            # The TorchScript-based exporter runs offline with no extra packages; the batch axis stays free.
-            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=17, input_names=["images"],
-                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+            # The TorchScript-based exporter runs offline with no extra packages; the batch axis stays free. It
+            # writes to a file object too, which its type hints do not say.
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=17,  # type: ignore[arg-type]
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
             proto = onnx.load_from_string(buffer.getvalue())
             onnx.helper.set_model_props(proto, {META_KEY: info})
             buffer = io.BytesIO(proto.SerializeToString())

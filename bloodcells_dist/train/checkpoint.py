@@ -25,7 +25,7 @@ from .state import TrainState
 def save_checkpoint(accelerator: Accelerator, run: RunDir, state: TrainState, keep: int) -> Path:
     """Save everything a resume needs; visible only once complete; keep the newest `keep`. Collective."""
     final = run.checkpoint(state.step)
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = run.partial_checkpoint(state.step)
     if accelerator.is_main_process:
         # What an earlier attempt (or anyone) left under these names goes; a link goes itself, never what it
         # points to (RunDir.create refused a `checkpoints` that is a link, so these names are the run's own).

@@ -95,7 +95,7 @@ class BloodCellCNN(nn.Module, PyTorchModelHubMixin, library_name="bloodcells_dis
         model = super()._from_pretrained(model_id=model_id, revision=revision, cache_dir=cache_dir,
                                          force_download=force_download, local_files_only=local_files_only,
                                          token=token, **model_kwargs)
-        card = HubDir(model_id).card
+        card: Path | None = HubDir(model_id).card
         if not Path(model_id).is_dir():
             try:
                 card = Path(hf_hub_download(model_id, HubDir.CARD, revision=revision, cache_dir=cache_dir,
@@ -118,7 +118,7 @@ class BloodCellCNN(nn.Module, PyTorchModelHubMixin, library_name="bloodcells_dis
         card = getattr(self, "_hub_card", None)
         if card is not None and card[1] == self.weights_digest():
             return ModelCard(card[0])
-        license_id = (ModelCard(card[0]).data.license if card is not None else None) or "mit"
+        license_id = (ModelCard(card[0]).data.get("license") if card is not None else None) or "mit"
         from ..tools.hub import model_card  # tools import this module: imported here, when a card is written
         from .spec import ModelSpec
 

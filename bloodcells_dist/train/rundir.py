@@ -3,7 +3,8 @@ place that knows what older versions called things. A run folder holds one train
 
     RUN/config.yaml          the resolved TrainConfig, headed by its provenance (comments: still a usable recipe)
     RUN/metrics.jsonl        one JSON line per log step and per validation
-    RUN/checkpoints/step-N/  exact-resume checkpoints; trainer_state.json inside is written last
+    RUN/checkpoints/step-N/  exact-resume checkpoints; trainer_state.json inside is written last (in .tmp-step-N/,
+                             renamed once complete)
     RUN/best.safetensors     the weights of the best validation epoch (a run that validates)
     RUN/last.safetensors     the weights at the end of training (every run)
     RUN/final.json           the run's summary, written last: its presence (with "finished": true) means done
@@ -11,6 +12,7 @@ place that knows what older versions called things. A run folder holds one train
     RUN/curves.png, RUN/confusion.png   `bloodcells report`'s figures
     RUN/wandb/, RUN/wandb_run_id   the W&B run (offline unless logged in) and its id, kept across resumes
     RUN/.lock                held by the training that owns the folder
+    RUN/.answered/RANK       where the survivors of a failed collective say so (preemption.silent_ranks)
 
     HUB/config.json          the whole ModelSpec (huggingface_hub's name: from_pretrained reads it)
     HUB/model.safetensors    the weights (huggingface_hub's name)
@@ -21,7 +23,7 @@ missing key. How to tell them:
 
     final.json, trainer_state.json   the last validation under "final" (now "last_validation")
     a weights file's metadata        classes, image_size, mean, std, model and config apart (now one "spec")
-    a model description              no "fit" (0.1 stretched every image; spec.json, Hub config.json, exports)
+    a model description              no "fit" (0.1 stretched every image): a Hub config.json, an export's meta.json
 
 The lock is a POSIX record lock (`fcntl.lockf`), taken by the main process before the run writes anything.
 Such a lock belongs to the process that took it: forked data workers do not hold it, and the kernel drops it
@@ -90,6 +92,7 @@ class RunDir:
         self.confusion = self.path / "confusion.png"
         self.wandb_id = self.path / "wandb_run_id"
         self.lock_file = self.path / ".lock"
+        self.answered = self.path / ".answered"
 
     def __str__(self) -> str:
         return str(self.path)
@@ -155,6 +158,10 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         """The folder of the checkpoint at an optimizer step."""
         return self.checkpoints / f"step-{step:08d}"
+
+    def partial_checkpoint(self, step: int) -> Path:
+        """Where the checkpoint at `step` is written until it is complete (then renamed to `checkpoint(step)`)."""
+        return self.checkpoints / f".tmp-{self.checkpoint(step).name}"
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (an interrupted save leaves a .tmp folder, never listed)."""
