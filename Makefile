@@ -53,11 +53,14 @@ demo: setup
 	$(BC) evaluate --model $(DEMO)/run --shards $(DEMO)/shards --split test
 	$(BC) report $(DEMO)/run
 
+# Both print the slowest tests and the wall time they took.
 test: setup
-	$(PY) -m pytest
+	@start=$$(date +%s); $(PY) -m pytest --durations=15; rc=$$?; \
+		echo "make test: $$(( $$(date +%s) - start )) s wall"; exit $$rc
 
 test-fast: setup
-	$(PY) -m pytest -m "not e2e"
+	@start=$$(date +%s); $(PY) -m pytest -m "not e2e" --durations=10; rc=$$?; \
+		echo "make test-fast: $$(( $$(date +%s) - start )) s wall (budget: 60 s on an idle 2-core machine)"; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check bloodcells_dist tests benchmarks scripts

@@ -7,6 +7,7 @@ images (fixed seed) into another class drawn at random; the flips are recorded. 
 image and over the top-ranked images as many as the flips (3%). Writes results/label-issues.json.
 
     nice -n 15 python benchmarks/bench_label_issues.py [--src /work/data/pbc] [--images 2000] [--epochs 12]
+        [--recipe launch/recipes/pbc-pretrain.yaml --image-size 96,96] [--cv-args "--init-from RUN"]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from bloodcells_dist.train.provenance import provenance  # noqa: E402
 
 FLIP_SHARE = 0.03
-MODEL = ["--image-size", "64,64", "--widths", "8,16,32,32", "--hidden", "64,32", "--batch-size", "32",
+MODEL = ["--widths", "8,16,32,32", "--hidden", "64,32", "--batch-size", "32",
          "--tracker", "none", "--mixed-precision", "no", "--workers", "1"]
 
 
@@ -70,7 +71,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", type=Path, help="train this recipe (e.g. launch/recipes/pbc-pretrain.yaml) "
+                        "instead of the tiny 64x64 model")
+    parser.add_argument("--image-size", default="64,64")
+    parser.add_argument("--cv-args", default="", help="more `bloodcells cv` arguments, e.g. '--init-from RUN' "
+                        "(a model that never saw these images: PBC's test split from a model of its train split)")
     args = parser.parse_args()
+    model = ["--config", str(args.recipe), "--tracker", "none"] if args.recipe else MODEL
+    model += ["--image-size", args.image_size, *shlex.split(args.cv_args)]
     started = time.perf_counter()
     shutil.rmtree(args.work, ignore_errors=True)
     labels = make_subset(args.src, args.work / "data", args.images, args.seed)
@@ -81,7 +89,7 @@ def main() -> None:
     shards, cv_dir = args.work / "shards", args.work / "cv"
     run([*bc, "pack", "--src", str(args.work / "data"), "--out", str(shards), "--test-fraction", "0",
          "--groups", "files", "--overwrite"])
-    cv = [*bc, "cv", "--shards", str(shards), "--output-dir", str(cv_dir), *MODEL, "--epochs", str(args.epochs)]
+    cv = [*bc, "cv", "--shards", str(shards), "--output-dir", str(cv_dir), *model, "--epochs", str(args.epochs)]
     run(cv)
     run([*bc, "label-issues", str(cv_dir)])
     with open(cv_dir / "label-issues.csv", newline="") as f:
@@ -91,7 +99,9 @@ def main() -> None:
     summary = json.loads((cv_dir / "cv.json").read_text())
     result = {
         "what": f"{len(packed)} PBC images (stratified, seed {args.seed}), {len(flips)} labels flipped "
-                f"({FLIP_SHARE:.0%}); 5-fold cv at 64x64, {args.epochs} epochs; cleanlab find_label_issues",
+                f"({FLIP_SHARE:.0%}); 5-fold cv of {args.recipe.name if args.recipe else 'a tiny model'} at "
+                f"{args.image_size.replace(',', 'x')}, {args.epochs} epochs{' ' + args.cv_args if args.cv_args else ''}; "
+                f"cleanlab find_label_issues",
         "images": len(packed), "flipped": len(flips),
         "cv_accuracy": summary["accuracy"], "all_flagged": scores(flagged, flips),
         "top_ranked": scores(flagged[:len(flips)], flips),

@@ -1,107 +1,19 @@
-"""Shared fixtures: a small synthetic dataset and its shards, built once per test session."""
+"""Shared fixtures: a small synthetic dataset and its shards, built once per test session. Helpers are in helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import hashlib
-import io
 import os
-import random
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from bloodcells_dist.cli import run_main
 from bloodcells_dist.data.preprocess import Preprocess
 from bloodcells_dist.pack.shards import pack_shards
-from bloodcells_dist.pack.synthetic import TRUTH_NAME, generate_dataset
+from bloodcells_dist.pack.synthetic import generate_dataset
 from bloodcells_dist.train.spec import ModelSpec, save_weights
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO.parent / "shared" / "blood-cells"
-REAL_TRAIN = REAL_DATA / "dataset2-master" / "dataset2-master" / "images" / "TRAIN"
-
-
-def completed(argv: list[str], env: dict | None, timeout: float) -> subprocess.CompletedProcess:
-    """Run argv to completion in its own process group. On timeout every Python process of the group (ranks,
-    data workers, the launcher) dumps its threads' stacks (faulthandler, on SIGABRT) into the error, then the
-    whole group is killed: a hang is diagnosed, and leaves no orphan rank behind to slow the next tests."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGABRT)
-        try:
-            stdout, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            stdout, stderr = "", ""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError(f"{argv[1:6]}... still running after {timeout:.0f} s; its stacks:\n"
-                             f"stdout:\n{(stdout or '')[-3000:]}\nstderr:\n{(stderr or '')[-12000:]}") from None
-    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
-
-
-def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m ...` (or any argv) the way a user would; returns the completed process."""
-    proc = completed([sys.executable, *args], env, timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def cli(main, *argv: str, check: bool = False) -> subprocess.CompletedProcess:
-    """A command's main() run in-process, as `run_main` runs it for a user: exit code and captured output.
-    (The fast layer's stand-in for a subprocess: the same code path, without starting Python and torch anew.)"""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_main(main, list(argv))
-    proc = subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
-    if check and code != 0:
-        raise AssertionError(f"{argv} exited {code}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
-    return proc
-
-
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-
-
-def free_port() -> int:
-    """A free TCP port on loopback for a launcher rendezvous, below the kernel's ephemeral range: a port from
-    that range can be handed to another process's outgoing connection before the launcher binds it, or (in a
-    client retrying before the server listens) connect a socket to itself."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for port in random.Random().sample(range(15000, max(low, 15001)), k=min(200, max(low - 15000, 1))):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(*args: str, env: dict | None = None, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`accelerate launch ARGS` as a user types it."""
-    proc = completed([ACCELERATE, "launch", *args], env, timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"accelerate launch exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
+from .helpers import REF_EXTRA, jpeg, make_root, run_cli, train_args, true_cells
 
 
 @pytest.fixture(scope="session")
@@ -160,44 +72,23 @@ def lab_shards(synthetic_root, tmp_path_factory) -> Path:
     return out
 
 
-def stopped_and_resumed(train, config, stop_at: int, monkeypatch) -> dict:
-    """Train `config` until the step hook stops it at `stop_at`, then resume it to the end: the resumed result."""
-    monkeypatch.setenv("BLOODCELLS_AT_STEP", f"{stop_at}:stop")
-    assert train(config)["stopped"]
-    monkeypatch.delenv("BLOODCELLS_AT_STEP")
-    return train(config, resume=Path(config.output_dir))
-
-
-def true_cells(root: Path, mapping: Path) -> Path:
-    """The generator's truth (path, cell) written as a cell mapping (path, class, cell, sha256)."""
-    with open(root / TRUTH_NAME, newline="") as f:
-        rows = [row for row in csv.DictReader(f) if "/TRAIN/" in row["path"]]
-    with open(mapping, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "class", "cell", "sha256"])
-        for row in rows:
-            name = row["path"].split("/")[-2]
-            sha = hashlib.sha256((root / row["path"]).read_bytes()).hexdigest()
-            writer.writerow([row["path"], name, f"{name}/{row['cell'].replace('/', '-')}", sha])
-    return mapping
-
-
-# A narrow model on 48x64 images: seconds per epoch on two CPU cores. fp32 whatever the CPU, so that runs
-# compare exactly (`auto` would pick bf16 on CPUs with native bf16).
-TINY = ["--image-size", "48,64", "--widths", "8,16,32,32", "--hidden", "64,32", "--batch-size", "8",
-        "--tracker", "none", "--log-every", "5", "--mixed-precision", "no"]
-# The reference run: one process, two data workers, mid-epoch checkpoints every 7 steps.
-REF_EXTRA = ["--epochs", "8", "--workers", "2", "--checkpoint-every", "7", "--lr", "0.02", "--batch-size", "16"]
-
-
-def train_args(shards: Path, run: Path, *extra: str) -> list[str]:
-    """`-m bloodcells_dist.train` arguments for a tiny model."""
-    return ["-m", "bloodcells_dist.train", "--shards", str(shards), "--output-dir", str(run), *TINY, *extra]
-
-
 @pytest.fixture(scope="session")
 def reference_run(synthetic_shards, tmp_path_factory) -> Path:
     """A trained tiny model (8 epochs, ~20 s), shared by the trainer and evaluation tests."""
     run = tmp_path_factory.mktemp("ref") / "run"
     run_cli(*train_args(synthetic_shards, run, *REF_EXTRA), check=True)
     return run
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """Two classes x 12 cells x 2 copies in TRAIN (train, val, five folds) and a TEST split."""
+    root = tmp_path_factory.mktemp("small-src")
+    files = {f"TRAIN/{c}/_{i}_{r}.jpeg": jpeg(100 * k + 10 * i + r) for k, c in enumerate("AB") for i in range(12)
+             for r in range(2)}
+    files.update({f"TEST/{c}/_{i}_0.jpeg": jpeg(1000 + 10 * k + i) for k, c in enumerate("AB") for i in range(4)})
+    make_root(root, files)
+    out = tmp_path_factory.mktemp("small-shards")
+    pack_shards(root, out, workers=1, shard_size=10)
+    return out
+

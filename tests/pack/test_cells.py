@@ -21,7 +21,7 @@ from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.pack.sources import scan_images
 from bloodcells_dist.pack.synthetic import TRUTH_NAME, generate_dataset
 
-from .conftest import REAL_TRAIN, cli
+from ..helpers import REAL_TRAIN, cli
 
 pytestmark = pytest.mark.e2e  # seconds to minutes of cell recovery each: the slow layer
 

@@ -20,7 +20,7 @@ from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.train import trainer
 
-from .conftest import REAL_TRAIN, cli, train_args
+from ..helpers import REAL_TRAIN, cli, train_args
 
 # (ranks, data workers per rank) measured in the issue: 5% to 36% of the samples were never seen.
 SLOTS = [(1, 1), (1, 2), (2, 2), (8, 2), (8, 12)]

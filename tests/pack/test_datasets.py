@@ -30,8 +30,7 @@ from bloodcells_dist.pack.synthetic import generate_dataset
 from bloodcells_dist.tools import evaluate, export, hub, predict
 from bloodcells_dist.train import trainer
 
-from .conftest import REPO, cli
-from .test_bad_input import jpeg, make_root, one_error_line
+from ..helpers import REPO, cli, jpeg, make_root, one_error_line
 
 PBC_SAMPLE = REPO.parent / "shared" / "datasets" / "pbc-sample"
 PBC_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]

@@ -24,8 +24,7 @@ from bloodcells_dist.train.rundir import RunDir
 from bloodcells_dist.train.schedule import lr_at
 from bloodcells_dist.train.spec import load_model
 
-from .conftest import cli, stopped_and_resumed
-from .test_bad_input import jpeg, make_root
+from ..helpers import cli, jpeg, make_root, stopped_and_resumed
 
 TINY = {"image_size": "24,32", "widths": "4,8,8,8", "hidden": "16,16", "batch_size": "16", "tracker": "none",
         "workers": "0", "mixed_precision": "no", "log_every": "1", "lr": "0.05"}

@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -21,59 +20,11 @@ from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.tools import evaluate, report
 from bloodcells_dist.train import trainer
 
-from .conftest import REPO, cli, train_args
+from ..helpers import REPO, assert_self_contained, cli, parse, train_args
 
 PBC_SAMPLE = REPO.parent / "shared" / "datasets" / "pbc-sample"
 
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
-
-
-class PageParser(HTMLParser):
-    """What a test checks of a page: images, links, anchors, figures, scripts, and the visible text."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.images: list[str] = []
-        self.links: list[str] = []
-        self.ids: set[str] = set()
-        self.sections: list[str] = []
-        self.figures: dict[str, int] = {}  # section id -> figures in it
-        self.scripts = 0
-        self.text: list[str] = []
-        self.section = ""
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        a = dict(attrs)
-        if "id" in a:
-            self.ids.add(a["id"])
-        if tag == "section":
-            self.section = a["id"]
-            self.sections.append(a["id"])
-        elif tag == "img":
-            self.images.append(a["src"])
-        elif tag == "a":
-            self.links.append(a["href"])
-        elif tag == "figure":
-            self.figures[self.section] = self.figures.get(self.section, 0) + 1
-        elif tag in ("script", "link", "iframe"):
-            self.scripts += 1
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-
-
-def parse(path: Path) -> PageParser:
-    parser = PageParser()
-    parser.feed(path.read_text())
-    return parser
-
-
-def assert_self_contained(page: PageParser) -> None:
-    """Offline: every image embedded, every link an anchor of the page itself, no script."""
-    assert page.scripts == 0
-    assert page.images and all(src.startswith("data:image/") and len(src) > 200 for src in page.images)
-    assert all(href.startswith("#") and href[1:] in page.ids for href in page.links), \
-        [h for h in page.links if h[1:] not in page.ids][:3]
 
 
 @pytest.mark.parametrize("source", ["shards", "images"])

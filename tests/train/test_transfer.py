@@ -18,7 +18,7 @@ from bloodcells_dist.train.rundir import RunDir
 from bloodcells_dist.train.spec import ModelSpec, load_model, save_weights
 from bloodcells_dist.train.transfer import match_classes, parse_class_map, read_source, start_from
 
-from .conftest import stopped_and_resumed
+from ..helpers import stopped_and_resumed
 
 TINY = {"image_size": "24,32", "widths": "4,8,8,8", "hidden": "16,16", "batch_size": "16", "tracker": "none",
         "workers": "0", "mixed_precision": "no", "log_every": "1", "lr": "0.05"}

@@ -21,8 +21,7 @@ from bloodcells_dist.tools import evaluate, export, predict, report
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.spec import ModelSpec, save_weights
 
-from .conftest import cli, train_args
-from .test_bad_input import jpeg, make_root
+from ..helpers import cli, jpeg, make_root, train_args
 
 pytestmark = pytest.mark.e2e
 

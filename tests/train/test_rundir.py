@@ -19,8 +19,7 @@ from bloodcells_dist.train.rundir import STATE_NAME, RunDir
 from bloodcells_dist.train.state import TrainState
 from bloodcells_dist.train.tracking import MetricsLog
 
-from .conftest import cli
-from .test_bad_input import one_error_line
+from ..helpers import cli, one_error_line
 
 HOLD = """
 import sys, time

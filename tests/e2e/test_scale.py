@@ -23,7 +23,7 @@ from bloodcells_dist.tools.cv import fold_command
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.precision import detect_hardware
 
-from .conftest import ACCELERATE, REPO, cli, free_port, launch, run_cli, train_args
+from ..helpers import ACCELERATE, PORT, REPO, cli, free_port, launch, run_cli, train_args
 
 
 def final(run: Path) -> dict:
@@ -68,7 +68,7 @@ TWO_PROC = ["--epochs", "3", "--workers", "1", "--dropout", "0.5", "--checkpoint
 @pytest.fixture(scope="module")
 def two_process_run(synthetic_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("two") / "run"
-    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", PORT,
            *train_args(synthetic_shards, run, *TWO_PROC), timeout=600)
     return run
 
@@ -101,14 +101,14 @@ def test_sigterm_to_one_rank_checkpoints_exits_0_and_resume_matches(synthetic_sh
     run = tmp_path / "run"
     steps_per_epoch = final(two_process_run)["steps"] // 3
     # SIGTERM to rank 1 alone, after a step of the second epoch: both ranks must stop at the next step, together.
-    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", PORT,
                   *train_args(synthetic_shards, run, *TWO_PROC),
                   env={"BLOODCELLS_AT_STEP": f"{steps_per_epoch + 5}:sigterm:1"}, timeout=600)
     assert "stopped by a signal" in proc.stdout and not (run / "final.json").exists()
     stopped = json.loads((checkpoints(run)[-1] / "trainer_state.json").read_text())
     assert stopped["step"] == steps_per_epoch + 6
 
-    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", PORT,
            "-m", "bloodcells_dist.train", "--resume", str(run), timeout=600)
     ref, got = final(two_process_run), final(run)
     assert got["last_validation"] == ref["last_validation"] and got["best"] == ref["best"]
@@ -132,14 +132,14 @@ def test_an_epoch_resumed_on_2_then_1_then_3_processes_trains_on_every_sample_on
     samples = ShardManifest.load(synthetic_shards).splits["train"].samples
     steps = EpochPlan(samples, 8, 2).steps_per_epoch
     env = {"BLOODCELLS_SAMPLE_LOG": str(log)}
-    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", PORT,
            *train_args(synthetic_shards, run, "--epochs", "1", "--workers", "2", "--data", data, "--val-split", ""),
            env={**env, "BLOODCELLS_AT_STEP": "5:sigterm:1"})
     assert json.loads((checkpoints(run)[-1] / "trainer_state.json").read_text())["step"] == 6
     one = run_cli("-m", "bloodcells_dist.train", "--resume", str(run), env={**env, "BLOODCELLS_AT_STEP": "11:sigterm"},
                   check=True)
     assert "resumed on 1 process(es) where 2 saved it: global batch 16 kept, grad_accum 1 -> 2" in one.stdout
-    three = launch("--multi_gpu", "--num_processes", "3", "--main_process_port", str(free_port()),
+    three = launch("--multi_gpu", "--num_processes", "3", "--main_process_port", PORT,
                    "-m", "bloodcells_dist.train", "--resume", str(run), "--workers", "1", env=env)
     assert "resumed on 3 process(es) where 1 saved it: global batch 16 kept, grad_accum 2 -> 1" in three.stdout
     assert final(run)["steps"] == steps and final(run)["processes"] == 3
@@ -241,7 +241,7 @@ def test_a_killed_peer_ends_the_other_process_with_a_clear_message(synthetic_sha
 def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it(synthetic_shards, tmp_path):
     """SIGSTOP: the rank neither dies nor answers. The collective timeout turns the hang into an error naming it."""
     started = time.monotonic()
-    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", PORT,
                   *train_args(synthetic_shards, tmp_path / "run", "--epochs", "1", "--workers", "0", "--val-split", "",
                               "--collective-timeout", "15"), env={"BLOODCELLS_AT_STEP": "3:sigstop:1"}, check=False)
     assert proc.returncode != 0
@@ -256,16 +256,13 @@ FRESH_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(reason="open: with a fresh store per group the restarted group connects, resumes and trains to the "
-                          "end, but the launch then does not exit (seen once, under heavy load; a torchrun repro without "
-                          "destroy_process_group at the end hangs the same way, with it exits 0)", strict=False)
 def test_a_killed_rank_under_max_restarts_finishes_like_the_uninterrupted_run(synthetic_shards, two_process_run,
                                                                               tmp_path):
     """`--max_restarts 1` and `--resume auto`: the launcher restarts the group after a SIGKILL, which resumes
     from the last checkpoint (the first epoch's end) to the uninterrupted run's weights, bit for bit."""
     run = tmp_path / "run"
     steps_per_epoch = final(two_process_run)["steps"] // 3
-    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+    proc = launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", PORT,
                   "--max_restarts", "1", "--monitor_interval", "1", "--rdzv_backend", "c10d",
                   *train_args(synthetic_shards, run, *TWO_PROC, "--resume", "auto", "--collective-timeout", "20"),
                   env={"BLOODCELLS_AT_STEP": f"{steps_per_epoch + 3}:kill:1", **FRESH_STORE}, timeout=600)

@@ -14,8 +14,7 @@ from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards
 from bloodcells_dist.tools import cv, label_issues
 
-from .conftest import cli, train_args
-from .test_report import assert_self_contained, parse
+from ..helpers import assert_self_contained, cli, parse, train_args
 
 pytestmark = pytest.mark.e2e
 

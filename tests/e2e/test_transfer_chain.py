@@ -12,7 +12,7 @@ import pytest
 
 from bloodcells_dist.train.spec import load_model
 
-from .conftest import REPO
+from ..helpers import REPO
 
 pytestmark = pytest.mark.e2e
 PBC_SAMPLE = REPO.parent / "shared" / "datasets" / "pbc-sample"

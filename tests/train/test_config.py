@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from bloodcells_dist.config import (
 from bloodcells_dist.train import trainer
 from bloodcells_dist.train.precision import Hardware, cpu_flags, detect_hardware, resolve_precision, warn_if_emulated
 
-from .conftest import REPO
+from ..helpers import REPO
 
 RECIPES = sorted((REPO / "launch" / "recipes").glob("*.yaml"))
 
@@ -165,7 +166,11 @@ def test_native_bf16_is_read_from_the_cpu_flags_and_torchs_kernels(flags, capabi
     assert hardware.cpu_native_bf16 is native and not hardware.cuda and capability in hardware.cpu_detail
     assert cpu_flags(cpuinfo) == set(flags.split()) and cpu_flags(tmp_path / "missing") == set()
     assert resolve_precision("auto", hardware)[0] == ("bf16" if native else "no")
-    assert isinstance(detect_hardware().cpu_native_bf16, bool) and detect_hardware().cuda == torch.cuda.is_available()
+
+    # Without arguments it reads this machine through exactly the three inputs stubbed above.
+    machine = detect_hardware(cpuinfo=Path("/proc/cpuinfo"), capability=torch.backends.cpu.get_cpu_capability(),
+                              cuda=torch.cuda.is_available())
+    assert detect_hardware() == machine
 
 
 def test_a_recipe_giving_a_key_twice_or_a_yaml_bomb_is_one_line(tmp_path):

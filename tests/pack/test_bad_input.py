@@ -1,8 +1,6 @@
-"""Bad input, all the way through (issue 12): nothing lost, nothing wrong let through, no command run, no traceback.
-
-Small hand-made source folders (a few 32x24 JPEGs) keep these fast; the packer, verify and the command
-lines run for real.
-"""
+"""Bad input to the packer, verify and the cells command: nothing lost, nothing wrong let through, no command run
+from data, one `error:` line and exit code 2. Small hand-made source folders (a few 32x24 JPEGs) keep these fast;
+the packer, verify and the command lines run for real."""
 
 from __future__ import annotations
 
@@ -19,42 +17,15 @@ import webdataset as wds
 from PIL import Image
 
 from bloodcells_dist.cli import UserError, run_main
-from bloodcells_dist.pack import shards
+from bloodcells_dist.pack import cells, shards
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.tools import evaluate
 from bloodcells_dist.train import trainer as train
-from bloodcells_dist.train.tracking import MetricsLog
 
-from .conftest import cli, run_cli
+from ..helpers import REPO, TINY_CPU, cli, jpeg, make_root, one_error_line, refused, true_cells
 
-TINY_CPU = ["--epochs", "1", "--image-size", "24,32", "--widths", "4,4,4,4", "--hidden", "8,8", "--batch-size", "4",
-            "--workers", "0", "--tracker", "none"]  # if a refused run started anyway, it ends in seconds
 ON_LINUX_SYSFS = Path("/sys/kernel").is_dir()  # /sys refuses new folders, even to root: a folder we cannot write
-
-
-def jpeg(seed: int, size: tuple[int, int] = (32, 24), mode: str = "RGB", fmt: str = "JPEG") -> bytes:
-    """A small real image (smooth gradient plus noise) encoded as `fmt`."""
-    rng = random.Random(seed)
-    w, h = size
-    image = Image.new("RGB", size)
-    image.putdata([((x * 255 // max(w - 1, 1) + rng.randrange(40)) % 256, (y * 255 // max(h - 1, 1)) % 256,
-                    rng.randrange(256)) for y in range(h) for x in range(w)])
-    buf = io.BytesIO()
-    image.convert(mode).save(buf, fmt, quality=90)
-    return buf.getvalue()
-
-
-def make_root(root: Path, files: dict[str, bytes | None]) -> Path:
-    """Files (relative path -> bytes; None makes a folder) under `root`."""
-    for rel, data in files.items():
-        path = root / rel
-        if data is None:
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-    return root
 
 
 def packed(folder: Path) -> dict[str, list[dict]]:
@@ -67,16 +38,6 @@ def packed(folder: Path) -> dict[str, list[dict]]:
             found.setdefault(meta["path"], []).append({"key": s["__key__"], "jpg": s["jpg"], "label": int(s["cls"]),
                                                        **meta})
     return found
-
-
-def one_error_line(stderr: str, *needles: str) -> str:
-    """The last stderr line is the one `error:` line (progress bars may come before), with no traceback."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-    assert line.startswith("error: "), stderr[-3000:]
-    for needle in needles:
-        assert needle in line, (needle, line)
-    return line
 
 
 # ---------------------------------------------------------------- lost or changed without a word
@@ -170,6 +131,19 @@ def test_a_one_pixel_jpeg_is_packed(tmp_path):
     assert not manifest.skipped and [s["width"] for s in packed(tmp_path / "out")["TRAIN/A/_0_1.jpeg"]] == [1]
 
 
+def test_an_evenly_coloured_image_is_set_apart_not_fatal_to_cell_recovery(synthetic_root, tmp_path):
+    train = synthetic_root / "dataset2-master" / "dataset2-master" / "images" / "TRAIN"
+    src = tmp_path / "src"
+    for cls in ("EOSINOPHIL", "LYMPHOCYTE"):
+        make_root(src, {f"TRAIN/{cls}/{p.name}": p.read_bytes() for p in sorted((train / cls).glob("*.jpeg"))[:24]})
+    purple = src / "TRAIN" / "EOSINOPHIL" / "_purple.jpeg"
+    Image.new("RGB", (320, 240), (128, 40, 160)).save(purple, quality=95)
+    manifest = pack_shards(src, tmp_path / "out", groups="cells", workers=1)
+    assert manifest.groups["set_apart"] == ["TRAIN/EOSINOPHIL/_purple.jpeg"]
+    proc = cli(cells.main, "--src", str(src), "--out", str(tmp_path / "cells.csv"), check=True)
+    assert "TRAIN/EOSINOPHIL/_purple.jpeg has no cell features" in proc.stderr and "1 set apart" in proc.stdout
+
+
 # ---------------------------------------------------------------- let through
 
 
@@ -201,20 +175,8 @@ def test_jpegs_the_decoder_warns_about_are_skipped(tmp_path):
         pack_shards(root, tmp_path / "strict", workers=1, strict=True)
 
 
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory) -> Path:
-    """Two classes x 12 cells x 2 copies in TRAIN (train, val, five folds) and a TEST split."""
-    root = tmp_path_factory.mktemp("small-src")
-    files = {f"TRAIN/{c}/_{i}_{r}.jpeg": jpeg(100 * k + 10 * i + r) for k, c in enumerate("AB") for i in range(12)
-             for r in range(2)}
-    files.update({f"TEST/{c}/_{i}_0.jpeg": jpeg(1000 + 10 * k + i) for k, c in enumerate("AB") for i in range(4)})
-    make_root(root, files)
-    out = tmp_path_factory.mktemp("small-shards")
-    pack_shards(root, out, workers=1, shard_size=10)
-    return out
-
-
 def edit_manifest(folder: Path, change) -> None:
+    """Apply `change` to the manifest.json of `folder`, in place."""
     data = json.loads((folder / "manifest.json").read_text())
     change(data)
     (folder / "manifest.json").write_text(json.dumps(data))
@@ -254,28 +216,26 @@ def test_manifest_shard_files_must_be_plain_tar_names_in_the_folder(name, messag
     assert proc.returncode == 2 and "not a valid shard manifest" in one_error_line(proc.stderr)
 
 
-def test_val_fold_out_of_range_is_an_error(small_shards, tmp_path, capsys):
-    argv = ["--shards", str(small_shards), "--output-dir", str(tmp_path / "run"), "--val-fold", "7",
-            "--train-splits", "train,val", *TINY_CPU]
-    assert run_main(train.main, argv) == 2
-    assert one_error_line(capsys.readouterr().err) == "error: --val-fold 7: the shards have folds 0..4"
-    assert not (tmp_path / "run" / "best.safetensors").exists()
+def test_a_cells_file_naming_a_path_twice_or_another_class_is_refused_with_its_lines(synthetic_root, tmp_path):
+    mapping = true_cells(synthetic_root, tmp_path / "cells.csv")  # as `bloodcells cells` writes it
+    lines = mapping.read_text().splitlines()
+    twice = tmp_path / "twice.csv"
+    path, cls, _, sha = lines[3].split(",")
+    twice.write_text("\n".join([*lines, f"{path},{cls},{cls}/cell999,{sha}"]) + "\n")
+    with pytest.raises(UserError, match=rf"listed twice \(lines 4 and {len(lines) + 1}\)"):
+        pack_shards(synthetic_root, tmp_path / "a", cells=twice, workers=1)
+    other = tmp_path / "other.csv"
+    other_class = "LYMPHOCYTE" if cls != "LYMPHOCYTE" else "MONOCYTE"
+    other.write_text("\n".join([*lines[:3], f"{path},{other_class},{other_class}/cell000,{sha}", *lines[4:]]) + "\n")
+    with pytest.raises(UserError, match=f"line 4 puts {path} in class '{other_class}'"):
+        pack_shards(synthetic_root, tmp_path / "b", cells=other, workers=1)
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match="not a cell mapping"):
+        pack_shards(synthetic_root, tmp_path / "c", cells=binary, workers=1)
 
 
-def test_evaluate_images_counts_a_zero_byte_jpeg_and_refuses_all_unreadable(untrained_model, tmp_path):
-    folder = make_root(tmp_path / "images", {"MONOCYTE/a.jpeg": jpeg(0), "MONOCYTE/b.jpeg": jpeg(1),
-                                             "NEUTROPHIL/empty.jpeg": b""})
-    proc = cli(evaluate.main, "--model", str(untrained_model), "--images", str(folder), "--out", str(tmp_path / "eval"),
-               check=True)
-    result = json.loads((tmp_path / "eval" / "eval-test.json").read_text())
-    assert result["samples"] == 2 and result["unreadable"] == 1 and "1 unreadable image(s) skipped" in proc.stderr
-    bad = make_root(tmp_path / "bad", {"MONOCYTE/empty.jpeg": b"", "NEUTROPHIL/junk.jpeg": b"\xff\xd8\xffjunk"})
-    proc = cli(evaluate.main, "--model", str(untrained_model), "--images", str(bad), "--out", str(tmp_path / "eval2"))
-    assert proc.returncode == 2
-    one_error_line(proc.stderr, "no sample could be evaluated", "2 unreadable")
-
-
-# ---------------------------------------------------------------- commands from data
+# ---------------------------------------------------------------- commands from data, links out of the source
 
 
 def test_pipe_locations_are_refused_without_the_opt_in(small_shards, tmp_path, capsys):
@@ -338,74 +298,43 @@ def small_src(tmp_path_factory) -> Path:
     return make_root(tmp_path_factory.mktemp("src"), {f"TRAIN/A/_{i}_1.jpeg": jpeg(i) for i in range(3)})
 
 
-def error_cases(tmp: Path, src: Path, shard_folder: Path) -> dict[str, tuple]:
-    """name -> (main, argv, words the error line must hold)."""
+def pack_errors(tmp: Path, src: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (`bloodcells pack` argv, words the error line must hold)."""
     a_file = tmp / "a-file"
     a_file.write_text("x")
-    run = ["--shards", str(shard_folder), "--output-dir", str(tmp / "run"), *TINY_CPU]
     cases = {
-        "train_output_dir_is_a_file": (train.main, [*run, "--output-dir", str(a_file)], ["--output-dir", "is a file"]),
-        "train_output_dir_under_a_file": (train.main, [*run, "--output-dir", str(a_file / "run")], ["cannot create"]),
-        "train_negative_lr": (train.main, [*run, "--lr", "-0.5"], ["lr=-0.5"]),
-        "train_nan_lr": (train.main, [*run, "--lr", ".nan"], ["lr=nan"]),
-        "train_dropout": (train.main, [*run, "--dropout", "1.5"], ["dropout=1.5"]),
-        "train_zero_width": (train.main, [*run, "--widths", "0,8,8,8"], ["widths=[0, 8, 8, 8]"]),
-        "train_label_smoothing": (train.main, [*run, "--label-smoothing", "2"], ["label_smoothing=2"]),
-        "train_negative_workers": (train.main, [*run, "--workers", "-1"], ["workers=-1"]),
-        "train_hue_too_large": (train.main, [*run, "--aug-hue", "0.7"], ["aug_hue=0.7", "[0, 0.5]"]),
-        "train_tiny_cell_window": (train.main, [*run, "--cell-crop", "8"], ["cell_crop=8", "16 to 4096"]),
-        "train_negative_cell_window": (train.main, [*run, "--cell-crop", "-5"], ["cell_crop=-5"]),
-        "train_huge_cell_window": (train.main, [*run, "--cell-crop", "100000"], ["cell_crop=100000"]),
-        "pack_out_is_a_file": (shards.main, ["pack", "--src", str(src), "--out", str(a_file)], ["is a file"]),
-        "pack_zero_workers": (shards.main, ["pack", "--src", str(src), "--out", str(tmp / "o"), "--workers", "0"],
-                              ["--workers"]),
+        "out_is_a_file": (["pack", "--src", str(src), "--out", str(a_file)], ["is a file"]),
+        "zero_workers": (["pack", "--src", str(src), "--out", str(tmp / "o"), "--workers", "0"], ["--workers"]),
     }
     if ON_LINUX_SYSFS:
-        cases["train_output_dir_not_writable"] = (train.main, [*run, "--output-dir", "/sys/bcd-run"], ["--output-dir"])
-        cases["pack_out_not_writable"] = (shards.main, ["pack", "--src", str(src), "--out", "/sys/bcd-shards"],
-                                          ["/sys/bcd-shards"])
+        cases["out_not_writable"] = (["pack", "--src", str(src), "--out", "/sys/bcd-shards"], ["/sys/bcd-shards"])
     return cases
 
 
-CASES = ["train_output_dir_is_a_file", "train_output_dir_under_a_file", "train_output_dir_not_writable",
-         "train_negative_lr", "train_nan_lr", "train_dropout", "train_zero_width", "train_label_smoothing",
-         "train_negative_workers", "train_hue_too_large", "train_tiny_cell_window", "train_negative_cell_window",
-         "train_huge_cell_window",
-         "pack_out_is_a_file", "pack_out_not_writable", "pack_zero_workers"]
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_user_errors_are_one_line_and_exit_2(case, small_src, small_shards, tmp_path, capsys):
-    cases = error_cases(tmp_path, small_src, small_shards)
+@pytest.mark.parametrize("case", ["out_is_a_file", "out_not_writable", "zero_workers"])
+def test_pack_user_errors_are_one_line_and_exit_2(case, small_src, tmp_path, capsys):
+    cases = pack_errors(tmp_path, small_src)
     if case not in cases:
         pytest.skip("needs Linux /sys for a folder that cannot be written, even by root")
-    main, argv, words = cases[case]
-    assert run_main(main, argv) == 2
+    argv, words = cases[case]
+    assert run_main(shards.main, argv) == 2
     one_error_line(capsys.readouterr().err, *words)
 
 
-@pytest.mark.e2e
-def test_export_onnx_without_the_optional_packages_names_the_extra(untrained_model, tmp_path):
-    # None in sys.modules: `import onnx` raises ModuleNotFoundError and find_spec says "not installed",
-    # exactly as on a machine without the packages.
-    blocker = ("import sys\n"
-               "sys.modules.update(onnx=None, onnxruntime=None)\n"
-               "from bloodcells_dist.cli import run_main\n"
-               "from bloodcells_dist.tools import export\n"
-               "sys.exit(run_main(export.main, sys.argv[1:]))\n")
-    proc = run_cli("-c", blocker, "--model", str(untrained_model), "--format", "onnx", "--out",
-                   str(tmp_path / "m.onnx"))
-    assert proc.returncode == 2
-    one_error_line(proc.stderr, "pip install 'bloodcells_dist[export]'")
-    assert not (tmp_path / "m.onnx").exists()
+def test_pack_refuses_an_out_folder_inside_the_source_or_at_a_system_root(tmp_path, capsys):
+    src = make_root(tmp_path / "src", {f"TRAIN/A/_{i}_1.jpeg": jpeg(i) for i in range(3)})
+    refused(shards.main, ["pack", "--src", str(src), "--out", str(src / "shards")], "inside the source", capsys=capsys)
+    refused(shards.main, ["pack", "--src", str(src), "--out", "/"], "system or home folder", capsys=capsys)
+    refused(shards.main, ["pack", "--src", str(src), "--out", "/usr"], "system or home folder", capsys=capsys)
+    assert not (src / "shards").exists()
 
 
-def test_resume_skips_a_torn_last_line_of_metrics_with_a_warning(tmp_path, capsys):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 5, "train/loss": 1.0}\n{"step": 10, "train/loss": 0.9}\n{"step": 15, "trai')
-    MetricsLog(path, enabled=True, resume_step=10)
-    assert path.read_text() == '{"step": 5, "train/loss": 1.0}\n{"step": 10, "train/loss": 0.9}\n'
-    assert "skipped 1 unreadable (torn) line" in capsys.readouterr().err
+def test_cells_command_checks_its_outputs_before_the_work(synthetic_root, tmp_path, capsys):
+    refused(cells.main, ["--src", str(synthetic_root), "--out", str(tmp_path / "missing" / "c.csv")],
+            "does not exist", capsys=capsys)
+    refused(cells.main, ["--src", str(synthetic_root), "--out", str(tmp_path / "c.csv"), "--sheet",
+                         str(tmp_path / "sheet.xyz")], ".xyz", capsys=capsys)
+    assert list(tmp_path.iterdir()) == []  # no .tmp left behind
 
 
 # ---------------------------------------------------------------- property: nothing lost, nothing doubled
@@ -472,12 +401,10 @@ def test_random_mix_every_good_file_in_one_shard_every_bad_one_listed_once(seed,
 
 def test_every_bad_input_row_names_a_test_that_exists():
     """docs/data.md's bad-input table: every row names, in its last column, tests that exist under tests/."""
-    from .conftest import REPO
-
     text = (REPO / "docs" / "data.md").read_text()
     table = text[text.index("## Bad input: what each case does"):].split("\n## ")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| input |")]
-    defined = {m for path in (REPO / "tests").glob("test_*.py")
+    defined = {m for path in (REPO / "tests").rglob("test_*.py")
                for m in re.findall(r"^def (test_\w+)\(", path.read_text(), flags=re.M)}
     assert len(rows) >= 30
     for row in rows:

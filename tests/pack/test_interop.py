@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.tools import evaluate, hub, predict
 
-from .conftest import cli, run_cli
+from ..helpers import cli, run_cli
 
 pytestmark = pytest.mark.e2e  # the readers' own libraries and the command lines
 
@@ -216,17 +215,3 @@ def test_push_to_hub_offline_is_one_clear_error(hub_folder):
                    env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_not_a_real_token"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: push to someone/bloodcells-cnn")
-
-
-def test_progress_in_a_log_is_a_line_every_so_often(monkeypatch, capsys):
-    from bloodcells_dist import progress
-
-    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.05)
-    assert not sys.stderr.isatty()
-    import time
-
-    for _ in progress.progress(range(40), desc="epoch 1/1", unit="batch", leave=False):
-        time.sleep(0.01)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert "\r" not in err and 1 <= len(lines) < 20 and all(line.startswith("epoch 1/1") for line in lines), err

@@ -19,7 +19,7 @@ from bloodcells_dist.train.metrics import classification_metrics, format_metrics
 from bloodcells_dist.train.model import Ensemble
 from bloodcells_dist.train.spec import load_model
 
-from .conftest import cli, free_port, launch, train_args
+from ..helpers import PORT, cli, launch, train_args
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +47,7 @@ def test_evaluate_counts_every_test_sample_once_with_one_and_two_processes(refer
     proc = cli(evaluate.main, "--model", str(reference_run), "--shards", str(synthetic_shards),
                    "--split", "test", "--out", str(one), check=True)
     assert "macro F1" in proc.stdout and "confusion matrix" in proc.stdout
-    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", str(free_port()),
+    launch("--config_file", "launch/cpu_2proc.yaml", "--main_process_port", PORT,
            "-m", "bloodcells_dist", "evaluate", "--model", str(reference_run), "--shards", str(synthetic_shards),
            "--split", "test", "--out", str(two))
     a, b = evaluation(one), evaluation(two)
@@ -115,21 +115,6 @@ def test_an_ensemble_averages_its_models_probabilities(reference_run, synthetic_
     proc = cli(evaluate.main, *base, "--model", str(reference_run), "--model", str(other))
     assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {other} has preprocess ")
     assert "image_size=(32, 48)" in proc.stderr
-
-
-def test_evaluate_bad_model_path_is_one_line(synthetic_shards, tmp_path):
-    proc = cli(evaluate.main, "--model", str(tmp_path / "nope"), "--shards",
-                   str(synthetic_shards))
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no model at")
-
-
-def test_evaluate_bad_fold_is_one_line(reference_run, synthetic_root, synthetic_shards):
-    proc = cli(evaluate.main, "--model", str(reference_run), "--shards",
-                   str(synthetic_shards), "--split", "train,val", "--fold", "5")
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: --fold 5: the shards have folds 0..4"
-    proc = cli(evaluate.main, "--model", str(reference_run), "--images",
-                   str(synthetic_root), "--fold", "0")
-    assert proc.returncode == 2 and "--fold needs --shards" in proc.stderr
 
 
 def test_every_cell_has_exactly_one_fold_and_folds_are_dealt_evenly(synthetic_shards):

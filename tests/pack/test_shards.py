@@ -27,8 +27,7 @@ from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.pack.shards import pack_shards, verify_shards
 from bloodcells_dist.pack.synthetic import TRUTH_NAME
 
-from .conftest import REAL_TRAIN, REPO, cli, true_cells
-from .test_bad_input import jpeg, make_root, one_error_line
+from ..helpers import REAL_TRAIN, REPO, cli, jpeg, make_root, one_error_line, true_cells
 
 
 def read_all(folder: Path) -> dict[str, list[dict]]:
