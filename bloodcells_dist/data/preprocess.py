@@ -204,17 +204,11 @@ def preprocess_problem(p: Preprocess) -> str:
     return ""
 
 
-def eval_transform(meta: dict) -> v2.Compose:
-    """The transform a saved model was trained for (its metadata's window, size, fit and normalisation)."""
-    return preprocess_from(meta).transform()
-
-
-def preprocess_from(meta: dict, *, legacy_fit: str = "stretch") -> Preprocess:
-    """The Preprocess a model's metadata records; models saved before `fit` existed were stretched. ValueError
-    (naming the key) if a value is missing or unusable."""
+def preprocess_from(meta: dict) -> Preprocess:
+    """The Preprocess a model's metadata records; ValueError (naming the key) if a value is missing or unusable."""
     try:
         return Preprocess(image_size=meta["image_size"], cell_crop=meta.get("cell_crop", 0) or 0,
-                          fit=meta.get("fit", legacy_fit), mean=meta["mean"], std=meta["std"])
+                          fit=meta["fit"], mean=meta["mean"], std=meta["std"])
     except KeyError as err:
         raise ValueError(f"no {err.args[0]!r}") from None
     except TypeError as err:

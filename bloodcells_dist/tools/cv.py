@@ -134,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"fold {fold} stopped before its end (checkpointed in {run}); rerun this command to resume it; "
                     "no cv.json written")
                 return 0
-        summary = json.loads(RunDir(run).final.read_text())
-        results[fold] = summary.get("last_validation", summary.get("final"))  # "final" before version 0.2
+        results[fold] = RunDir(run).summary()["last_validation"]
         held_out[fold] = fold_evaluation(own, run, fold, tta=False, allow_pipe=args.allow_pipe)
         if args.tta:
             tta[fold] = json.loads(fold_evaluation(own, run, fold, tta=True, allow_pipe=args.allow_pipe).read_text())

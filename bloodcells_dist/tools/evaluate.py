@@ -34,9 +34,9 @@ from ..pack.manifest import ShardManifest
 from ..pack.sources import scan_images
 from ..train.metrics import format_metrics
 from ..train.model import Ensemble
+from ..train.rundir import HubDir, RunDir
 from ..train.scoring import eval_stem, save_confusion_png, score
-from ..train.spec import ModelSpec, load_model, run_weights
-from .hub import is_hub_folder
+from ..train.spec import ModelSpec, load_model
 
 
 def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"the model's output is not finite (inf or nan) for {metrics['nonfinite_outputs']} of "
                         f"{metrics['samples']} samples: its weights or preprocessing are broken")
     models = [str(m) for m in args.model]
-    scored = [run_weights(m).name if m.is_dir() and not is_hub_folder(m) else m.name for m in args.model]
+    scored = [RunDir(m).weights().name if m.is_dir() and not HubDir(m).holds_model() else m.name for m in args.model]
     metrics.update(split=args.split, fold=args.fold if args.fold >= 0 else None, tta=args.tta,
                    model=models[0] if len(models) == 1 else models, weights=scored[0] if len(scored) == 1 else scored,
                    unreadable=int(skipped),

@@ -10,6 +10,7 @@ reads every format back (the suffix, .pt2, .onnx or .pt, says which).
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import warnings
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..cli import Parser, UserError, output_file, run_main
-from ..files import atomic_path
+from ..files import write_atomic
 from ..train.spec import ModelSpec, load_model
 
 META_KEY = "meta.json"  # TorchScript extra file / ONNX metadata_props key holding the ModelSpec's JSON
@@ -87,25 +88,31 @@ def export(model: torch.nn.Module, spec: ModelSpec, fmt: str, out: Path) -> None
     """Write the eval-mode model as `fmt`, atomically, with the spec's JSON embedded."""
     info = json.dumps(spec.to_json())
     example = torch.zeros(2, 3, *spec.preprocess.image_size)
-    with atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():  # the tracer's deprecation notices
+    # Written to memory first: .pt2 and .pt are zip archives whose inner folder torch names after the file it
+    # writes, so this way it is torch's own "archive", never the temporary file's name.
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():  # the tracer's deprecation notices
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         if fmt == "export":
             # The batch axis stays free (any size from 1); eval-mode BatchNorm and Dropout are baked in.
             batch = torch.export.Dim("batch", min=1, max=65536)
             program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: batch}}, strict=False)
-            torch.export.save(program, str(tmp), extra_files={META_KEY: info})
+            torch.export.save(program, buffer, extra_files={META_KEY: info})
         elif fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(model, example), str(tmp), _extra_files={META_KEY: info})
+            torch.jit.save(torch.jit.trace(model, example), buffer, _extra_files={META_KEY: info})
         else:
             import onnx
 
-            # The TorchScript-based exporter runs offline with no extra packages; the batch axis stays free.
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=17, input_names=["images"],
-                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-            proto = onnx.load(str(tmp))
+            # The TorchScript-based exporter runs offline with no extra packages; the batch axis stays free. It
+            # writes to a file object too, which its type hints do not say.
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=17,  # type: ignore[arg-type]
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+            proto = onnx.load_from_string(buffer.getvalue())
             onnx.helper.set_model_props(proto, {META_KEY: info})
-            onnx.save(proto, str(tmp))
+            buffer = io.BytesIO(proto.SerializeToString())
+    write_atomic(out, buffer.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

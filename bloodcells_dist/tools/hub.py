@@ -3,10 +3,11 @@
     bloodcells hub save --model RUN_OR_FILE --out DIR [--license mit] [--overwrite]
     bloodcells hub push DIR --repo-id USER/NAME [--private]      # needs `hf auth login` or HF_TOKEN
 
-The folder is what `BloodCellCNN.save_pretrained(DIR, config=spec.to_json())` writes (huggingface_hub's
-PyTorchModelHubMixin), with our card. `BloodCellCNN.from_pretrained(DIR or "USER/NAME")` rebuilds the network
-from config.json alone; `load_model(DIR)` (train/spec.py), and so predict, evaluate and export, also read the
-classes and the preprocessing from it.
+The folder is what `BloodCellCNN.save_pretrained(DIR)` writes (huggingface_hub's PyTorchModelHubMixin; the
+network carries its ModelSpec, written whole as config.json), with our card and what was measured on the weights.
+`BloodCellCNN.from_pretrained(DIR or "USER/NAME")` rebuilds the network from config.json and keeps the spec and
+the card, so its own save_pretrained writes an equal folder; `load_model(DIR)` (train/spec.py), and so predict,
+evaluate and export, also read the classes and the preprocessing from it. File names: rundir.HubDir.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import yaml
 
 from ..cli import Parser, UserError, output_folder, run_main
 from ..files import write_atomic
-from ..train.spec import HUB_CONFIG, HUB_WEIGHTS, ModelSpec, load_model, run_weights
+from ..train.rundir import HubDir, RunDir
+from ..train.spec import ModelSpec, load_model
 
-CARD_NAME = "README.md"
 RECIPE_KEYS = ("train_splits", "val_split", "val_fold", "image_size", "cell_crop", "fit", "epochs", "batch_size",
                "grad_accum", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs",
                "label_smoothing", "mixup", "dropout", "aug_flip", "aug_rot90", "aug_affine", "aug_color", "aug_hue",
@@ -30,16 +31,11 @@ RECIPE_KEYS = ("train_splits", "val_split", "val_fold", "image_size", "cell_crop
 PROVENANCE_KEYS = ("bloodcells_dist", "git_commit", "git_dirty", "torch", "device", "precision", "processes")
 
 
-def is_hub_folder(path: Path) -> bool:
-    """Whether `path` is a folder written by save_pretrained (or downloaded from the Hub)."""
-    return (Path(path) / HUB_CONFIG).is_file() and (Path(path) / HUB_WEIGHTS).is_file()
-
-
 def measured_metrics(model_path: Path, spec: ModelSpec) -> list[dict]:
     """What was measured on these weights, each with its split: the run's validation at the kept epoch
     (final.json) and every `evaluate` result written beside them (eval-*.json) on the same weights."""
-    weights = run_weights(model_path) if model_path.is_dir() else model_path
-    run = weights.parent
+    weights = RunDir(model_path).weights() if model_path.is_dir() else model_path
+    run = RunDir(weights.parent)
 
     def entry(split: str, source: str, record: dict) -> dict:
         return {"split": split, "source": source, "samples": record.get("samples"), "accuracy": record["accuracy"],
@@ -47,10 +43,9 @@ def measured_metrics(model_path: Path, spec: ModelSpec) -> list[dict]:
 
     found = []
     recipe = spec.recipe
-    if (run / "final.json").is_file() and recipe.get("val_split"):
-        summary = json.loads((run / "final.json").read_text())
-        last = summary.get("last_validation", summary.get("final"))  # "final" before version 0.2
-        record = (summary.get("best") if weights.name == "best.safetensors" else last) or {}
+    summary = run.summary()
+    if summary and recipe.get("val_split"):
+        record = (summary.get("best") if weights == run.best else summary.get("last_validation")) or {}
         fold = recipe.get("val_fold", -1)
         if "accuracy" in record:
             warning = " (on samples it also trained on)" if summary.get("validated_on_training_data") else ""
@@ -58,12 +53,12 @@ def measured_metrics(model_path: Path, spec: ModelSpec) -> list[dict]:
                                "validation during training" + warning + (
                                    f", epoch {record['epoch']} (chose these weights: optimistic)"
                                    if "epoch" in record else ""), record))
-    for path in sorted(run.glob("eval-*.json")):
+    for path in run.evaluations():
         record = json.loads(path.read_text())
         if not isinstance(record.get("model", ""), str) or "accuracy" not in record:
             continue  # an ensemble's score (a list of models) is not this model's
         scored = record.get("weights") or Path(record.get("model", "")).name  # the file scored (older: as typed)
-        if scored != weights.name and not (scored == run.name and weights == run_weights(run)):
+        if scored != weights.name and not (scored == run.path.name and weights == run.weights()):
             continue  # an evaluation of other weights (e.g. last.safetensors)
         fold = record.get("fold")
         found.append(entry(record.get("split", "?") + (f" (fold {fold})" if fold is not None else ""),
@@ -174,27 +169,28 @@ def save_pretrained(model_path: Path, out: Path, *, overwrite: bool = False, lic
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     model, spec = load_model(model_path)
+    hub = HubDir(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} is not empty; pass --overwrite to replace it")
-        for name in (HUB_CONFIG, HUB_WEIGHTS, CARD_NAME):
-            (out / name).unlink(missing_ok=True)
+        for path in hub.files():
+            path.unlink()
     output_folder(out, "--out")
-    write_atomic(out / CARD_NAME, model_card(spec, measured_metrics(model_path, spec), license_id=license_id))
-    model.save_pretrained(out, config=spec.to_json())  # the mixin: model.safetensors and config.json; keeps our card
+    write_atomic(hub.card, model_card(spec, measured_metrics(model_path, spec), license_id=license_id))
+    model.save_pretrained(out)  # the mixin: model.safetensors and config.json (the model's spec); keeps our card
     return out
 
 
 def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
     """Upload a saved Hub folder to `repo_id` (created if needed) in one commit; return the commit URL."""
-    if not is_hub_folder(folder):
+    if not HubDir(folder).holds_model():
         raise UserError(f"{folder} is not a saved Hub model folder (run `bloodcells hub save` first)")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
     info = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
-                             allow_patterns=[HUB_CONFIG, HUB_WEIGHTS, CARD_NAME],
+                             allow_patterns=list(HubDir.NAMES),
                              commit_message="Upload bloodcells_dist model")
     return str(getattr(info, "commit_url", info))
 
@@ -215,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "save":
         out = save_pretrained(args.model, args.out, overwrite=args.overwrite, license_id=args.license)
-        print(f"wrote {out / HUB_CONFIG}, {out / HUB_WEIGHTS} and {out / CARD_NAME}; "
+        hub = HubDir(out)
+        print(f"wrote {hub.config}, {hub.weights} and {hub.card}; "
               f"push it with: bloodcells hub push {out} --repo-id USER/NAME")
         return 0
     try:

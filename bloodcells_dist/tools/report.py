@@ -53,8 +53,7 @@ def class_names(run: Path, last_val: dict) -> list[str]:
 def kept_epoch(run: Path, val: list[dict]) -> dict:
     """The validation record whose weights were kept (best.safetensors: final.json's best epoch, else the first
     with the highest macro F1, as the trainer picks); the last where that epoch is unknown."""
-    final = json.loads(RunDir(run).final.read_text()) if RunDir(run).final.is_file() else {}
-    epoch = (final.get("best") or {}).get("epoch")
+    epoch = (RunDir(run).summary().get("best") or {}).get("epoch")
     if epoch is None and RunDir(run).best.is_file():
         epoch = max(val, key=lambda r: r["val/macro_f1"])["epoch"]
     return next((r for r in val if r["epoch"] == epoch), val[-1])
@@ -104,11 +103,11 @@ def log_to_wandb(run: Path, images: dict[str, Path]) -> None:
 def run_pngs(run: Path) -> tuple[dict[str, Path], dict | None]:
     """Write RUN/curves.png and RUN/confusion.png (the kept epoch); return them and that epoch's record."""
     train, val = split_records(read_metrics(RunDir(run).metrics))
-    images = {"curves": run / "curves.png"}
+    images = {"curves": RunDir(run).curves}
     save_curves(train, val, images["curves"])
     kept = kept_epoch(run, val) if val else None
     if kept:
-        images["confusion"] = run / "confusion.png"
+        images["confusion"] = RunDir(run).confusion
         which = "kept weights" if RunDir(run).best.is_file() else "last epoch"
         save_confusion_png(kept["val"]["confusion_matrix"], class_names(run, kept["val"]), images["confusion"],
                            f"epoch {kept['epoch']} of {val[-1]['epoch']} ({which}): accuracy "
@@ -130,8 +129,8 @@ def validation_evaluation(run: Path) -> tuple[Path | None, str]:
     split = ",".join(config.get("train_splits", ["train"])) if fold >= 0 else config.get("val_split", "")
     if not split or not shards:
         return None, "the run does not validate"
-    out = run / f"{eval_stem(split, fold, tta=False)}.json"
-    weights = RunDir(run).best if RunDir(run).best.is_file() else RunDir(run).last
+    out = RunDir(run).evaluation(eval_stem(split, fold, tta=False))
+    weights = RunDir(run).weights()
     if out.is_file() and weights.is_file() and out.stat().st_mtime >= weights.stat().st_mtime \
             and "predictions" in json.loads(out.read_text()):
         return out, ""
@@ -272,7 +271,7 @@ def summary_html(evaluation: dict, ece: float | None) -> str:
 def recipe_html(run: Path) -> str:
     """The run's resolved config (headed by its provenance) and its final summary."""
     config = RunDir(run).config.read_text() if RunDir(run).config.is_file() else "(no config.yaml)"
-    final = json.loads(RunDir(run).final.read_text()) if RunDir(run).final.is_file() else {}
+    final = RunDir(run).summary()
     best = final.get("best") or {}
     facts = [("run folder", str(run)), ("finished", "yes" if final else "no (no final.json)"),
              ("steps", final.get("steps")), ("epochs", final.get("epochs")),

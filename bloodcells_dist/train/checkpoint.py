@@ -6,7 +6,6 @@ written last, marks it), so a kill at any moment leaves either the previous chec
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -20,14 +19,14 @@ from ..cli import UserError
 from ..config import TrainConfig, build_config, check_resume_config, read_yaml
 from ..data.plan import stable_seed
 from ..files import remove_own_path, write_json
-from .rundir import STATE_NAME, RunDir
+from .rundir import STATE_NAME, RunDir, read_run_json
 from .state import TrainState
 
 
 def save_checkpoint(accelerator: Accelerator, run: RunDir, state: TrainState, keep: int) -> Path:
     """Save everything a resume needs; visible only once complete; keep the newest `keep`. Collective."""
     final = run.checkpoint(state.step)
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = run.partial_checkpoint(state.step)
     if accelerator.is_main_process:
         # What an earlier attempt (or anyone) left under these names goes; a link goes itself, never what it
         # points to (RunDir.create refused a `checkpoints` that is a link, so these names are the run's own).
@@ -87,7 +86,7 @@ def check_classes(resume: Path, classes: list[str]) -> None:
 
 def read_state(checkpoint: Path) -> TrainState:
     """A complete checkpoint's trainer state."""
-    return TrainState.from_json(json.loads((checkpoint / STATE_NAME).read_text()))
+    return TrainState.from_json(read_run_json(checkpoint / STATE_NAME))
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: dict, seed: int) -> TrainState:

@@ -19,13 +19,13 @@ import torch.distributed
 from accelerate import Accelerator
 
 from ..output import say
+from .rundir import RunDir
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # A collective waits at most the config's collective_timeout, then fails instead of hanging (gloo's default is
 # 30 min). Gloo notices a killed peer on the same network at once (connection reset); the timeout bounds the cases
 # where nothing tells it (a stopped process, a machine gone from the network).
 AT_STEP_ENV = "BLOODCELLS_AT_STEP"  # test hook: "N:kill", "N:sigstop", "N:stop"... at optimizer step N
-ANSWERED = ".answered"  # in the run folder: where the survivors of a failed collective say so
 PEER_LOST_MARKERS = ("connection reset by peer", "connection closed by peer", "timed out", "broken pipe")
 GLOO_TIMEOUT = "application timeout caused pair closure"  # gloo's own words when collective_timeout ran out
 COLLECTIVE_SOURCES = ("gloo", "c10d", "nccl", "processgroup")  # where a collective's own errors come from
@@ -46,7 +46,7 @@ def silent_ranks(folder: Path, rank: int, world_size: int, grace: float) -> list
     """After a collective failed: say in the run folder that this rank still answers, give the other survivors
     `grace` seconds to say so too (they time out in the same collective), and return the ranks that did not
     (stopped, killed, or cut off). Every machine sees the run folder (checked at the start)."""
-    mark = folder / ANSWERED
+    mark = RunDir(folder).answered
     mark.mkdir(parents=True, exist_ok=True)
     now = time.time()
     (mark / str(rank)).write_text(f"{now}\n")

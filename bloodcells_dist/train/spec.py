@@ -21,11 +21,10 @@ from ..data.preprocess import MEAN, STD, Preprocess, preprocess_from
 from ..files import write_atomic
 from ..pack.sources import check_class_name
 from .model import BloodCellCNN
+from .rundir import SPEC_KEY_SINCE_0_2, WEIGHTS_KEYS_0_1, HubDir, RunDir, version_0_1
 
 SPEC_KEY = "spec"  # the weights file's metadata key holding the spec's JSON
 MODEL_TYPE = "bloodcells_cnn"
-HUB_CONFIG = "config.json"  # huggingface_hub's names
-HUB_WEIGHTS = "model.safetensors"
 PATHS = ("shards", "output_dir", "cache_dir", "init_from")  # a recipe never carries the training machine's paths
 #        (where a model started from is its own record, `init_from`)
 
@@ -52,8 +51,9 @@ class ModelSpec:
                 "conv_bias": self.conv_bias}
 
     def build(self) -> BloodCellCNN:
-        """A new network of this shape (random weights)."""
-        return BloodCellCNN(**self.network())
+        """A new network of this shape (random weights) that carries this spec: its save_pretrained and
+        push_to_hub write the whole spec as config.json."""
+        return BloodCellCNN(**self.network(), config=self.to_json())
 
     def to_json(self) -> dict:
         """Hugging Face style config: network keys at the top (from_pretrained reads them), then the rest."""
@@ -67,10 +67,12 @@ class ModelSpec:
                 "init_from": self.init_from}
 
     @classmethod
-    def from_json(cls, raw: object, *, legacy_fit: str = "stretch") -> ModelSpec:
-        """A spec from to_json's output (or an older model's keys); ValueError naming what is missing or wrong."""
+    def from_json(cls, raw: object) -> ModelSpec:
+        """A spec from to_json's output; ValueError naming what is missing or wrong (or version 0.1)."""
         if not isinstance(raw, dict):
             raise ValueError(f"the model description is a {type(raw).__name__}, not an object")
+        if SPEC_KEY_SINCE_0_2 not in raw and "classes" in raw:
+            raise ValueError(version_0_1(f"no {SPEC_KEY_SINCE_0_2!r} in its description"))
         classes = raw.get("classes")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
             raise ValueError("classes must be a non-empty list of names")
@@ -94,7 +96,7 @@ class ModelSpec:
         recipe, provenance, start = raw.get("training_config", {}), raw.get("provenance", {}), raw.get("init_from", {})
         if not isinstance(recipe, dict) or not isinstance(provenance, dict) or not isinstance(start, dict):
             raise ValueError("training_config, provenance and init_from must be objects")
-        return cls(classes=tuple(classes), preprocess=preprocess_from(raw, legacy_fit=legacy_fit), widths=widths,
+        return cls(classes=tuple(classes), preprocess=preprocess_from(raw), widths=widths,
                    hidden=hidden, dropout=dropout, conv_bias=bias, dataset=str(raw.get("dataset", "")),
                    recipe=recipe, provenance=provenance, init_from=start)
 
@@ -129,19 +131,15 @@ def save_weights(model: torch.nn.Module, spec: ModelSpec, path: Path) -> None:
     write_atomic(path, save(state, metadata={SPEC_KEY: json.dumps(spec.to_json())}))
 
 
-def legacy_spec(meta: dict[str, str]) -> dict:
-    """The spec JSON of a weights file saved before specs (keys classes, image_size, mean, std, model, config)."""
-    raw = {k: json.loads(v) for k, v in meta.items()}
-    model = raw.pop("model", {})
-    return {**raw, **model, "training_config": raw.pop("config", {})}
-
-
 def read_weights(path: Path) -> tuple[BloodCellCNN, ModelSpec]:
-    """A weights file written by save_weights (or an older version), as an eval-mode network and its spec."""
+    """A weights file written by save_weights, as an eval-mode network and its spec."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        spec = ModelSpec.from_json(json.loads(meta[SPEC_KEY]) if SPEC_KEY in meta else legacy_spec(meta))
+        if SPEC_KEY not in meta:
+            raise ValueError(version_0_1("its metadata has no spec but classes apart") if
+                             any(k in meta for k in WEIGHTS_KEYS_0_1) else f"no {SPEC_KEY!r} in its metadata")
+        spec = ModelSpec.from_json(json.loads(meta[SPEC_KEY]))
         model = spec.build()
         model.load_state_dict(load_file(str(path)))  # strict: every weight, nothing extra
     except (ValueError, RuntimeError, OSError, SafetensorError) as err:  # JSON, shapes, missing keys, not a file
@@ -152,39 +150,34 @@ def read_weights(path: Path) -> tuple[BloodCellCNN, ModelSpec]:
 
 def read_hub_folder(folder: Path) -> tuple[BloodCellCNN, ModelSpec]:
     """A Hub model folder (config.json + model.safetensors), checked before the network is built."""
+    hub = HubDir(folder)
     try:
-        raw = json.loads((folder / HUB_CONFIG).read_text())
+        raw = json.loads(hub.config.read_text())
         spec = ModelSpec.from_json(raw)
         if raw.get("model_type") != MODEL_TYPE:
             raise ValueError(f"model_type is {raw.get('model_type')!r}, not {MODEL_TYPE!r}")
         # What BloodCellCNN.from_pretrained(folder) does, but strict (every weight, nothing extra) and quiet
         # (the mixin prints to stdout, where predict may be writing its CSV).
         model = spec.build()
-        model.load_state_dict(load_file(str(folder / HUB_WEIGHTS)))
+        model.load_state_dict(load_file(str(hub.weights)))
     except (ValueError, RuntimeError, OSError, SafetensorError) as err:
         raise UserError(f"{folder} is not a usable bloodcells_dist Hub model ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
     return model.eval(), spec
 
 
-def run_weights(folder: Path) -> Path:
-    """A run folder's model: its best weights where it validated, else its last (a run on train + val)."""
-    best = folder / "best.safetensors"
-    return best if best.is_file() else folder / "last.safetensors"
-
-
 def load_model(path: Path | str) -> tuple[BloodCellCNN, ModelSpec]:
-    """An eval-mode model and its spec from a run folder (run_weights), a .safetensors file, a Hub model folder,
+    """An eval-mode model and its spec from a run folder (RunDir.weights), a .safetensors file, a Hub model folder,
     or a Hub repo named hf://USER/NAME (downloaded and cached by huggingface_hub): only that prefix reaches the
     Hub, so a mistyped local path is never taken for a repo id."""
     text = str(path)
     if text.startswith("hf:/"):  # hf://USER/NAME (a Path keeps one slash)
         return download_hub_model(text.removeprefix("hf:").lstrip("/"))
     path = Path(path)
-    if path.is_dir() and (path / HUB_CONFIG).is_file() and (path / HUB_WEIGHTS).is_file():
+    if path.is_dir() and HubDir(path).holds_model():
         return read_hub_folder(path)
     if path.is_dir():
-        path = run_weights(path)
+        path = RunDir(path).weights()
     if not path.is_file():
         hint = f" (a Hub repo is named hf://{path})" if text.count("/") == 1 and not path.exists() else ""
         raise UserError(f"no model at {path}{hint}")
@@ -196,7 +189,7 @@ def download_hub_model(repo_id: str) -> tuple[BloodCellCNN, ModelSpec]:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=[HUB_CONFIG, HUB_WEIGHTS, "README.md"]))
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(HubDir.NAMES)))
     except Exception as err:  # offline, no such repo, no access, a malformed id: all the user's to fix
         raise UserError(f"no Hub repo {repo_id} could be downloaded ({type(err).__name__})") from None
     return read_hub_folder(folder)

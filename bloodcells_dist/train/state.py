@@ -29,7 +29,5 @@ class TrainState:
 
     @classmethod
     def from_json(cls, raw: dict) -> TrainState:
-        """From trainer_state.json (checkpoints of earlier versions called the last validation "final")."""
-        if "final" in raw:
-            raw = {**raw, "last_validation": raw["final"]}
+        """From trainer_state.json (rundir.read_run_json refuses version 0.1's)."""
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..cli import UserError
 from ..output import warn
+from .rundir import HubDir, RunDir
 from .spec import ModelSpec, load_model
 
 EXPORT_SUFFIXES = (".pt2", ".pt")  # torch.export and TorchScript exports keep the module's parameter names
@@ -113,7 +114,7 @@ def read_source(path: str) -> tuple[dict[str, torch.Tensor], ModelSpec]:
     if where.is_file() and where.suffix == ".onnx":
         raise UserError(f"config init_from {path}: an ONNX export cannot be trained further; start from the run "
                         "folder, the Hub folder, its .safetensors, or a .pt2 / .pt export")
-    if where.is_dir() and not any((where / n).exists() for n in ("config.json", "best.safetensors", "last.safetensors")):
+    if where.is_dir() and not (HubDir(where).config.exists() or RunDir(where).weights().exists()):
         raise UserError(f"config init_from {path}: not a model (a run folder has last.safetensors, a Hub folder "
                         "config.json and model.safetensors)")
     try:

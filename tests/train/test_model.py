@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from bloodcells_dist.cli import UserError
 from bloodcells_dist.data.preprocess import Preprocess
@@ -58,18 +57,6 @@ def test_the_hub_folder_rebuilds_the_network_from_config_json_alone(tmp_path):
     assert same_weights(rebuilt, model)
     loaded, spec = load_model(tmp_path / "hub")
     assert spec == SPEC and same_weights(loaded, model)
-
-
-def test_a_weights_file_of_version_0_1_still_loads(tmp_path):
-    """Before specs, the metadata held classes, image_size, cell_crop, mean, std, model and config apart."""
-    model = BloodCellCNN(num_classes=4, image_size=(48, 64), widths=(4, 8, 8, 8), hidden=(16, 8))
-    meta = {"classes": json.dumps(["E", "L", "M", "N"]), "image_size": "[48, 64]", "cell_crop": "160",
-            "mean": json.dumps([0.678, 0.641, 0.659]), "std": json.dumps([0.262, 0.26, 0.259]),
-            "model": json.dumps({"widths": [4, 8, 8, 8], "hidden": [16, 8], "dropout": 0.0}), "config": "{}"}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old.safetensors"), meta)
-    loaded, spec = load_model(tmp_path / "old.safetensors")
-    assert spec.classes == ("E", "L", "M", "N") and spec.preprocess.fit == "stretch"  # what 0.1 did
-    assert spec.preprocess.cell_crop == 160 and same_weights(loaded, model)
 
 
 def relabel(classes: list[str]):

@@ -153,13 +153,10 @@ def test_save_checkpoint_removes_planted_links_themselves_never_through_them(tmp
     assert sorted(os.listdir(victim)) == [STATE_NAME] and (victim / STATE_NAME).read_text() == "{}"
 
 
-def test_the_state_round_trips_and_reads_old_checkpoints():
+def test_the_state_round_trips():  # a checkpoint of version 0.1: train/test_version_0_1.py
     state = TrainState(step=7, epoch=1, best_macro_f1=0.5, best={"epoch": 1}, last_validation={"accuracy": 0.5},
                        train_seconds=2.5, layout={"processes": 1})
     assert TrainState.from_json(json.loads(json.dumps(state.to_json()))) == state
-    old = {"step": 3, "epoch": 0, "best_macro_f1": -1.0, "best": None, "final": {"accuracy": 0.25},
-           "train_seconds": 1.0, "layout": {}}  # 0.1 called the last validation "final"
-    assert TrainState.from_json(old).last_validation == {"accuracy": 0.25}
 
 
 def test_provenance_names_the_code_libraries_and_machine():
