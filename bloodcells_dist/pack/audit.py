@@ -31,6 +31,7 @@ from scipy.fft import dctn
 
 from ..cli import Parser, UserError, output_file_in_folder, run_main
 from ..files import write_atomic, write_json
+from ..output import say
 from ..progress import progress
 from .sources import EVAL_SPLITS, Scan, Skipped, SourceImage, check_jpeg, scan_images
 
@@ -387,13 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = near_pairs(facts)
     _, excluded = apply_policy(facts, pairs)
     report = build_report(scan, facts, sorted(scan.skipped + unreadable, key=lambda s: s.path), excluded, pairs)
-    print("\n".join(report_lines(report)))
+    say("\n".join(report_lines(report)))
     if args.out:
         write_report(report, args.out)
-        print(f"wrote {args.out}")
+        say(f"wrote {args.out}")
     if args.html:
         write_atomic(args.html, audit_page(report, facts))
-        print(f"wrote {args.html}")
+        say(f"wrote {args.html}")
     return 0
 
 

@@ -43,6 +43,7 @@ from scipy.spatial.distance import squareform
 from ..cli import Parser, UserError, output_file_in_folder, run_main
 from ..files import read_user_text, write_atomic
 from ..nucleus import nucleus_mask
+from ..output import say, warn
 
 RADII = np.arange(6.0, 106.0, 3.0)  # ring radii around the nucleus centre, in pixels of a 320x240 image
 ANGLES = 128  # samples per ring
@@ -326,21 +327,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         described = list(pool.map(_features_of_file, [p for _, _, p in listed], chunksize=32))
     for (rel, _, _), f in zip(listed, described):
         if isinstance(f, str):
-            print(f"warning: skipped {rel}: {f}", file=sys.stderr)
+            warn(f"skipped {rel}: {f}")
     kept = [(item, f) for item, f in zip(listed, described) if not isinstance(f, str)]
     listed, features = [item for item, _ in kept], [f for _, f in kept]
     mapping, apart = recover_cells(listed, progress=print, features=features)
     for rel in apart:
-        print(f"warning: {rel} has no cell features to match (an evenly coloured image?): set apart as a cell "
-              "of its own", file=sys.stderr)
+        warn(f"{rel} has no cell features to match (an evenly coloured image?): set apart as a cell "
+             "of its own")
     usable = [(item, f) for item, f in zip(listed, features) if describable(f)]
-    print("\n".join(tightness([i for i, _ in usable], [f for _, f in usable], mapping)))
+    say("\n".join(tightness([i for i, _ in usable], [f for _, f in usable], mapping)))
     files = {i.rel_path: i.path for i in train}
     write_mapping(args.out, mapping, files)
     if args.sheet:
         contact_sheet(args.sheet, mapping, files)
     skipped = len(described) - len(features)
-    print(f"{len(mapping)} images -> {len(set(mapping.values()))} cells ({len(apart)} set apart, {skipped} unreadable "
+    say(f"{len(mapping)} images -> {len(set(mapping.values()))} cells ({len(apart)} set apart, {skipped} unreadable "
           f"skipped) in {time.perf_counter() - start:.1f} s; wrote {args.out}" + (f" and {args.sheet}" if args.sheet else ""))
     return 0
 

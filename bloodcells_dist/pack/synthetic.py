@@ -23,6 +23,7 @@ from PIL import Image
 from skimage import draw, filters, transform
 
 from ..cli import Parser, UserError, run_main
+from ..output import say
 
 CLASSES: tuple[str, ...] = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
 SPLITS: tuple[str, ...] = ("TRAIN", "TEST")
@@ -247,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError) as e:
         raise UserError(str(e)) from None
     summary = ", ".join(f"{s} {sum(c.values())}" for s, c in counts.items())
-    print(f"wrote {summary} images to {a.out} in {time.perf_counter() - t0:.1f} s")
+    say(f"wrote {summary} images to {a.out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..cli import Parser, UserError, output_file, run_main
 from ..files import write_atomic
+from ..output import say
 from ..train.spec import ModelSpec, load_model
 
 META_KEY = "meta.json"  # TorchScript extra file / ONNX metadata_props key holding the ModelSpec's JSON
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = torch.randn(3, 3, *spec.preprocess.image_size)
     with torch.no_grad():
         diff = (exported(images) - model(images)).abs().max().item()
-    print(f"wrote {args.out} ({args.format}, {args.out.stat().st_size / 1e6:.2f} MB); "
+    say(f"wrote {args.out} ({args.format}, {args.out.stat().st_size / 1e6:.2f} MB); "
           f"max |logit difference| from PyTorch {diff:.1e}")
     return 0
 

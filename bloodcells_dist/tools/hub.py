@@ -21,6 +21,7 @@ import yaml
 
 from ..cli import Parser, UserError, output_folder, run_main
 from ..files import write_atomic
+from ..output import say
 from ..train.rundir import HubDir, RunDir
 from ..train.spec import ModelSpec, load_model
 
@@ -212,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "save":
         out = save_pretrained(args.model, args.out, overwrite=args.overwrite, license_id=args.license)
         hub = HubDir(out)
-        print(f"wrote {hub.config}, {hub.weights} and {hub.card}; "
+        say(f"wrote {hub.config}, {hub.weights} and {hub.card}; "
               f"push it with: bloodcells hub push {out} --repo-id USER/NAME")
         return 0
     try:
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # no login, no network, no permission: huggingface_hub's many error types
         raise UserError(f"push to {args.repo_id} failed ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    print(f"pushed {args.dir} to https://huggingface.co/{args.repo_id} ({url})")
+    say(f"pushed {args.dir} to https://huggingface.co/{args.repo_id} ({url})")
     return 0
 
 
