@@ -119,7 +119,7 @@ class BloodCellCNN(nn.Module, PyTorchModelHubMixin, library_name="bloodcells_dis
         if card is not None and card[1] == self.weights_digest():
             return ModelCard(card[0])
         license_id = (ModelCard(card[0]).data.get("license") if card is not None else None) or "mit"
-        from ..tools.hub import model_card  # tools import this module: imported here, when a card is written
+        from .card import model_card  # spec imports this module: imported here, when a card is written
         from .spec import ModelSpec
 
         try:
