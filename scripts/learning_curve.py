@@ -51,6 +51,11 @@ def training_cells(samples: list[tuple[str, str, int]], fold: int, fraction: flo
     return len({samples[i][0] for i in kept.tolist()})
 
 
+def short(precision: str) -> str:
+    """`bf16 (auto: the CPU has ...)` -> `bf16 (auto)`: how the results tables name a precision."""
+    return precision.split(" (auto")[0] + " (auto)" if " (auto" in precision else precision
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": round(statistics.fmean(values), 4), "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
 
@@ -81,7 +86,7 @@ def collect(args: argparse.Namespace) -> dict:
                            f" --train-fraction {fraction} --eval-every 100"
                            + (" --init-from runs/pbc-pretrain" if start == "pbc" else ""),
                 "provenance": {"commit": finals[0]["provenance"]["git_commit"][:7], "date": finals[0]["provenance"]["time"][:10],
-                               "machine": args.machine, "precision": finals[0]["provenance"].get("precision", "?")},
+                               "machine": args.machine, "precision": short(finals[0]["provenance"].get("precision", "?"))},
             })
     cv = json.loads((REPO / "results" / "blood-cells-cv.json").read_text())
     for start, recipe in FULL_ROWS.items():
