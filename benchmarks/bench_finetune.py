@@ -32,7 +32,7 @@ def variants(init_from: str) -> dict[str, list[str]]:
     finetune = ["--config", "launch/recipes/bloodcells-finetune.yaml", "--init-from", init_from]
     return {"scratch (best.yaml)": ["--config", "launch/recipes/best.yaml"],
             "fine-tune (bloodcells-finetune.yaml)": finetune,
-            "fine-tune, features frozen": [*finetune, "--freeze-epochs", "1000"]}
+            "fine-tune, features frozen": [*finetune, "--freeze-epochs", "EPOCHS"]}
 
 
 def main() -> int:
@@ -49,9 +49,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for name, extra in variants(args.init_from).items():
-                run = Path(tmp) / f"{round_}-{len(found[name]['wall_s'])}-{name.split()[0]}"
+                run = Path(tmp) / f"{round_}-{list(found).index(name)}"
                 command = [sys.executable, "-m", "bloodcells_dist.train", "--shards", args.shards, "--output-dir",
-                           str(run), *extra, *common]
+                           str(run), *[str(args.epochs) if a == "EPOCHS" else a for a in extra], *common]
                 started = time.perf_counter()
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
                 final = json.loads((run / "final.json").read_text())
