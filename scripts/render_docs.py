@@ -119,6 +119,15 @@ def learning_curve(data: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_finetune(data: dict) -> str:
+    """Seconds per training step of fine-tuning against training from scratch, interleaved in one run."""
+    lines = ["| run | s per step | against scratch | s for the whole command | measured on |", "|---|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['variant']} | {row['seconds_per_step']:.3f} | {row['per_step_vs_scratch']:.2f} x | "
+                     f"{row['wall_seconds']:.0f} | {where(data['provenance'])} |")
+    return f"`{data['command']}` ({data['rounds']} rounds, interleaved)\n\n" + "\n".join(lines)
+
+
 def speed_rate(entry: dict) -> float:
     """A path's images/s: the median of its rounds, or the one figure recorded."""
     return statistics.median(entry["rounds"]) if entry.get("rounds") else entry["img_per_s"]
@@ -205,6 +214,7 @@ def cells(data: dict) -> str:
 
 RENDERERS = {"cells:train": cells, "single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc,
              "fold-check": fold_check, "label-issues": label_issues, "learning-curve": learning_curve,
+             "speed:finetune": speed_finetune,
              "speed:train-cpu": speed_train, "speed:train-gpu": speed_train_gpu,
              "speed:precision-cpu": speed_precision, "speed:precision-gpu": speed_precision, "tests": tests}
 # A part of a results file (NAME:PART) is rendered from that key of the file.
