@@ -58,16 +58,17 @@ def find_issues(classes: list[str], rows: list[dict]) -> list[dict]:
             for rank, i in enumerate(ranked, 1)]
 
 
-def shard_facts(shards: str, manifest: ShardManifest, wanted: set[str]) -> tuple[dict[str, dict], dict[str, str]]:
-    """Every packed image's metadata (source path, class, split) by key, and the thumbnails of the `wanted` keys."""
-    metas, uris = {}, {}
+def shard_facts(shards: str, manifest: ShardManifest, wanted: set[str]) -> tuple[dict[str, dict], dict[str, bytes]]:
+    """Every packed image's metadata (source path, class, split) by key, and the JPEG bytes of the `wanted` keys,
+    in one read of the shards."""
+    metas, images = {}, {}
     urls = [u for s in manifest.splits for u in manifest.shard_urls(shards, s)]
     for _, _, sample in numbered(urls):
         key = sample["__key__"]
         metas[key] = json.loads(sample["json"])
         if key in wanted:
-            uris[key] = pages.thumbnail(sample["jpg"])
-    return metas, uris
+            images[key] = sample["jpg"]
+    return metas, images
 
 
 def by_group(issues: list[dict], metas: dict[str, dict]) -> list[dict]:
@@ -167,16 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{args.cv_dir}/cv.json names no shards: pass --shards")
     manifest = ShardManifest.load(shards)
     issues = find_issues(classes, rows)
-    metas, _ = shard_facts(shards, manifest, set())
-    shown = {g["first"]["key"] for g in by_group(issues, metas)[:args.max_shown]}
-    metas, uris = shard_facts(shards, manifest, shown)  # a second read for the thumbnails of the shown images
+    metas, images = shard_facts(shards, manifest, {r["key"] for r in issues})  # the flagged images' bytes
+    groups = by_group(issues, metas)
+    uris = {g["first"]["key"]: pages.thumbnail(images[g["first"]["key"]])
+            for g in groups[:args.max_shown] if g["first"]["key"] in images}
     out = args.out or args.cv_dir
     out.mkdir(parents=True, exist_ok=True)
     write_csvs(out, issues, metas)
     source = str(manifest.args.get("src", "?"))
     html = issues_page(source, rows, issues, uris, metas, args.max_shown)
     write_atomic(out / "label-issues.html", html)
-    groups = by_group(issues, metas)
     say(f"{len(issues)} of {len(rows)} labels look wrong ({len(issues) / max(len(rows), 1):.1%}), in {len(groups)} "
         f"group(s); wrote "
         f"{out / 'label-issues.csv'}, {out / 'relabelled.csv'} and {out / 'label-issues.html'}")
