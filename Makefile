@@ -15,6 +15,7 @@ PBC_OUT ?= shards-pbc
 PRETRAIN ?= runs/pbc-pretrain
 TUNED  ?= runs/bloodcells-finetune-final
 TRAIN_FLAGS ?=
+TEST_WORKERS ?= auto
 # Where torch and torchvision come from. Empty (the default): the package index pip uses, which works everywhere
 # (on Linux that wheel brings the CUDA and triton wheels, about 4 GB). On a CPU-only machine that can reach it:
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -62,13 +63,14 @@ demo: setup
 	$(BC) evaluate --model $(DEMO)/run --shards $(DEMO)/shards --split test
 	$(BC) report $(DEMO)/run
 
-# Both print the slowest tests and the wall time they took.
+# Both run the tests on every core (pytest-xdist; TEST_WORKERS=0 runs them in this one process, TEST_WORKERS=4
+# on four) and print the slowest tests and the wall time they took.
 test: setup
-	@start=$$(date +%s); $(PY) -m pytest --durations=15; rc=$$?; \
+	@start=$$(date +%s); $(PY) -m pytest -n $(TEST_WORKERS) --durations=15; rc=$$?; \
 		echo "make test: $$(( $$(date +%s) - start )) s wall"; exit $$rc
 
 test-fast: setup
-	@start=$$(date +%s); $(PY) -m pytest -m "not e2e" --durations=10; rc=$$?; \
+	@start=$$(date +%s); $(PY) -m pytest -n $(TEST_WORKERS) -m "not e2e" --durations=10; rc=$$?; \
 		echo "make test-fast: $$(( $$(date +%s) - start )) s wall (budget: 60 s on an idle 2-core machine)"; exit $$rc
 
 lint: setup

@@ -212,6 +212,8 @@ def coerce(key: str, value: object) -> object:
     kind = FIELD_TYPES[key]
     try:
         if isinstance(value, str) and kind is not str:
+            if value.count(",") >= MAX_ITEMS:  # refused before YAML spends seconds parsing it
+                raise ValueError(f"{value.count(',') + 1} values; a list here holds a few")
             value = yaml.safe_load(value if "," not in value or value.startswith("[") else f"[{value}]")
         if typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0]

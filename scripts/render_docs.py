@@ -119,6 +119,30 @@ def learning_curve(data: dict) -> str:
     return "\n".join(lines)
 
 
+def transfer_controls(data: list) -> str:
+    """The fine-tuning controls at 10% of the cells, one changed per row."""
+    lines = ["| change | flags | honest CV (18 cells a fold) | per fold | macro F1 | measured on |",
+             "|---|---|---|---|---|---|"]
+    for row in data:
+        folds = ", ".join("-" if f is None else f"{100 * f:.1f}" for f in row["folds"])
+        flags = f"`{row['flags']}`" if row["flags"] else "-"
+        lines.append(f"| {row['change']} | {flags} | **{spread(row['accuracy'])}** | {folds} | "
+                     f"{spread(row['macro_f1'], False)} | {where(row['provenance'])} |")
+    return "\n".join(lines)
+
+
+def transfer_joint(data: dict) -> str:
+    """Joint training against pretrain-then-fine-tune and scratch, on one fold."""
+    lines = [f"| run | fold {data['fold']} accuracy | monocyte recall | other dataset, held-out fold | measured on |",
+             "|---|---|---|---|---|"]
+    for row in data["rows"]:
+        recall = f"{row['recall']['MONOCYTE']:.2f}" if row.get("recall") else "-"
+        other = ", ".join(f"{name} {pct(v['accuracy'])} ({v['samples']} images)"
+                          for name, v in (row.get("other_datasets") or {}).items()) or "-"
+        lines.append(f"| {row['run']} | **{pct(row['accuracy'])}** | {recall} | {other} | {where(row['provenance'])} |")
+    return "\n".join(lines)
+
+
 def speed_finetune(data: dict) -> str:
     """Seconds per training step of fine-tuning against training from scratch, interleaved in one run."""
     lines = ["| run | s per step | against scratch | s for the whole command | measured on |", "|---|---|---|---|---|"]
@@ -214,6 +238,7 @@ def cells(data: dict) -> str:
 
 RENDERERS = {"cells:train": cells, "single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc,
              "fold-check": fold_check, "label-issues": label_issues, "learning-curve": learning_curve,
+             "transfer-controls:controls": transfer_controls, "transfer-controls:joint": transfer_joint,
              "speed:finetune": speed_finetune,
              "speed:train-cpu": speed_train, "speed:train-gpu": speed_train_gpu,
              "speed:precision-cpu": speed_precision, "speed:precision-gpu": speed_precision, "tests": tests}

@@ -16,6 +16,20 @@ from bloodcells_dist.train.spec import ModelSpec, save_weights
 from .helpers import REF_EXTRA, jpeg, make_root, run_cli, train_args, true_cells
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test` runs `-n auto`), each worker gets its share of the cores, in process and in
+    the commands it starts (OMP_NUM_THREADS): two workers with a thread per core each would ask for twice the cores
+    and run slower than one, and a run resumed in process must compute as the command that started it did (the
+    sums of a convolution depend on the number of threads)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+        torch.set_num_threads(max(1, cores // workers))
+
+
 @pytest.fixture(scope="session")
 def untrained_model(tmp_path_factory) -> Path:
     """A model file of the synthetic classes, untrained: for tests of what evaluate, predict and export accept."""

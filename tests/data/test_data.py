@@ -272,9 +272,8 @@ def test_a_shifted_copy_of_a_real_cell_gets_the_same_window():
     assert checked >= 8
 
 
-def test_a_cell_window_is_its_own_cache(synthetic_root, tmp_path):
-    shards, cache = tmp_path / "shards", tmp_path / "cache"
-    pack_shards(synthetic_root, shards, PackOptions(seed=0, groups="files"))
+def test_a_cell_window_is_its_own_cache(synthetic_shards, tmp_path):
+    shards, cache = synthetic_shards, tmp_path / "cache"
     manifest = ShardManifest.load(shards)
     # Every part of the preprocessing names its own file: the size, the window (pixels or a share), the fit.
     names = {cache_path(cache, manifest, ["train"], p).name for p in (

@@ -195,13 +195,6 @@ def test_a_kill_between_the_last_step_and_the_epoch_end_is_finished_on_resume(sy
 
 # --- 5. clusters --------------------------------------------------------------------------------------------
 
-def test_slurm_script_asks_for_the_signal_and_requeues():
-    script = (REPO / "launch" / "slurm_multinode.sbatch").read_text()
-    assert "#SBATCH --signal=USR1@" in script and "#SBATCH --requeue" in script
-    assert "scontrol requeue" in script and "trap '' USR1" in script
-    assert subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm_multinode.sbatch")]).returncode == 0
-
-
 def two_machines(args: list[str], cwds: tuple[Path, Path], env: dict | None = None) -> list[subprocess.Popen]:
     """Machine ranks 0 and 1 on loopback, one process each, each with its own launcher and working folder."""
     common = ["--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
