@@ -18,7 +18,9 @@ import json
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -236,7 +238,8 @@ def cells(data: dict) -> str:
     return "\n".join(lines) + f"\n\n{where(data['provenance'])}"
 
 
-RENDERERS = {"cells:train": cells, "single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc,
+RENDERERS: dict[str, Callable[[Any], str]] = {
+             "cells:train": cells, "single-fold": single_fold, "blood-cells-cv": blood_cells_cv, "pbc": pbc,
              "fold-check": fold_check, "label-issues": label_issues, "learning-curve": learning_curve,
              "transfer-controls:controls": transfer_controls, "transfer-controls:joint": transfer_joint,
              "speed:finetune": speed_finetune,

@@ -121,6 +121,20 @@ def load_models(paths: Sequence[Path]) -> tuple[torch.nn.Module, ModelSpec]:
     return (loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()), spec
 
 
+def shard_labels_to_model(shard_classes: list[str], model_classes: list[str]) -> torch.Tensor | None:
+    """None when the shards' classes are the model's, in its order; else the model's row of each shard label,
+    matched by name (case aside). A model of more classes (a joint run, PBC's 8 on blood-cells' 4) scores a
+    dataset of fewer; a shard class the model has no row for is refused."""
+    if shard_classes == model_classes:
+        return None
+    rows = {c.casefold(): i for i, c in enumerate(model_classes)}
+    missing = [c for c in shard_classes if c.casefold() not in rows]
+    if missing:
+        raise UserError(f"shards hold classes {shard_classes}, the model was trained on {model_classes}: it has no "
+                        f"output for {', '.join(missing)}")
+    return torch.tensor([rows[c.casefold()] for c in shard_classes])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line."""
     parser = Parser(prog="bloodcells evaluate", description=__doc__.split("\n")[0])
@@ -161,12 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     unreadable: list[str] = []
     batches: Iterable
     if manifest is not None:
-        if manifest.classes != classes:
-            raise UserError(f"shards hold classes {manifest.classes}, the model was trained on {classes}")
+        to_model = shard_labels_to_model(manifest.classes, classes)
         if args.fold >= manifest.folds:
             raise UserError(f"--fold {args.fold}: the shards have folds 0..{manifest.folds - 1}")
         batches = open_eval_data(args.shards, manifest, Selection(tuple(splits), args.fold), spec.preprocess,
                                  accelerator, batch_size=args.batch_size, workers=args.workers)
+        if to_model is not None:
+            extra = [c for c in classes if c.casefold() not in {m.casefold() for m in manifest.classes}]
+            if extra and accelerator.is_main_process:
+                say(f"the model knows {len(extra)} class(es) these shards never hold ({', '.join(extra)}): "
+                    "a prediction of one counts as an error")
+            batches = ((images, to_model.to(labels.device)[labels], keys) for images, labels, keys in batches)
     elif args.fold >= 0:
         raise UserError("--fold needs --shards: JPEG folders carry no fold index")
     else:

@@ -57,6 +57,7 @@ NOT_MEASURED = {
     ("docs/validation.md", "The aim of\n95%"): "an aim",
     ("docs/validation.md", "far from 90%"): "an aim",
     ("docs/validation.md", "the 10% draw is part of\nthe 25% one"): "train_fraction settings",
+    ("docs/validation.md", "--cell-crop 0.667"): "a cell_crop setting in a command",
 }
 
 # Measured figures still written by hand, each with the results file it should move to. The list may only shrink:
