@@ -135,13 +135,14 @@ def transfer_controls(data: list) -> str:
 
 def transfer_joint(data: dict) -> str:
     """Joint training against pretrain-then-fine-tune and scratch, on one fold."""
-    lines = [f"| run | fold {data['fold']} accuracy | monocyte recall | other dataset, held-out fold | measured on |",
-             "|---|---|---|---|---|"]
+    lines = [f"| run | fold {data['fold']} accuracy | monocyte recall | samples an epoch | training time | measured on |",
+             "|---|---|---|---|---|---|"]
     for row in data["rows"]:
         recall = f"{row['recall']['MONOCYTE']:.2f}" if row.get("recall") else "-"
-        other = ", ".join(f"{name} {pct(v['accuracy'])} ({v['samples']} images)"
-                          for name, v in (row.get("other_datasets") or {}).items()) or "-"
-        lines.append(f"| {row['run']} | **{pct(row['accuracy'])}** | {recall} | {other} | {where(row['provenance'])} |")
+        samples = f"{row['train_samples']:,}" if row.get("train_samples") else "-"
+        minutes = f"{row['train_seconds'] / 60:.0f} min" if row.get("train_seconds") else "-"
+        lines.append(f"| {row['run']} | **{pct(row['accuracy'])}** | {recall} | {samples} | {minutes} | "
+                     f"{where(row['provenance'])} |")
     return "\n".join(lines)
 
 

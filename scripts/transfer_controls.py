@@ -82,18 +82,6 @@ def controls(runs: Path, machine: str) -> list[dict]:
     return rows
 
 
-def other_datasets(run: Path) -> dict:
-    """The last validation of each further dataset of a joint run (metrics.jsonl), by dataset name."""
-    found = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "dataset" in row:
-            name = row["dataset"]
-            found[name] = {"epoch": row["epoch"], "accuracy": round(row[f"val/{name}/accuracy"], 4),
-                           "samples": row[f"val/{name}/samples"]}
-    return found
-
-
 def joint(runs: Path, machine: str) -> list[dict]:
     rows = []
     cv = json.loads((REPO / "results" / "blood-cells-cv.json").read_text())
@@ -112,7 +100,7 @@ def joint(runs: Path, machine: str) -> list[dict]:
         validation = final["last_validation"]
         rows.append({"run": name, "accuracy": round(validation["accuracy"], 4),
                      "recall": {c: round(v["recall"], 3) for c, v in validation["per_class"].items()},
-                     "other_datasets": other_datasets(runs / folder / f"fold-{JOINT_FOLD}"),
+                     "train_samples": final["train_samples"], "train_seconds": round(final["train_seconds"]),
                      "command": command, "provenance": provenance(final, machine)})
     return rows
 
