@@ -128,7 +128,9 @@ def transfer_controls(data: list) -> str:
     for row in data:
         folds = ", ".join("-" if f is None else f"{100 * f:.1f}" for f in row["folds"])
         flags = f"`{row['flags']}`" if row["flags"] else "-"
-        lines.append(f"| {row['change']} | {flags} | **{spread(row['accuracy'])}** | {folds} | "
+        done = sum(f is not None for f in row["folds"])
+        part = "" if done == len(row["folds"]) else f" ({done} of {len(row['folds'])} folds)"
+        lines.append(f"| {row['change']} | {flags} | **{spread(row['accuracy'])}**{part} | {folds} | "
                      f"{spread(row['macro_f1'], False)} | {where(row['provenance'])} |")
     return "\n".join(lines)
 
