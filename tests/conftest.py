@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bloodcells_dist.data.preprocess import Preprocess
 from bloodcells_dist.pack.shards import PackOptions, pack_shards
 from bloodcells_dist.pack.synthetic import generate_dataset
-from bloodcells_dist.train.spec import ModelSpec, save_weights
 
 from .helpers import REF_EXTRA, jpeg, make_root, run_cli, train_args, true_cells
 
@@ -33,6 +31,9 @@ def pytest_configure(config) -> None:
 @pytest.fixture(scope="session")
 def untrained_model(tmp_path_factory) -> Path:
     """A model file of the synthetic classes, untrained: for tests of what evaluate, predict and export accept."""
+    from bloodcells_dist.data.preprocess import Preprocess  # torch: imported where used, so that the xdist
+    from bloodcells_dist.train.spec import ModelSpec, save_weights  # controller starts its workers at once
+
     spec = ModelSpec(classes=("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"), preprocess=Preprocess((24, 32)),
                      widths=(4, 4, 4, 4), hidden=(8, 8))
     path = tmp_path_factory.mktemp("untrained") / "model.safetensors"
