@@ -214,7 +214,8 @@ def tests(data: dict) -> str:
     lines = ["| layer | tests | passed | skipped | failed | time | measured on |", "|---|---|---|---|---|---|---|"]
     for run in data["runs"].values():
         lines.append(f"| `{run['command']}` | {run['tests']} | {run.get('passed', '-')} | {run.get('skipped', '-')} | "
-                     f"{run.get('failed', '-')} | {run['seconds'] / 60:.0f} min | {where(run['provenance'])} |")
+                     f"{run.get('failed', '-')} | {run['seconds']} s ({run['seconds'] / 60:.1f} min) | "
+                     f"{where(run['provenance'])} |")
     return "\n".join(lines)
 
 
