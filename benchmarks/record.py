@@ -11,20 +11,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bloodcells_dist.train.provenance import provenance  # noqa: E402
+from bloodcells_dist.train.precision import cpu_flags as all_cpu_flags  # noqa: E402
+from bloodcells_dist.train.provenance import cpu_name, provenance  # noqa: E402
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides bf16 speed on a CPU
 
 
 def cpu_flags() -> list[str]:
     """The CPU flags of CPU_FLAGS this machine has (Linux; empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return [flag for flag in CPU_FLAGS if flag in line.split(":", 1)[1].split()]
-    except OSError:
-        pass
-    return []
+    found = all_cpu_flags()
+    return [flag for flag in CPU_FLAGS if flag in found]
 
 
 def machine(device: str = "cpu") -> str:
@@ -34,7 +30,15 @@ def machine(device: str = "cpu") -> str:
         return f"1 x {torch.cuda.get_device_name(torch.device(device))}, {os.cpu_count()} CPU cores"
     flags = cpu_flags()
     bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "AMX" if "amx_bf16" in flags else "no AVX512-BF16"
-    return f"{os.cpu_count()}-core {provenance()['cpu']} ({bf16})"
+    return f"{os.cpu_count()}-core {cpu_name()} ({bf16})"
+
+
+def run_provenance(device: str = "cpu", precision: str = "") -> dict:
+    """provenance() with what the results tables print: commit, date, machine, CPU flags and precision."""
+    found = provenance(device=device, precision=precision)
+    found.update(commit=found.get("git_commit"), date=str(found["time"])[:10], machine=machine(device),
+                 cpu_flags=cpu_flags(), precision=precision or "-")
+    return found
 
 
 def record(name: str, section: str, figures: dict, *, command: str, device: str = "cpu", precision: str = "",
@@ -46,9 +50,7 @@ def record(name: str, section: str, figures: dict, *, command: str, device: str 
     """
     path = REPO / "results" / f"{name}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    found = provenance(device=device, precision=precision)
-    found.update(commit=found.get("git_commit"), date=str(found["time"])[:10], machine=machine(device),
-                 cpu_flags=cpu_flags(), precision=precision or "-")
+    found = run_provenance(device, precision)
     entry = {"command": command, **figures}
     if run is not None:
         before = data.get(section, {})

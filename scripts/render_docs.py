@@ -53,40 +53,54 @@ def where(provenance: dict) -> str:
     return f"{provenance.get('machine') or provenance.get('cpu', '?')}{precision}; `{source[:7]}`{dirty}"
 
 
+def table(columns: list[str], rows: list[str]) -> str:
+    """A markdown table: the header, its rule and the rows (each already `| a | b |`)."""
+    return "\n".join([f"| {' | '.join(columns)} |", "|" + "---|" * len(columns), *rows])
+
+
+def per_fold(folds: list) -> str:
+    """Fold accuracies in percent, '-' for a fold not run yet."""
+    return ", ".join("-" if f is None else f"{100 * f:.1f}" for f in folds)
+
+
+def partial(folds: list) -> str:
+    """' (k of n folds)' while a CV is under way, else nothing."""
+    done = sum(f is not None for f in folds)
+    return f" ({done} of {len(folds)} folds)" if done < len(folds) else ""
+
+
 def blood_cells_cv(data: dict) -> str:
     """The recipes compared on the blood-cells TRAIN folder."""
-    lines = ["| recipe | honest CV (5 folds of cells) | macro F1 | per fold | leaky CV | held-out TEST | epochs | measured on |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = []
     for row in data["rows"]:
-        folds = ", ".join("-" if f is None else f"{100 * f:.1f}" for f in row["folds"])
-        done = sum(f is not None for f in row["folds"])
-        partial = f" ({done} of {len(row['folds'])} folds)" if done < len(row["folds"]) else ""
         test = pct(row.get("test")) + (f" ({row['test_note']})" if row.get("test_note") else "")
-        lines.append(f"| `{row['recipe']}` | **{spread(row['accuracy'])}**{partial} | {spread(row['macro_f1'], False)} | {folds} "
+        lines.append(f"| `{row['recipe']}` | **{spread(row['accuracy'])}**{partial(row['folds'])} | "
+                     f"{spread(row['macro_f1'], False)} | {per_fold(row['folds'])} "
                      f"| {spread(row.get('leaky'))} | {test} | {row['epochs']} | {where(row['provenance'])} |")
-    return "\n".join(lines)
+    return table(["recipe", "honest CV (5 folds of cells)", "macro F1", "per fold", "leaky CV", "held-out TEST", "epochs",
+                  "measured on"], lines)
 
 
 def pbc(data: dict) -> str:
     """The PBC proof: the held-out test split and the CV folds."""
     classes = data["classes"]
-    lines = [f"| what | images | accuracy | macro F1 | {' | '.join(f'recall {c}' for c in classes)} | time | measured on |",
-             f"|---|---|---|---|{'---|' * len(classes)}---|---|"]
+    lines = []
     for row in data["rows"]:
         recall = " | ".join(f"{row['recall'][c]:.3f}" if row.get("recall") else "-" for c in classes)
         lines.append(f"| {row['what']} | {row.get('samples', '-'):,} | **{pct(row['accuracy'], 2)}** | "
                      f"{row['macro_f1']:.4f} | {recall} | {row.get('time', '-')} | {where(row['provenance'])} |")
-    return "\n".join(lines)
+    return table(["what", "images", "accuracy", "macro F1", *(f"recall {c}" for c in classes), "time", "measured on"],
+                 lines)
 
 
 def fold_check(data: dict) -> str:
     """The same fold, the same seed, the same machine, before and after a change of the code."""
-    lines = ["| code | fold | accuracy | macro F1 | recall per class | measured on |", "|---|---|---|---|---|---|"]
+    lines = []
     for row in data["rows"]:
         recall = ", ".join(f"{c[:3]} {v:.3f}" for c, v in row["recall"].items())
         lines.append(f"| {row['code']} | {row['fold']} | {pct(row['accuracy'], 2)} | {row['macro_f1']:.4f} | {recall} "
                      f"| {where(row['provenance'])} |")
-    return "\n".join(lines)
+    return table(["code", "fold", "accuracy", "macro F1", "recall per class", "measured on"], lines)
 
 
 def label_issues(data: dict) -> str:
@@ -109,43 +123,38 @@ def label_issues(data: dict) -> str:
 
 def learning_curve(data: dict) -> str:
     """Honest CV accuracy against the cells each fold trained on, from scratch and from the PBC model."""
-    lines = ["| start | share of each fold's cells | cells a fold trained on | honest CV | per fold | macro F1 | "
-             "steps a fold | measured on |", "|---|---|---|---|---|---|---|---|"]
+    lines = []
     starts = {"scratch": "from scratch (`best.yaml`)", "pbc": "from PBC (`bloodcells-finetune.yaml`)"}
     for row in sorted(data["points"], key=lambda r: (r["fraction"], r["start"])):
         cells = f"{min(row['cells'])}-{max(row['cells'])}" if min(row["cells"]) != max(row["cells"]) else str(row["cells"][0])
         steps = f"{min(row['steps'])}-{max(row['steps'])}" if row.get("steps") else "-"
-        folds = ", ".join("-" if f is None else f"{100 * f:.1f}" for f in row["folds"])
         lines.append(f"| {starts[row['start']]} | {pct(row['fraction'], 0)} | {cells} | **{spread(row['accuracy'])}** | "
-                     f"{folds} | {spread(row['macro_f1'], False)} | {steps} | {where(row['provenance'])} |")
-    return "\n".join(lines)
+                     f"{per_fold(row['folds'])} | {spread(row['macro_f1'], False)} | {steps} | {where(row['provenance'])} |")
+    return table(["start", "share of each fold's cells", "cells a fold trained on", "honest CV", "per fold", "macro F1",
+                  "steps a fold", "measured on"], lines)
 
 
 def transfer_controls(data: list) -> str:
     """The fine-tuning controls at 10% of the cells, one changed per row."""
-    lines = ["| change | flags | honest CV (18 cells a fold) | per fold | macro F1 | measured on |",
-             "|---|---|---|---|---|---|"]
+    lines = []
     for row in data:
-        folds = ", ".join("-" if f is None else f"{100 * f:.1f}" for f in row["folds"])
         flags = f"`{row['flags']}`" if row["flags"] else "-"
-        done = sum(f is not None for f in row["folds"])
-        part = "" if done == len(row["folds"]) else f" ({done} of {len(row['folds'])} folds)"
-        lines.append(f"| {row['change']} | {flags} | **{spread(row['accuracy'])}**{part} | {folds} | "
-                     f"{spread(row['macro_f1'], False)} | {where(row['provenance'])} |")
-    return "\n".join(lines)
+        lines.append(f"| {row['change']} | {flags} | **{spread(row['accuracy'])}**{partial(row['folds'])} | "
+                     f"{per_fold(row['folds'])} | {spread(row['macro_f1'], False)} | {where(row['provenance'])} |")
+    return table(["change", "flags", "honest CV (18 cells a fold)", "per fold", "macro F1", "measured on"], lines)
 
 
 def transfer_joint(data: dict) -> str:
     """Joint training against pretrain-then-fine-tune and scratch, on one fold."""
-    lines = [f"| run | fold {data['fold']} accuracy | monocyte recall | samples an epoch | training time | measured on |",
-             "|---|---|---|---|---|---|"]
+    lines = []
     for row in data["rows"]:
         recall = f"{row['recall']['MONOCYTE']:.2f}" if row.get("recall") else "-"
         samples = f"{row['train_samples']:,}" if row.get("train_samples") else "-"
         minutes = f"{row['train_seconds'] / 60:.0f} min" if row.get("train_seconds") else "-"
         lines.append(f"| {row['run']} | **{pct(row['accuracy'])}** | {recall} | {samples} | {minutes} | "
                      f"{where(row['provenance'])} |")
-    return "\n".join(lines)
+    return table(["run", f"fold {data['fold']} accuracy", "monocyte recall", "samples an epoch", "training time",
+                  "measured on"], lines)
 
 
 def speed_finetune(data: dict) -> str:
@@ -211,12 +220,12 @@ def speed_precision(data: dict) -> str:
 
 def tests(data: dict) -> str:
     """The test suite: how many tests, how long, where."""
-    lines = ["| layer | tests | passed | skipped | failed | time | measured on |", "|---|---|---|---|---|---|---|"]
+    lines = []
     for run in data["runs"].values():
         lines.append(f"| `{run['command']}` | {run['tests']} | {run.get('passed', '-')} | {run.get('skipped', '-')} | "
                      f"{run.get('failed', '-')} | {run['seconds']} s ({run['seconds'] / 60:.1f} min) | "
                      f"{where(run['provenance'])} |")
-    return "\n".join(lines)
+    return table(["layer", "tests", "passed", "skipped", "failed", "time", "measured on"], lines)
 
 
 def single_fold(data: dict) -> str:

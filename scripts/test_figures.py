@@ -40,12 +40,9 @@ def main() -> int:
     parser.add_argument("--note", default="", help="what else the machine was doing, if anything")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "tests.json")
     args = parser.parse_args()
-    from record import cpu_flags, machine
+    from record import run_provenance
 
-    from bloodcells_dist.train.provenance import provenance
-    found = provenance()
-    found.update(commit=found.get("git_commit"), date=str(found["time"])[:10], machine=machine(),
-                 cpu_flags=cpu_flags(), precision="-", **({"note": args.note} if args.note else {}))
+    found = run_provenance() | ({"note": args.note} if args.note else {})
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result.setdefault("runs", {})[args.layer] = {"command": args.command, **junit_counts(args.junit),
                                                  "provenance": found}

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
+
+from learning_curve import short, spread  # the same rounding and naming as the learning curve's rows
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "transfer-controls.json"
@@ -36,15 +37,6 @@ CONTROLS = [  # (change, run folder under RUNS, flags added to the recipe)
     ("from scratch (best.yaml, 12 epochs), for scale", "lc-scratch-0.1", "best.yaml --train-fraction 0.1"),
 ]
 JOINT_FOLD = 3
-
-
-def short(precision: str) -> str:
-    return precision.split(" (auto")[0] + " (auto)" if " (auto" in precision else precision
-
-
-def spread(values: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
 
 
 def fold_result(run: Path) -> dict | None:

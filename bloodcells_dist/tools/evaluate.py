@@ -37,6 +37,7 @@ from ..train.model import Ensemble
 from ..train.rundir import HubDir, RunDir
 from ..train.scoring import eval_stem, save_confusion_png, score
 from ..train.spec import ModelSpec, load_model
+from ..train.transfer import ClassMatch, match_classes
 
 
 def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -121,18 +122,18 @@ def load_models(paths: Sequence[Path]) -> tuple[torch.nn.Module, ModelSpec]:
     return (loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()), spec
 
 
-def shard_labels_to_model(shard_classes: list[str], model_classes: list[str]) -> torch.Tensor | None:
-    """None when the shards' classes are the model's, in its order; else the model's row of each shard label,
-    matched by name (case aside). A model of more classes (a joint run, PBC's 8 on blood-cells' 4) scores a
-    dataset of fewer; a shard class the model has no row for is refused."""
+def shard_labels_to_model(shard_classes: list[str], model_classes: list[str]) -> ClassMatch | None:
+    """None when the shards' classes are the model's, in its order; else --init-from's match by name (case aside):
+    `rows` is the model's output for each shard label, `dropped` the model classes the shards never hold. A model
+    of more classes (a joint run, PBC's 8 on blood-cells' 4) scores a dataset of fewer; a shard class the model
+    has no output for is refused."""
     if shard_classes == model_classes:
         return None
-    rows = {c.casefold(): i for i, c in enumerate(model_classes)}
-    missing = [c for c in shard_classes if c.casefold() not in rows]
-    if missing:
+    match = match_classes(model_classes, shard_classes, {})
+    if match.fresh:
         raise UserError(f"shards hold classes {shard_classes}, the model was trained on {model_classes}: it has no "
-                        f"output for {', '.join(missing)}")
-    return torch.tensor([rows[c.casefold()] for c in shard_classes])
+                        f"output for {', '.join(match.fresh)}")
+    return match
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,16 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     unreadable: list[str] = []
     batches: Iterable
     if manifest is not None:
-        to_model = shard_labels_to_model(manifest.classes, classes)
+        match = shard_labels_to_model(manifest.classes, classes)
         if args.fold >= manifest.folds:
             raise UserError(f"--fold {args.fold}: the shards have folds 0..{manifest.folds - 1}")
         batches = open_eval_data(args.shards, manifest, Selection(tuple(splits), args.fold), spec.preprocess,
                                  accelerator, batch_size=args.batch_size, workers=args.workers)
-        if to_model is not None:
-            extra = [c for c in classes if c.casefold() not in {m.casefold() for m in manifest.classes}]
-            if extra and accelerator.is_main_process:
-                say(f"the model knows {len(extra)} class(es) these shards never hold ({', '.join(extra)}): "
-                    "a prediction of one counts as an error")
+        if match is not None:
+            if match.dropped and accelerator.is_main_process:
+                say(f"the model knows {len(match.dropped)} class(es) these shards never hold "
+                    f"({', '.join(match.dropped)}): a prediction of one counts as an error")
+            to_model = torch.tensor(match.rows)
             batches = ((images, to_model.to(labels.device)[labels], keys) for images, labels, keys in batches)
     elif args.fold >= 0:
         raise UserError("--fold needs --shards: JPEG folders carry no fold index")
