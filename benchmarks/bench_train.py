@@ -35,8 +35,8 @@ from bloodcells_dist.data.augment import DeviceAugment
 from bloodcells_dist.data.batches import CachedBatches, StreamedBatches, shard_positions
 from bloodcells_dist.data.cache import load_or_build
 from bloodcells_dist.data.plan import EpochPlan, stable_seed
-from bloodcells_dist.data.preprocess import MEAN, STD, Preprocess
-from bloodcells_dist.data.stream import TrainStream, decode_image, sample_id, stream_loader
+from bloodcells_dist.data.preprocess import MEAN, STD, Preprocess, decode_jpeg
+from bloodcells_dist.data.stream import TrainStream, sample_id, stream_loader
 from bloodcells_dist.pack.manifest import ShardManifest
 from bloodcells_dist.train.model import BloodCellCNN
 
@@ -77,7 +77,7 @@ class PerSampleStream(TrainStream):
         uid = sample_id(sample["__key__"])
         with torch.random.fork_rng(devices=[]):  # per-sample seed: independent of order and workers
             torch.manual_seed(stable_seed(self.plan.seed, self.epoch, uid))
-            return self.transform(decode_image(sample["jpg"])), int(sample["cls"]), uid
+            return self.transform(decode_jpeg(sample["jpg"])), int(sample["cls"]), uid
 
 
 def images_per_second(batches: Iterator, step, batch: int, steps: int, warmup: int, device: torch.device) -> float:

@@ -2,6 +2,11 @@
 (keeping the aspect), and the normalisation; one `Preprocess` object that the model records and every path
 (cache, stream, evaluate, predict, exports) replays.
 
+Decoding and resizing use libjpeg-turbo (simplejpeg) and torch's own antialiased bilinear resize, the two
+calls torchvision's decode_jpeg and v2 resize make on CPU, with the same output bit for bit (a test compares
+them on real images): importing torchvision costs every process 1.5-3 s, most of it torch._dynamo pulled in by
+torchvision.ops.
+
 Training augmentation runs in batches on the device: bloodcells_dist/data/augment.py.
 """
 
@@ -10,18 +15,15 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import simplejpeg
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..config import TrainConfig, geometry_problem
 from ..nucleus import nucleus_mask
@@ -30,6 +32,7 @@ from ..nucleus import nucleus_mask
 MEAN = (0.678, 0.641, 0.659)
 STD = (0.262, 0.260, 0.259)
 FILL = tuple(round(255 * m) for m in MEAN)  # uint8 colour of what lies outside the frame (window, padding)
+JPEG_MAGIC = b"\xff\xd8\xff"
 MIN_STD = 1e-3  # a smaller std turns one grey level into hundreds of units: the model file is broken
 
 
@@ -48,12 +51,34 @@ def read_rgb(path: Path) -> torch.Tensor:
     if not data:
         raise UnreadableImage("zero-byte file")
     check_image_data(data)
-    try:  # torchvision first: for JPEG it is the decoder (libjpeg-turbo) the shards are decoded with
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):  # CMYK, BMP, TIFF... or a broken file, which PIL names in plainer words
-        image = read_with_pil(data)
-    # A 16-bit PNG decodes as uint16: window fill, padding and the model's scaling all count in uint8 units.
-    return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
+    if data[:3] == JPEG_MAGIC:  # the decoder the shards are decoded with; CMYK is left to PIL
+        try:
+            return decode_jpeg(data)
+        except (ValueError, RuntimeError):
+            pass
+    return read_with_pil(data)  # PNG, BMP, TIFF, CMYK JPEG... or a broken file, which PIL names in plain words
+
+
+def decode_jpeg(data: bytes) -> torch.Tensor:
+    """JPEG bytes -> uint8 (3, H, W) RGB (grayscale expanded), decoded by libjpeg-turbo (accurate DCT, smooth
+    chroma upsampling: torchvision's decode_jpeg, bit for bit), as a view of the decoded (H, W, 3) array: the resize
+    reads it as fast as a contiguous one, and a copy would cost half the decode. ValueError for a file libjpeg-turbo
+    cannot decode."""
+    return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+
+
+def resize(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """uint8 (3, h, w) -> uint8 (3, *size), bilinear and antialiased: torch's uint8 kernel on CPU, as torchvision's
+    v2 resize calls it; elsewhere in float32, rounded back, as torchvision does there."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image.contiguous()
+    batch, size = image.unsqueeze(0), [int(v) for v in size]
+    if image.device.type == "cpu":
+        out = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+    else:
+        out = F.interpolate(batch.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        out = out.round_().to(torch.uint8)
+    return out[0].contiguous()  # (3, h, w) in the usual layout, whatever the input's
 
 
 def check_image_data(data: bytes) -> None:
@@ -68,7 +93,7 @@ def check_image_data(data: bytes) -> None:
                 width, height = image.size
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, the warning...
         raise UnreadableImage(f"{type(err).__name__}: {' '.join(str(err).split())[:200] or 'empty file'}") from None
-    if data[:3] == b"\xff\xd8\xff":
+    if data[:3] == JPEG_MAGIC:
         try:
             simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         except (ValueError, RuntimeError) as err:  # simplejpeg: ValueError for errors and, strict, for warnings
@@ -78,13 +103,14 @@ def check_image_data(data: bytes) -> None:
 
 
 def read_with_pil(data: bytes) -> torch.Tensor:
-    """PIL's decode of what torchvision cannot read, as (3, H, W) RGB; 16-bit grayscale scaled, not clipped."""
+    """PIL's decode of what libjpeg-turbo cannot read, as uint8 (3, H, W) RGB; 16-bit grayscale scaled to 8 bits
+    (the high byte), not clipped."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.mode.startswith("I"):  # I;16 and kin: 16-bit values, which convert("RGB") would clip
                 gray = torch.from_numpy(np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8).to(torch.uint8)
                 return gray.expand(3, *gray.shape[-2:]).contiguous()
-            return pil_to_tensor(image.convert("RGB"))
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for bad files
         raise UnreadableImage(f"{type(err).__name__}: {' '.join(str(err).split()) or 'empty file'}") from None
 
@@ -124,16 +150,17 @@ def fit_to(image: torch.Tensor, size: Sequence[int], fit: str) -> torch.Tensor:
     height, width = size
     h, w = image.shape[-2:]
     if fit == "stretch" or h * width == w * height:
-        return TF.resize(image, [height, width], antialias=True)
+        return resize(image, size)
     scale = (max if fit == "crop" else min)(height / h, width / w)
     inner = [round(h * scale), round(w * scale)]
     if fit == "crop":
-        return TF.center_crop(TF.resize(image, [max(height, inner[0]), max(width, inner[1])], antialias=True),
-                              [height, width])
+        scaled = resize(image, [max(height, inner[0]), max(width, inner[1])])
+        top, left = round((scaled.shape[1] - height) / 2), round((scaled.shape[2] - width) / 2)  # torchvision's
+        return scaled[:, top:top + height, left:left + width]
     inner = [min(height, inner[0]), min(width, inner[1])]
     out = torch.tensor(FILL, dtype=torch.uint8).view(3, 1, 1).repeat(1, height, width)
     top, left = (height - inner[0]) // 2, (width - inner[1]) // 2
-    out[:, top:top + inner[0], left:left + inner[1]] = TF.resize(image, inner, antialias=True)
+    out[:, top:top + inner[0], left:left + inner[1]] = resize(image, inner)
     return out
 
 
@@ -172,10 +199,13 @@ class Preprocess:
             image = cell_window(image, window_side(self.cell_crop, *image.shape[-2:]))
         return fit_to(image, self.image_size, self.fit)
 
-    def transform(self) -> v2.Compose:
+    def transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """uint8 (3, H, W) -> normalised float (3, *image_size), as the data path feeds the model."""
-        return v2.Compose([v2.Lambda(self.resize), v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(list(self.mean), list(self.std))])
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+
+        def transform(image: torch.Tensor) -> torch.Tensor:  # torchvision's ToDtype(scale=True), Normalize
+            return self.resize(image).to(torch.float32).mul_(1 / 255).sub_(mean).div_(std)
+        return transform
 
     def to_dict(self) -> dict:
         """JSON-ready: lists for tuples."""

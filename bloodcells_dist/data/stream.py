@@ -14,22 +14,16 @@ from collections.abc import Iterator, Sequence
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import decode_jpeg
 
 from .plan import EpochPlan, Segment, epoch_pool, slot_ranges, stable_seed
-from .preprocess import Preprocess
+from .preprocess import Preprocess, decode_jpeg
 from .selection import Selection
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """JPEG bytes -> uint8 tensor (3, H, W) with libjpeg-turbo."""
-    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
 def decode_resized(data: bytes, preprocess: Preprocess) -> torch.Tensor:
     """JPEG bytes -> uint8 (3, *image_size): the cell window (if any), then the resize (Preprocess.resize, as
     predict and evaluate --images do)."""
-    return preprocess.resize(decode_image(data))
+    return preprocess.resize(decode_jpeg(data))
 
 
 def sample_id(key: str) -> int:

@@ -368,7 +368,7 @@ def collect_facts(images: Sequence[SourceImage], pool) -> tuple[list[ImageFacts]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: audit a source and print (and with --out, write) the report."""
-    from concurrent.futures import ProcessPoolExecutor
+    from .parallel import Workers
 
     parser = Parser(prog="bloodcells audit", description=__doc__.split("\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="dataset root, folder of class folders, or CSV listing")
@@ -383,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if path:
             output_file_in_folder(path, flag)
     scan = scan_images(args.src, args.layout)
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    with Workers(args.workers) as pool:
         facts, unreadable = collect_facts(scan.images, pool)
     pairs = near_pairs(facts)
     _, excluded = apply_policy(facts, pairs)

@@ -30,7 +30,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from ..cli import Parser, UserError, output_file_in_folder, run_main
 from ..files import read_user_text, write_atomic
 from ..nucleus import nucleus_mask
 from ..output import say, warn
+from .parallel import Workers
 
 RADII = np.arange(6.0, 106.0, 3.0)  # ring radii around the nucleus centre, in pixels of a 320x240 image
 ANGLES = 128  # samples per ring
@@ -161,24 +162,27 @@ def _features_of_file(path: Path) -> CellFeatures | str:
         return f"{type(err).__name__}: {err}"
 
 
-def describe_images(images: Sequence[tuple[str, str, Path]], *, workers: int = 2) -> list[CellFeatures]:
-    """Features of every (relative path, class, file), read in parallel; an unreadable one is a UserError."""
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        features = list(pool.map(_features_of_file, [p for _, _, p in images], chunksize=32))
+def describe_images(images: Sequence[tuple[str, str, Path]], *, pool: Executor | None = None) -> list[CellFeatures]:
+    """Features of every (relative path, class, file), read by `pool` (two processes by default, parallel.py);
+    an unreadable one is a UserError."""
+    if pool is None:
+        with Workers(2) as own:
+            return describe_images(images, pool=own)
+    features = list(pool.map(_features_of_file, [p for _, _, p in images], chunksize=32))
     bad = [(rel, f) for (rel, _, _), f in zip(images, features) if isinstance(f, str)]
     if bad:
         raise UserError(f"cannot describe {len(bad)} image(s) for cell recovery; first: {bad[0][0]}: {bad[0][1]}")
     return [f for f in features if not isinstance(f, str)]
 
 
-def recover_cells(images: Sequence[tuple[str, str, Path]], *, workers: int = 2,
+def recover_cells(images: Sequence[tuple[str, str, Path]], *, pool: Executor | None = None,
                   progress: Callable[[str], None] = lambda _: None,
                   features: Sequence[CellFeatures] | None = None) -> tuple[dict[str, str], list[str]]:
     """(relative path, class, file) of the images to group -> (relative path -> cell id `CLASS/cellNNN`, the
     images set apart). An image whose features cannot be matched (`describable`) is set apart as a cell of its
     own, `CLASS/apartNNN`, and listed."""
     if features is None:
-        features = describe_images(images, workers=workers)
+        features = describe_images(images, pool=pool)
     mapping: dict[str, str] = {}
     apart: list[str] = []
     for class_name in sorted({c for _, c, _ in images}):
@@ -323,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not train:
         raise UserError(f"no training images under {args.src} (the TRAIN folder, or images with no split)")
     listed = [(i.rel_path, i.class_name, i.path) for i in train]
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    with Workers(args.workers) as pool:
         described = list(pool.map(_features_of_file, [p for _, _, p in listed], chunksize=32))
     for (rel, _, _), f in zip(listed, described):
         if isinstance(f, str):

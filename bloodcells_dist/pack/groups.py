@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,19 +54,21 @@ class Grouping:
         return {"method": self.method, "why": self.why, "measured": self.measured, "set_apart": self.set_apart}
 
 
-def measure_copies(facts: Sequence[ImageFacts], *, seed: int, workers: int, per_class: int = COPY_SAMPLE) -> dict:
+def measure_copies(facts: Sequence[ImageFacts], *, seed: int, pool: Executor, per_class: int = COPY_SAMPLE) -> dict:
     """The share of up to `per_class` images per class (seeded sample) with a near-copy among the sampled
     images of their class: the copies of one cell keep their nucleus colour and, up to a rotation or flip,
     the rings around it (cells.py); distinct cells do not."""
     by_class: dict[str, list[ImageFacts]] = {}
     for f in facts:
         by_class.setdefault(f.image.class_name, []).append(f)
+    picks = {name: random.Random(f"{seed}:copies:{name}").sample(sorted(members, key=lambda f: f.image.rel_path),
+                                                                 min(per_class, len(members)))
+             for name, members in sorted(by_class.items())}
+    listed = [(p.image.rel_path, name, p.image.path) for name, pick in picks.items() for p in pick]
+    described = iter(describe_images(listed, pool=pool))  # one pass over every class: one pool, full chunks
     per_class_share, sampled, with_copy = {}, 0, 0
-    for name, members in sorted(by_class.items()):
-        members = sorted(members, key=lambda f: f.image.rel_path)
-        pick = random.Random(f"{seed}:copies:{name}").sample(members, min(per_class, len(members)))
-        features = [f for f in describe_images([(p.image.rel_path, name, p.image.path) for p in pick], workers=workers)
-                    if describable(f)]
+    for name, pick in picks.items():
+        features = [f for f in (next(described) for _ in pick) if describable(f)]
         if len(features) < 2:
             continue
         colour = np.stack([f.colour for f in features])
@@ -81,7 +84,7 @@ def measure_copies(facts: Sequence[ImageFacts], *, seed: int, workers: int, per_
 
 
 def choose_method(requested: str, *, has_groups: bool, facts: Sequence[ImageFacts], seed: int,
-                  workers: int) -> tuple[str, str, dict]:
+                  pool: Executor) -> tuple[str, str, dict]:
     """(method, why, measurement) for `--groups requested` over the images the packer splits."""
     if requested not in METHODS:
         raise UserError(f"--groups {requested}: expected one of {', '.join(METHODS)}")
@@ -91,7 +94,7 @@ def choose_method(requested: str, *, has_groups: bool, facts: Sequence[ImageFact
         return requested, "as asked (--groups)", {}
     if has_groups:
         return "csv", "auto: the listing has a group column", {}
-    measured = measure_copies(facts, seed=seed, workers=workers)
+    measured = measure_copies(facts, seed=seed, pool=pool)
     share = f"{measured['share']:.0%} of {measured['sampled']} sampled images have a near-copy in their class"
     if measured["share"] >= COPY_SHARE:
         return "cells", f"auto: {share} (augmented copies of source cells; at least {COPY_SHARE:.0%} picks cells)", measured
@@ -137,14 +140,14 @@ def merge_near_duplicates(facts: Sequence[ImageFacts]) -> dict[str, str]:
 
 
 def group_images(kept: Sequence[ImageFacts], *, requested: str, has_groups: bool, cells_file: Path | None,
-                 seed: int, workers: int, say: Callable[[str], None]) -> Grouping:
+                 seed: int, pool: Executor, say: Callable[[str], None]) -> Grouping:
     """The group of every image (`kept`: after the audit's policy). The listing's groups cover every row, those
     the listing puts in a split too (splits.py keeps such a group whole); cells and files group the pool only."""
     if cells_file is not None and requested not in ("auto", "cells"):
         raise UserError(f"--cells gives recovered cells, but --groups is {requested}")
     facts = [f for f in kept if f.image.split in GROUPED]
     method, why, measured = ("cells", "as given (--cells)", {}) if cells_file is not None else \
-        choose_method(requested, has_groups=has_groups, facts=facts, seed=seed, workers=workers)
+        choose_method(requested, has_groups=has_groups, facts=facts, seed=seed, pool=pool)
     apart: list[str] = []
     if method == "cells" and cells_file is not None:
         groups = cells_from_mapping(facts, cells_file)
@@ -152,7 +155,7 @@ def group_images(kept: Sequence[ImageFacts], *, requested: str, has_groups: bool
         say(f"recovering the source cells of {len(facts)} images from their pixels "
             "(bloodcells cells writes them once for reuse with --cells)")
         groups, apart = recover_cells([(f.image.rel_path, f.image.class_name, f.image.path) for f in facts],
-                                      workers=workers, progress=say)
+                                      pool=pool, progress=say)
     elif method == "csv":
         groups = {f.image.rel_path: f"group:{f.image.group}" if f.image.group else f.image.key for f in kept}
     else:

@@ -10,21 +10,18 @@ the audit report and the descriptions other readers look for (interop.py).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import random
-import signal
 import sys
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +33,7 @@ from .audit import AUDIT_PAGE, ImageFacts, apply_policy, build_report, collect_f
 from .groups import METHODS, Grouping, group_images
 from .interop import check_descriptions, stale_description_names, write_descriptions
 from .manifest import AUDIT_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
+from .parallel import MIN_PARALLEL, Workers
 from .sources import (
     EVAL_SPLITS,
     HIDDEN,
@@ -64,12 +62,6 @@ DATASET_INFO = "dataset.json"  # {"name": ...} at a source root names the datase
 def default_shard_count(n: int) -> int:
     """Shards for a split of n samples: at least 16 where each keeps >= 16 samples, more past 2,000 per shard."""
     return max(1, math.ceil(n / MAX_SHARD_SAMPLES), min(MIN_SHARDS, n // MIN_SHARD_SAMPLES))
-
-
-def die_with_parent() -> None:
-    """Pool initializer: on Linux, a worker gets SIGKILL when the packer dies, even by SIGKILL (no orphans)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 Say = Callable[[str], None]
@@ -309,15 +301,14 @@ def pack_shards(src: Path, out: Path, options: PackOptions | None = None, *, say
     through `say`."""
     src, out, options = Path(src), Path(out), options or PackOptions()
     options.check()
-    pool = ProcessPoolExecutor(max_workers=options.workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=die_with_parent)
-    with pool:  # checking (decoding, hashing) and tar writing are Python-bound: processes, not threads, use both cores
+    with Workers(options.workers) as pool:  # checking (decoding, hashing) and tar writing are Python-bound:
+        # processes, not threads, use both cores (parallel.py: from a few hundred images on)
         plan = plan_pack(src, out, options, pool, say)
         written = write_pack(plan, pool)
     return describe_pack(plan, written)
 
 
-def plan_pack(src: Path, out: Path, options: PackOptions, pool: ProcessPoolExecutor, say: Say) -> PackPlan:
+def plan_pack(src: Path, out: Path, options: PackOptions, pool: Executor, say: Say) -> PackPlan:
     """Scan and audit the source, group and split what is kept, and cut the splits into shards; writes nothing
     but raises UserError for a source or options pack cannot honour."""
     scan = scan_images(src, options.layout)
@@ -359,7 +350,7 @@ def plan_pack(src: Path, out: Path, options: PackOptions, pool: ProcessPoolExecu
         say("groups: none (--val-split random splits val by image, to show the leak)")
     else:
         grouping = group_images(kept, requested=options.groups, has_groups=scan.has_groups, cells_file=options.cells,
-                                seed=options.seed, workers=options.workers, say=say)
+                                seed=options.seed, pool=pool, say=say)
         say(f"groups: {grouping.method} ({grouping.why})")
         for rel in grouping.set_apart:
             say(f"warning: {rel} has no cell features to match (an evenly coloured image?): set apart as a "
@@ -380,7 +371,7 @@ def plan_pack(src: Path, out: Path, options: PackOptions, pool: ProcessPoolExecu
                     shards)
 
 
-def write_pack(plan: PackPlan, pool: ProcessPoolExecutor) -> dict[str, list[ShardInfo]]:
+def write_pack(plan: PackPlan, pool: Executor) -> dict[str, list[ShardInfo]]:
     """Clear an earlier pack (with --overwrite) and write the planned tars; on failure remove what was written."""
     out = plan.out
     try:
@@ -620,7 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pack.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     workers = min(2, os.cpu_count() or 1)
     pack.add_argument("--workers", type=int, default=workers,
-                      help=f"processes for checking and writing (default: {workers}, at most 2 or the CPU count)")
+                      help=f"processes for checking and writing (default: {workers}, at most 2 or the CPU count; "
+                           f"under {MIN_PARALLEL} images the packer works alone, as a pool would cost more)")
     pack.add_argument("--license", help="the images' licence, written to the dataset card (README.md), e.g. "
                                         "cc-by-4.0 or other (default: SRC/dataset.json's license, else unknown)")
     verify = sub.add_parser("verify", help="re-read and check every shard of a folder")

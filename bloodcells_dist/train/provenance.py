@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import __version__
 
-LIBRARIES = ("torch", "torchvision", "accelerate", "webdataset", "numpy", "huggingface_hub")
+LIBRARIES = ("torch", "accelerate", "webdataset", "simplejpeg", "numpy", "huggingface_hub")
 PACKAGE = Path(__file__).resolve().parents[1]
 
 

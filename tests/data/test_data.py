@@ -256,12 +256,12 @@ def test_the_cell_window_is_centred_on_the_nucleus_and_filled_outside_the_frame(
 @pytest.mark.skipif(not REAL_TRAIN.is_dir(), reason="real data not present at ../shared/blood-cells")
 def test_a_shifted_copy_of_a_real_cell_gets_the_same_window():
     """The point of the window: wherever a copy puts the cell, the model sees it in the same place."""
-    from bloodcells_dist.data.stream import decode_image
+    from bloodcells_dist.data.preprocess import decode_jpeg
 
     checked = 0
     for class_dir in sorted(REAL_TRAIN.iterdir()):
         for path in sorted(class_dir.glob("*.jpeg"))[:5]:
-            image = decode_image(path.read_bytes())
+            image = decode_jpeg(path.read_bytes())
             row, col = nucleus_centre(image)
             if not (80 < row < 160 and 100 < col < 220):  # a shift must not push the nucleus out of the frame
                 continue
