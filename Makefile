@@ -114,6 +114,7 @@ bench: setup
 	$(PY) benchmarks/bench_pack.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_precision.py
+	$(PY) benchmarks/bench_startup.py
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache

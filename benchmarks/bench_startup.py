@@ -2,7 +2,7 @@
 floor: every command but pack needs torch) and torch with torchvision (what the data path imported before).
 Every rank, every `evaluate`, `predict` and `export`, and every command a test starts pays it.
 
-    python benchmarks/bench_startup.py [--repeats 5]    # writes the "imports" section of results/startup.json
+    python benchmarks/bench_startup.py [--repeats 5]    # writes the "startup" section of results/speed.json
 
 Each figure is the median wall time of `python -c "import MODULE"` in a fresh process, the modules taken in turn
 so that a noisy machine spreads its noise over all of them. A training process imports torch._dynamo later, when
@@ -19,14 +19,14 @@ import time
 
 from record import REPO, record
 
-MODULES = {
-    "torch (the floor)": "torch",
-    "torch + torchvision (what the data path imported)": "torch, torchvision",
-    "bloodcells pack": "bloodcells_dist.pack.shards",
-    "bloodcells evaluate": "bloodcells_dist.tools.evaluate",
-    "bloodcells predict": "bloodcells_dist.tools.predict",
-    "bloodcells train (before its optimizer imports torch._dynamo)": "bloodcells_dist.train.trainer",
-    "torch + torch._dynamo (a training process imports it when its optimizer first runs)": "torch, torch._dynamo",
+MODULES = {  # key (as results/startup.json and docs/speed.md name it): the modules imported
+    "torch": "torch",  # the floor
+    "torch+torchvision": "torch, torchvision",  # what the data path imported before
+    "pack": "bloodcells_dist.pack.shards",
+    "evaluate": "bloodcells_dist.tools.evaluate",
+    "predict": "bloodcells_dist.tools.predict",
+    "train": "bloodcells_dist.train.trainer",  # before its optimizer imports torch._dynamo
+    "torch+dynamo": "torch, torch._dynamo",  # what a training process imports once its optimizer runs
 }
 
 
@@ -50,7 +50,7 @@ def main() -> int:
                for name, t in times.items()}
     for name, f in figures.items():
         print(f"{f['seconds']:6.2f} s  {name}")
-    path = record("startup", "imports", {"imports": figures}, command=f"python benchmarks/bench_startup.py "
+    path = record("speed", "startup", {"imports": figures}, command=f"python benchmarks/bench_startup.py "
                   f"--repeats {args.repeats}")
     print(f"wrote {path}")
     return 0

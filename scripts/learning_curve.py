@@ -5,7 +5,8 @@ points of results/blood-cells-cv.json, writes results/learning-curve.json and dr
     python scripts/learning_curve.py --shards SHARDS --runs scratch=RUNS/lc-scratch-{f} pbc=RUNS/lc-pbc-{f} \
         --fractions 0.1,0.25 [--machine "..."]
 
-Each RUNS folder holds one `bloodcells cv` (fold-k/final.json, cv.json); `{f}` is the fraction as given. The
+Each RUNS folder holds one `bloodcells cv` (fold-k/final.json, cv.json); `{f}` is the fraction as given (a
+folder that does not exist is said and left out: a start may have fewer points than the other). The
 cells a fold trained on are counted again from the shards with the trainer's own draw (group_subset), so the
 figure is what the run saw. `--plot-only` redraws the picture from the results file (what `make docs` runs).
 """
@@ -68,6 +69,9 @@ def collect(args: argparse.Namespace) -> dict:
         start, pattern = spec.split("=", 1)
         for fraction in args.fractions.split(","):
             runs = Path(pattern.format(f=fraction))
+            if not runs.is_dir():  # a point not run (yet): said, and left out of the curve
+                print(f"note: no {runs}: the curve has no point for {start} at {fraction}")
+                continue
             finals = [json.loads((runs / f"fold-{k}" / "final.json").read_text()) for k in folds]
             if not all(f.get("finished") for f in finals):
                 raise SystemExit(f"error: {runs}: not every fold finished")

@@ -267,6 +267,7 @@ FORMATS = {
     "min": lambda v: f"{v / 60:.0f}",
     "commit": lambda v: f"`{v[:7]}`",
     "list": lambda v: ", ".join(map(str, v)),
+    "count": lambda v: str(len(v)),
     "pcts": lambda v: ", ".join(f"{100 * x:.1f}" for x in v),
 }
 

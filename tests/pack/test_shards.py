@@ -344,15 +344,18 @@ def test_a_write_error_mid_pack_is_one_line_and_leaves_no_partial_tar(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == []  # no .tar, no temporary file, no manifest
 
 
-def test_existing_shards_need_overwrite(synthetic_root, tmp_path):
-    pack_shards(synthetic_root, tmp_path, PackOptions(seed=0, groups="files"))
+def test_existing_shards_need_overwrite(tmp_path):
+    root = make_root(tmp_path / "src", {f"{c}/{i}.jpg": jpeg(10 * k + i) for k, c in enumerate("AB") for i in range(20)})
+    out = tmp_path / "out"
+    pack_shards(root, out, PackOptions(seed=0, groups="files", shard_size=2))
+    first = {p.name for p in out.glob("*.tar")}
     with pytest.raises(UserError, match="--overwrite"):
-        pack_shards(synthetic_root, tmp_path, PackOptions(seed=0, groups="files"))
-    pack_shards(synthetic_root, tmp_path, PackOptions(seed=1, shard_size=100, overwrite=True, groups="files"))
-    verify_shards(tmp_path)
-    manifest = ShardManifest.load(tmp_path)
+        pack_shards(root, out, PackOptions(seed=0, groups="files"))
+    pack_shards(root, out, PackOptions(seed=1, shard_size=10, overwrite=True, groups="files"))
+    verify_shards(out)
+    manifest = ShardManifest.load(out)
     listed = {s.file for split in manifest.splits.values() for s in split.shards}
-    assert {p.name for p in tmp_path.glob("*.tar")} == listed  # no stale shards of the first pack
+    assert len(first) > len(listed) and {p.name for p in out.glob("*.tar")} == listed  # no stale shards of the first
 
 
 @pytest.mark.e2e
