@@ -37,7 +37,7 @@ help:
 	@echo "make cv [RECIPE=...] [CV=runs/cv-best]   grouped 5-fold cross-validation of a recipe, with TTA"
 	@echo "make final [FINAL=runs/best-final]   best.yaml on train + val, then evaluate on the test split"
 	@echo "make transfer PBC=DIR DATA=DIR   pack PBC, pretrain on it, fine-tune on DATA (train + val), evaluate on DATA's test"
-	@echo "make bench                 packing and training throughput benchmarks"
+	@echo "make bench                 packing, training throughput, precision and start-up benchmarks"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
