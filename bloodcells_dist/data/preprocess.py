@@ -3,9 +3,9 @@
 (cache, stream, evaluate, predict, exports) replays.
 
 Decoding and resizing use libjpeg-turbo (simplejpeg) and torch's own antialiased bilinear resize, the two
-calls torchvision's decode_jpeg and v2 resize make on CPU, with the same output bit for bit (a test compares
-them on real images): importing torchvision costs every process 1.5-3 s, most of it torch._dynamo pulled in by
-torchvision.ops.
+calls torchvision's decode_jpeg and v2 resize make on CPU, with the same output bit for bit
+(tests/data/test_decode.py compares them on real images): importing torchvision doubled the start of evaluate,
+predict and export, mostly for torch._dynamo, which torchvision.ops pulls in (benchmarks/bench_startup.py).
 
 Training augmentation runs in batches on the device: bloodcells_dist/data/augment.py.
 """
