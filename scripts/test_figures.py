@@ -4,6 +4,7 @@
     python scripts/test_figures.py --junit /tmp/all.xml --layer all --command "make test" [--note "..."]
     python -m pytest -m "not e2e" --junitxml=/tmp/fast.xml
     python scripts/test_figures.py --junit /tmp/fast.xml --layer fast --command "make test-fast"
+    (--commit REV names the clean commit the tests ran at, e.g. a clean clone's, when the checkout has moved on)
 
 One section per layer (all, fast), each with the provenance of the machine that ran it; the README renders them.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -39,10 +41,15 @@ def main() -> int:
     parser.add_argument("--command", required=True, help="what ran the tests, as the README should show it")
     parser.add_argument("--note", default="", help="what else the machine was doing, if anything")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "tests.json")
+    parser.add_argument("--commit", help="the clean commit the tests ran at, when it is not this checkout's HEAD")
     args = parser.parse_args()
     from record import run_provenance
 
     found = run_provenance() | ({"note": args.note} if args.note else {})
+    if args.commit:  # the tests ran at another commit than this checkout's (a clean clone, an earlier HEAD)
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{args.commit}^{{commit}}"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        found.update(git_commit=commit, commit=commit, git_dirty=False)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result.setdefault("runs", {})[args.layer] = {"command": args.command, **junit_counts(args.junit),
                                                  "provenance": found}
