@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -54,11 +55,41 @@ def private_cache_dir(tmp_path_factory) -> Path:
         os.environ["XDG_CACHE_HOME"] = old
 
 
+SYNTHETIC = {"per_class": 100, "seed": 0, "copies": 8, "test_per_class": 25}
+
+
+def generated(config, out: Path) -> Path:
+    """The synthetic dataset of SYNTHETIC, drawn once into pytest's cache (.pytest_cache) and reused while the
+    generator's source is unchanged (its sha256 names the folder): drawing it costs every xdist worker of every
+    session about 5 s. Each session copies it (tests may change their copy). Without the cache plugin
+    (-p no:cacheprovider), drawn into `out`. A folder is used only once complete (its marker is written last,
+    then it is renamed into place), so workers drawing at once, or a run stopped midway, leave no half dataset."""
+    from bloodcells_dist.pack import synthetic
+
+    if config.cache is None:
+        generate_dataset(out, **SYNTHETIC)
+        return out
+    key = hashlib.sha256(Path(synthetic.__file__).read_bytes() + repr(sorted(SYNTHETIC.items())).encode())
+    final = config.cache.mkdir("synthetic") / key.hexdigest()[:16]
+    if not (final / "complete").is_file():
+        draft = final.with_name(f"{final.name}.{os.getpid()}")
+        shutil.rmtree(draft, ignore_errors=True)
+        generate_dataset(draft, **SYNTHETIC)
+        (draft / "complete").write_text("")
+        try:
+            draft.rename(final)
+        except OSError:  # another worker's copy got there first (or a stale one is in the way)
+            shutil.rmtree(draft)
+            if not (final / "complete").is_file():
+                raise
+    shutil.copytree(final, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("complete"))
+    return out
+
+
 @pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory) -> Path:
+def synthetic_root(tmp_path_factory, pytestconfig) -> Path:
     """400 TRAIN images (4 classes x 100, 8 copies per original) and 99 TEST images (an odd count)."""
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_dataset(root, per_class=100, seed=0, copies=8, test_per_class=25)
+    root = generated(pytestconfig, tmp_path_factory.mktemp("synthetic"))
     test = root / "dataset2-master" / "dataset2-master" / "images" / "TEST"
     sorted((test / "NEUTROPHIL").glob("*.jpeg"))[0].unlink()
     return root
