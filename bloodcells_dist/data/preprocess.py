@@ -50,13 +50,10 @@ def read_rgb(path: Path) -> torch.Tensor:
         raise UnreadableImage(err.strerror or str(err)) from None
     if not data:
         raise UnreadableImage("zero-byte file")
-    check_image_data(data)
-    if data[:3] == JPEG_MAGIC:  # the decoder the shards are decoded with; CMYK is left to PIL
-        try:
-            return decode_jpeg(data)
-        except (ValueError, RuntimeError):
-            pass
-    return read_with_pil(data)  # PNG, BMP, TIFF, CMYK JPEG... or a broken file, which PIL names in plain words
+    decoded = check_image_data(data)
+    if decoded is not None:  # a JPEG, decoded once, by the decoder the shards are decoded with
+        return torch.from_numpy(decoded).permute(2, 0, 1)
+    return read_with_pil(data)  # PNG, BMP, TIFF, CMYK JPEG...
 
 
 def decode_jpeg(data: bytes) -> torch.Tensor:
@@ -68,38 +65,39 @@ def decode_jpeg(data: bytes) -> torch.Tensor:
 
 
 def resize(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """uint8 (3, h, w) -> uint8 (3, *size), bilinear and antialiased: torch's uint8 kernel on CPU, as torchvision's
-    v2 resize calls it; elsewhere in float32, rounded back, as torchvision does there."""
+    """uint8 (3, h, w) on the CPU (where every path decodes) -> uint8 (3, *size), bilinear and antialiased: torch's
+    uint8 kernel, as torchvision's v2 resize calls it there."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image.contiguous()
-    batch, size = image.unsqueeze(0), [int(v) for v in size]
-    if image.device.type == "cpu":
-        out = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
-    else:
-        out = F.interpolate(batch.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-        out = out.round_().to(torch.uint8)
+    out = F.interpolate(image.unsqueeze(0), size=[int(v) for v in size], mode="bilinear", align_corners=False,
+                        antialias=True)
     return out[0].contiguous()  # (3, h, w) in the usual layout, whatever the input's
 
 
-def check_image_data(data: bytes) -> None:
+def check_image_data(data: bytes) -> np.ndarray | None:
     """UnreadableImage unless `data` passes what pack checks: a header PIL reads within its pixel limit (the
     decompression-bomb bound, its warning taken as an error, as the packer takes it: a 691-byte file may claim
     20000 x 20000), and for a JPEG a strict libjpeg-turbo decode (a stream cut short with an end marker appended
-    decodes to grey blocks with only a warning). Grayscale and CMYK JPEGs pass, unlike in shards."""
+    decodes to grey blocks with only a warning). Grayscale and CMYK JPEGs pass, unlike in shards.
+    Returns that decode, (H, W, 3) RGB, for a colour or grayscale JPEG (the reader's pixels, decoded once); None
+    for anything else, CMYK included (libjpeg-turbo's CMYK conversion differs from PIL's, and torchvision's, by a
+    level)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                width, height = image.size
+                mode = image.mode
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, the warning...
         raise UnreadableImage(f"{type(err).__name__}: {' '.join(str(err).split())[:200] or 'empty file'}") from None
     if data[:3] == JPEG_MAGIC:
         try:
-            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+            rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         except (ValueError, RuntimeError) as err:  # simplejpeg: ValueError for errors and, strict, for warnings
             truncated = "Premature end of JPEG file" in str(err)
             raise UnreadableImage("truncated JPEG (premature end of file)" if truncated
                                   else f"corrupt JPEG ({' '.join(str(err).split())[:200]})") from None
+        return rgb if mode in ("RGB", "L") else None
+    return None
 
 
 def read_with_pil(data: bytes) -> torch.Tensor:

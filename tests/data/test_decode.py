@@ -72,12 +72,14 @@ def test_jpeg_decode_resize_and_normalisation_match_torchvision_bit_for_bit(tv):
         assert torch.equal(p.transform()(decode_jpeg(data)), expected)
 
 
-@pytest.mark.parametrize("kind", ["grayscale jpeg", "png", "rgba png", "palette png", "grayscale png", "16-bit png"])
+@pytest.mark.parametrize("kind", ["jpeg", "grayscale jpeg", "cmyk jpeg", "png", "rgba png", "palette png",
+                                  "grayscale png", "16-bit png"])
 def test_every_format_read_rgb_accepts_reads_as_torchvision_reads_it(tv, tmp_path, kind):
     from torchvision.transforms.v2 import functional as TF
 
     rgb = np.random.default_rng(7).integers(0, 256, (30, 41, 3), dtype=np.uint8)
-    image = {"grayscale jpeg": lambda: Image.fromarray(rgb[..., 0]), "png": lambda: Image.fromarray(rgb),
+    image = {"jpeg": lambda: Image.fromarray(rgb), "grayscale jpeg": lambda: Image.fromarray(rgb[..., 0]),
+             "cmyk jpeg": lambda: Image.fromarray(rgb).convert("CMYK"), "png": lambda: Image.fromarray(rgb),
              "rgba png": lambda: Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
              "palette png": lambda: Image.fromarray(rgb).quantize(17), "grayscale png": lambda: Image.fromarray(rgb[..., 1]),
              "16-bit png": lambda: Image.fromarray(rgb[..., 2].astype(np.uint16) * 257 + 3)}[kind]()
