@@ -19,7 +19,7 @@ import time
 
 from record import REPO, record
 
-MODULES = {  # key (as results/startup.json and docs/speed.md name it): the modules imported
+MODULES = {  # key (as results/speed.json's startup section and docs/speed.md name it): the modules imported
     "torch": "torch",  # the floor
     "torch+torchvision": "torch, torchvision",  # what the data path imported before
     "pack": "bloodcells_dist.pack.shards",
