@@ -274,16 +274,21 @@ FORMATS = {
 
 def lookup(data: object, path: str) -> object:
     """The value at a `/`-joined path of keys and list items: a position, `KEY=VALUE` (the item whose KEY is VALUE)
-    or `KEY^=PREFIX` (the first whose KEY starts so); naming rows by what they are keeps a figure on its row when
-    rows are added to the file."""
+    or `KEY^=PREFIX` (the first whose KEY starts so), several joined by `&` (the item matching all); naming rows by
+    what they are keeps a figure on its row when rows are added to the file."""
     for key in path.split("/"):
         if isinstance(data, list):
-            field, op, wanted = re.fullmatch(r"(?:([\w-]+)(\^?=))?(.*)", key).groups()  # type: ignore[union-attr]
-            if not op:
-                data = data[int(wanted)]
+            if re.fullmatch(r"-?\d+", key):
+                data = data[int(key)]
                 continue
-            found = [item for item in data if str(item.get(field, "")) == wanted
-                     or (op == "^=" and str(item.get(field, "")).startswith(wanted))]
+            tests = [re.fullmatch(r"([\w-]+)(\^?=)(.*)", part) for part in key.split("&")]
+            if not all(tests):
+                raise SystemExit(f"{key!r} in {path} is neither a position nor KEY=VALUE")
+
+            def matches(item: dict, field: str, op: str, wanted: str) -> bool:
+                value = str(item.get(field, ""))
+                return value == wanted or (op == "^=" and value.startswith(wanted))
+            found = [item for item in data if all(matches(item, *test.groups()) for test in tests)]  # type: ignore[union-attr]
             if not found:
                 raise SystemExit(f"no item with {key} in {path}")
             data = found[0]

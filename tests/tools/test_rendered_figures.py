@@ -126,6 +126,13 @@ def test_inline_figures_and_tables_are_rendered_from_their_json(tmp_path, monkey
     (tmp_path / "results" / "y.json").write_text(json.dumps(rows))
     assert render_docs.render_tables("<!--r y:rows/name=b.yaml/v-->?<!--/r--> <!--r y:rows/name^=a b (/v-->?<!--/r-->") \
         == "<!--r y:rows/name=b.yaml/v-->3<!--/r--> <!--r y:rows/name^=a b (/v-->1<!--/r-->"
+    points = {"p": [{"start": "pbc", "f": 0.5, "v": 1}, {"start": "scratch", "f": 0.1, "v": 2},
+                    {"start": "scratch", "f": 0.5, "v": 3}]}  # several keys name one row, whatever the order
+    (tmp_path / "results" / "z.json").write_text(json.dumps(points))
+    assert render_docs.render_tables("<!--r z:p/start=scratch&f=0.5/v--><!--/r-->") \
+        == "<!--r z:p/start=scratch&f=0.5/v-->3<!--/r-->"
+    with pytest.raises(SystemExit, match="no item with start=scratch&f=0.25"):
+        render_docs.render_tables("<!--r z:p/start=scratch&f=0.25/v--><!--/r-->")
     with pytest.raises(SystemExit, match="results/missing.json"):
         render_docs.render_tables("<!--r missing:a-->1<!--/r-->")
     assert "(not measured yet" in render_docs.render_tables("<!-- results: nothing -->\n<!-- /results -->")
