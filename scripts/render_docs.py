@@ -272,28 +272,34 @@ FORMATS = {
 }
 
 
+def row_tests(key: str, path: str) -> list[tuple[str, str, str]]:
+    """`KEY=VALUE` or `KEY^=PREFIX` conditions joined by `&`, as (key, operator, value)."""
+    tests = [re.fullmatch(r"([\w-]+)(\^?=)(.*)", part) for part in key.split("&")]
+    if not all(tests):
+        raise SystemExit(f"{key!r} in {path} is neither a position nor KEY=VALUE")
+    return [test.groups() for test in tests]  # type: ignore[union-attr,misc]
+
+
+def row_matches(item: dict, field: str, op: str, wanted: str) -> bool:
+    value = str(item.get(field, ""))
+    return value == wanted or (op == "^=" and value.startswith(wanted))
+
+
 def lookup(data: object, path: str) -> object:
     """The value at a `/`-joined path of keys and list items: a position, `KEY=VALUE` (the item whose KEY is VALUE)
     or `KEY^=PREFIX` (the first whose KEY starts so), several joined by `&` (the item matching all); naming rows by
     what they are keeps a figure on its row when rows are added to the file."""
     for key in path.split("/"):
-        if isinstance(data, list):
-            if re.fullmatch(r"-?\d+", key):
-                data = data[int(key)]
-                continue
-            tests = [re.fullmatch(r"([\w-]+)(\^?=)(.*)", part) for part in key.split("&")]
-            if not all(tests):
-                raise SystemExit(f"{key!r} in {path} is neither a position nor KEY=VALUE")
-
-            def matches(item: dict, field: str, op: str, wanted: str) -> bool:
-                value = str(item.get(field, ""))
-                return value == wanted or (op == "^=" and value.startswith(wanted))
-            found = [item for item in data if all(matches(item, *test.groups()) for test in tests)]  # type: ignore[union-attr]
+        if not isinstance(data, list):
+            data = data[key]  # type: ignore[index]
+        elif re.fullmatch(r"-?\d+", key):
+            data = data[int(key)]
+        else:
+            tests = row_tests(key, path)
+            found = [item for item in data if all(row_matches(item, *test) for test in tests)]
             if not found:
                 raise SystemExit(f"no item with {key} in {path}")
             data = found[0]
-        else:
-            data = data[key]  # type: ignore[index]
     return data
 
 
